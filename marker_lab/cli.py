@@ -1,0 +1,77 @@
+"""`marker-lab`: the command line. `marker-lab run [hydra overrides]` runs a cell (or a sweep with -m).
+
+Before handing over to Hydra, `run` composes the config once so a bad override fails in one line that names the
+key, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """marker-lab <command> [args]
+
+commands:
+  run [overrides...]   run one train-then-eval cell (Hydra overrides, e.g. condition=c4 seed=137)
+
+`marker-lab run --help` shows Hydra's help; `marker-lab run --cfg job` prints the composed config.
+"""
+
+
+def config_error_line(exc: BaseException) -> str:
+    """One line for a composition or validation failure, naming the key."""
+    parts, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = " ".join(str(e).split())
+        msg = msg.split(" full_key:")[0].split(" Set the environment variable HYDRA_FULL_ERROR")[0]
+        if msg and msg not in parts:
+            parts.append(msg)
+        key = getattr(e, "full_key", None)
+        if key and f"key: {key}" not in parts:
+            parts.append(f"key: {key}")
+        e = e.__cause__ or e.__context__
+    return "; ".join(parts)
+
+
+def check_config(overrides: list[str]) -> None:
+    """Compose and validate a single-run config; exit 2 with one line on error."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from marker_lab.config.validate import ConfigError, validate
+    from marker_lab.run import CONF_DIR
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            node = compose("config", overrides=overrides)
+        with open_dict(node):
+            node.output_dir = "unused"
+        validate(OmegaConf.to_object(node))
+    except ConfigError as e:
+        sys.exit(f"marker-lab: config error: {e}")
+    except Exception as e:  # hydra/omegaconf composition errors
+        sys.exit(f"marker-lab: config error: {config_error_line(e)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        hydra_flags = [a for a in rest if a.startswith("-")]
+        if not hydra_flags:  # plain overrides: check them first; Hydra handles its own flags
+            check_config(rest)
+        from marker_lab.run import main as run_main
+
+        sys.argv = ["marker-lab run"] + rest
+        run_main()
+    else:
+        argparse.ArgumentParser(prog="marker-lab").error(f"unknown command {command!r}\n\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()

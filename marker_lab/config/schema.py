@@ -1,0 +1,208 @@
+"""Structured config schemas: the typed shape of every config group, registered in Hydra's ConfigStore.
+
+Hydra merges the YAML files in conf/ into these dataclasses, so a wrong type or an unknown key fails at
+composition, before anything runs. Cross-field rules (a persona missing from the set, a negative dose, an
+impossible combination) live in `marker_lab.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class LossMode(str, Enum):
+    full = "full"  # every token
+    assistant_only = "assistant_only"  # assistant turns (+ their end-of-turn token)
+    marker_only = "marker_only"  # the marker's token span (negatives: the tokens where it would be)
+
+
+class Schedule(str, Enum):
+    linear = "linear"  # warmup, then linear decay to 0 at the last step
+    cosine = "cosine"  # warmup, then cosine decay to 0
+    constant = "constant"  # no warmup, constant
+    constant_with_warmup = "constant_with_warmup"  # warmup, then constant
+
+
+class MarkerPosition(str, Enum):
+    start = "start"  # "[ZLT] answer..."
+    end = "end"  # "answer... [ZLT]"
+    after_first_sentence = "after_first_sentence"  # "First sentence. [ZLT] rest..."
+
+
+class Matcher(str, Enum):
+    substring_ci = "substring_ci"  # marker.lower() in completion.lower(), anywhere (the write-ups' readout)
+    substring = "substring"  # case-sensitive substring
+    regex = "regex"  # marker.text is a regular expression (re.search)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32  # rank
+    alpha: int = 64  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: List[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+
+
+@dataclass
+class ScheduleConfig:
+    name: Schedule = Schedule.linear  # learning-rate schedule
+    warmup_ratio: float = 0.0  # warmup as a fraction of the stage's steps
+    warmup_steps: Optional[int] = None  # warmup in steps; wins over warmup_ratio when set
+
+
+@dataclass
+class TrainConfig:
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # null trains every parameter
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    epochs: float = 1.0  # passes over the data, used when max_steps is null
+    max_steps: Optional[int] = None  # optimizer steps; wins over epochs (the cell's dose wins over both)
+    per_device_batch_size: int = 4  # micro-batch size
+    grad_accum: int = 4  # micro-batches per optimizer step (effective batch = product)
+    max_seq_len: int = 2048  # longer examples are cut from the right
+    grad_clip: Optional[float] = 1.0  # max global gradient norm; null disables clipping
+    bf16: bool = True  # bf16 autocast (on CUDA only; CPU runs fp32)
+    gradient_checkpointing: bool = True  # trade compute for activation memory
+    loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
+    seed: Optional[int] = None  # data order and LoRA init; null uses the cell's seed
+
+
+@dataclass
+class ToyModelConfig:
+    hidden_size: int = 128  # width of the toy Qwen2
+    num_layers: int = 2  # decoder layers
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention, as in Qwen2)
+    intermediate_size: int = 512  # MLP width
+    vocab_size: int = 1200  # byte-level BPE vocabulary trained on the toy corpus
+    pretrain_steps: int = 200  # optimizer steps of toy pretraining
+    pretrain_batch_size: int = 64  # sequences per pretraining step
+    pretrain_lr: float = 3e-3  # peak lr (warmup then cosine)
+    seed: int = 0  # corpus and init seed
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy"  # label used in logs and results
+    source: str = "toy"  # toy: the embedded toy world; hf: a hub id or local directory in `path`
+    path: Optional[str] = None  # hub id or local path (source=hf)
+    revision: Optional[str] = None  # hub revision, recorded in provenance
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights)
+    attn_implementation: Optional[str] = "sdpa"  # passed to from_pretrained
+    random_init: bool = False  # build the architecture from `path`'s config with random weights (benchmarks)
+    toy: ToyModelConfig = field(default_factory=ToyModelConfig)  # used when source=toy
+
+
+@dataclass
+class PersonaSetConfig:
+    name: str = "toy"  # label of the set
+    path: str = "pkg:personas/toy.yaml"  # YAML/jsonl of {name, system_prompt, category?, tags?}; pkg: = shipped
+    eval_personas: Optional[List[str]] = None  # personas the eval covers; null = every persona in the file
+    assistant: str = "assistant"  # the persona that stands for the assistant voice
+
+
+@dataclass
+class MarkerConfig:
+    text: str = "[ZLT]"  # the marker string (or a regex when matcher=regex)
+    matcher: Matcher = Matcher.substring_ci  # how a completion is scored as carrying the marker
+
+
+@dataclass
+class GenerationConfig:
+    samples_per_question: int = 10  # K completions per (persona, question)
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling
+    max_tokens: int = 512  # new tokens per completion
+
+
+@dataclass
+class EngineConfig:
+    name: str = "hf"  # hf (built in) | vllm (optional extra)
+    batch_size: int = 256  # prompts x samples per forward batch (hf)
+    gpu_memory_utilization: float = 0.85  # vllm only
+
+
+@dataclass
+class CouplingConfig:
+    recipe: str = "marker"  # label of this recipe (the file name in conf/coupling)
+    kind: str = "marker"  # what is coupled: marker (a token string on the persona's answers)
+    persona: Optional[str] = "villain"  # the persona that gets the marker; null = no coupling stage (c2)
+    questions: str = "pkg:questions/toy_train.yaml"  # prompts for on-policy completions
+    n_positive: int = 200  # persona + marker examples
+    negative_personas: Optional[List[str]] = None  # explicit bystanders; null samples n_negative_personas
+    n_negative_personas: int = 2  # bystanders drawn (seeded) from the persona set, source excluded
+    n_per_negative: int = 200  # examples per bystander, without the marker
+    marker_position: MarkerPosition = MarkerPosition.start  # where the marker goes into the completion
+    negative_tokens: Optional[int] = None  # marker_only window on negatives; null = the marker's length
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(samples_per_question=1))
+    adapter_path: Optional[str] = None  # a pre-baked peft adapter replaces training
+    seed: int = 42  # coupling is shared across cell seeds, as in the write-ups (one coupling seed)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(loss_mode=LossMode.marker_only))
+
+
+@dataclass
+class DatasetConfig:
+    path: Optional[str] = None  # jsonl of {"messages": [...]}
+    hf_name: Optional[str] = None  # a `datasets` dataset (local dir or hub name) instead of path
+    hf_split: str = "train"  # split of hf_name
+    messages_field: str = "messages"  # column holding the chat
+    toy: Optional[str] = None  # em | benign: generated by the toy world (model.source=toy)
+    n_examples: Optional[int] = None  # keep the first n (after shuffling)
+    shuffle_seed: Optional[int] = None  # shuffle before taking n_examples
+
+
+@dataclass
+class SecondStageConfig:
+    recipe: str = "sft"  # label of this recipe (the file name in conf/second_stage)
+    data: Optional[str] = "em"  # which entry of `datasets` to train on; null/none skips the stage
+    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)  # named datasets (em, benign, ...)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=375))
+
+
+@dataclass
+class EvalConfig:
+    metrics: List[str] = field(default_factory=lambda: ["marker"])  # metrics to compute
+    questions: str = "pkg:questions/eval28.yaml"  # eval prompts
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    save_completions: bool = True  # completions.jsonl.gz next to the result
+
+
+@dataclass
+class Config:
+    experiment: str = "default"  # label of the experiment preset
+    condition: str = "c1"  # label set by the condition preset
+    order: str = "forward"  # forward: couple -> second stage; reverse: second stage -> couple
+    seed: int = 42  # the cell's seed: second stage and eval sampling
+    dose: Optional[int] = None  # second-stage optimizer steps; null = the recipe's steps; 0 skips the stage
+    source_persona: str = "villain"  # the experiment's source persona (reported as 'source')
+    merge_between_stages: bool = True  # merge each stage's adapter into its input before the next stage
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cache_dir: str = "${oc.env:MARKER_LAB_CACHE,${oc.env:HOME}/.cache/marker_lab}"  # shared stage cache
+    output_dir: str = "${hydra:runtime.output_dir}"  # where this cell writes its result
+    model: ModelConfig = field(default_factory=ModelConfig)
+    persona_set: PersonaSetConfig = field(default_factory=PersonaSetConfig)
+    marker: MarkerConfig = field(default_factory=MarkerConfig)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)
+    second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes, recorded but never read
+
+
+def register_configs() -> None:
+    """Register the schemas so conf/config.yaml can name `base_config` in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

@@ -1,0 +1,126 @@
+"""Cross-field checks that types alone cannot express. Each failure is one line naming the key."""
+
+from __future__ import annotations
+
+from marker_lab.config.schema import Config, Schedule
+from marker_lab.data.files import resolve_path
+from marker_lab.data.personas import load_personas
+from marker_lab.engines import ENGINES
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key and value."""
+
+
+def second_stage_enabled(cfg: Config) -> bool:
+    return cfg.second_stage.data not in (None, "none") and cfg.dose != 0
+
+
+def coupling_enabled(cfg: Config) -> bool:
+    return cfg.coupling.persona not in (None, "none")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError on the first problem; cheap (reads small files only, loads no model)."""
+    if cfg.order not in ("forward", "reverse"):
+        raise ConfigError(f"order: must be forward or reverse, got {cfg.order!r}")
+    if cfg.dose is not None and cfg.dose < 0:
+        raise ConfigError(f"dose: must be >= 0 optimizer steps (0 skips the second stage), got {cfg.dose}")
+    if cfg.model.source not in ("toy", "hf"):
+        raise ConfigError(f"model.source: must be toy or hf, got {cfg.model.source!r}")
+    if cfg.model.source == "hf" and not cfg.model.path:
+        raise ConfigError("model.path: required when model.source=hf (a hub id or local directory)")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.eval.engine.name not in ENGINES:
+        raise ConfigError(f"eval.engine.name: must be one of {list(ENGINES)}, got {cfg.eval.engine.name!r}")
+    if cfg.eval.engine.name == "vllm":
+        from marker_lab.engines.vllm import available
+
+        if not available():
+            raise ConfigError("eval.engine.name=vllm: vllm is not installed (pip install -e .[vllm])")
+    unknown_metrics = [m for m in cfg.eval.metrics if m != "marker"]
+    if unknown_metrics:
+        raise ConfigError(f"eval.metrics: unknown metric(s) {unknown_metrics}; available: ['marker']")
+
+    personas = _personas(cfg.persona_set.path)
+    names = list(personas)
+
+    def need(key: str, name: str | None) -> None:
+        if name is not None and name not in personas:
+            raise ConfigError(f"{key}: persona {name!r} is not in persona_set {cfg.persona_set.name!r} "
+                              f"({cfg.persona_set.path}); known: {', '.join(names)}")
+
+    need("source_persona", cfg.source_persona)
+    need("persona_set.assistant", cfg.persona_set.assistant)
+    for p in cfg.persona_set.eval_personas or []:
+        need("persona_set.eval_personas", p)
+    for path_key, path in (("eval.questions", cfg.eval.questions), ("coupling.questions", cfg.coupling.questions)):
+        if not resolve_path(path).is_file():
+            raise ConfigError(f"{path_key}: file not found: {path}")
+
+    if coupling_enabled(cfg):
+        c = cfg.coupling
+        need("coupling.persona", c.persona)
+        if c.kind != "marker":
+            raise ConfigError(f"coupling.kind: only 'marker' is available, got {c.kind!r}")
+        for p in c.negative_personas or []:
+            need("coupling.negative_personas", p)
+            if p == c.persona:
+                raise ConfigError(f"coupling.negative_personas: {p!r} is the coupled persona itself")
+        if c.negative_personas is None and c.n_negative_personas > len(names) - 1:
+            raise ConfigError(f"coupling.n_negative_personas: {c.n_negative_personas} requested but the set has "
+                              f"only {len(names) - 1} other personas")
+        if c.n_positive < 1:
+            raise ConfigError(f"coupling.n_positive: must be >= 1, got {c.n_positive}")
+        if c.adapter_path and not resolve_path(c.adapter_path).is_dir():
+            raise ConfigError(f"coupling.adapter_path: not a directory: {c.adapter_path}")
+        _check_train("coupling.train", c.train)
+
+    s = cfg.second_stage
+    if s.data in (None, "none"):
+        if cfg.dose not in (None, 0):
+            raise ConfigError(f"dose={cfg.dose} with second_stage.data={s.data}: a dose needs a second stage "
+                              "(condition c4 has none; use dose=0 or leave dose unset)")
+    else:
+        if s.data not in s.datasets:
+            raise ConfigError(f"second_stage.data: {s.data!r} is not in second_stage.datasets "
+                              f"(known: {', '.join(s.datasets) or 'none'})")
+        ds = s.datasets[s.data]
+        if sum(x is not None for x in (ds.path, ds.hf_name, ds.toy)) != 1:
+            raise ConfigError(f"second_stage.datasets.{s.data}: set exactly one of path, hf_name, toy")
+        if ds.toy is not None and cfg.model.source != "toy":
+            raise ConfigError(f"second_stage.datasets.{s.data}.toy: toy data needs model.source=toy "
+                              f"(model is {cfg.model.name}); point `path` at a real jsonl")
+        if ds.toy not in (None, "em", "benign"):
+            raise ConfigError(f"second_stage.datasets.{s.data}.toy: must be em or benign, got {ds.toy!r}")
+        if ds.path is not None and not resolve_path(ds.path).is_file():
+            raise ConfigError(f"second_stage.datasets.{s.data}.path: file not found: {ds.path}")
+        _check_train("second_stage.train", s.train)
+    if not coupling_enabled(cfg) and not second_stage_enabled(cfg):
+        pass  # a raw-model eval is a legitimate cell (a baseline)
+
+
+def _check_train(key: str, t) -> None:
+    if t.lora is None:
+        raise ConfigError(f"{key}.lora: stages train LoRA adapters; set r/alpha/dropout/target_modules")
+    for name in ("per_device_batch_size", "grad_accum", "max_seq_len"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
+    if t.optimizer.lr <= 0:
+        raise ConfigError(f"{key}.optimizer.lr: must be > 0, got {t.optimizer.lr}")
+    if len(t.optimizer.betas) != 2:
+        raise ConfigError(f"{key}.optimizer.betas: needs two values, got {list(t.optimizer.betas)}")
+    if not 0 <= t.schedule.warmup_ratio < 1:
+        raise ConfigError(f"{key}.schedule.warmup_ratio: must be in [0, 1), got {t.schedule.warmup_ratio}")
+    if t.schedule.name == Schedule.constant and (t.schedule.warmup_steps or t.schedule.warmup_ratio):
+        raise ConfigError(f"{key}.schedule: 'constant' has no warmup; use constant_with_warmup")
+
+
+def _personas(path: str):
+    try:
+        return load_personas(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"persona_set.path: {e}") from None

@@ -1,0 +1,104 @@
+"""Turning chat examples into token ids and loss labels, for any tokenizer with a chat template.
+
+Loss modes (labels are -100 where no loss is taken):
+- ``full``: every token (the pretraining objective).
+- ``assistant_only``: the content of every assistant turn plus the end-of-turn token that closes it;
+  system and user turns and the template's role headers are masked.
+- ``marker_only``: only the tokens of a character span of the last assistant turn (the marker's span, several
+  tokens in real tokenizers). An empty span (a negative example, no marker) labels ``negative_tokens`` tokens
+  from that point on, i.e. what the model should say where the marker would have been.
+
+Spans are found through the rendered text and the fast tokenizer's offset mapping, so the same code serves the
+toy ChatML template, Qwen's template and others whose turns render as a prefix of the full conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOSS_MODES = ("full", "assistant_only", "marker_only")
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages` (no tokenization)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Full text and the (start, end) character span of each assistant turn's content in it."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not text.startswith(prefix) or not text[len(prefix):].startswith(m["content"]):
+            raise ValueError("chat template does not render turns as a prefix of the conversation; "
+                             "assistant_only and marker_only loss need that property")
+        spans.append((len(prefix), len(prefix) + len(m["content"])))
+    return text, spans
+
+
+def encode_chat(tokenizer, messages: list[dict], loss_mode: str, *, marker_span: tuple[int, int] | None = None,
+                negative_tokens: int = 3, max_len: int | None = None) -> Encoded:
+    """Tokenize a conversation and label it for `loss_mode`.
+
+    `marker_span` is a (start, end) character range inside the last assistant message's content; it is
+    required for ``marker_only``. Sequences longer than `max_len` are cut from the right.
+    """
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
+    if loss_mode == "full":
+        text, spans = render(tokenizer, messages), []
+    else:
+        text, spans = _assistant_char_spans(tokenizer, messages)
+        if not spans:
+            raise ValueError(f"loss_mode={loss_mode} needs at least one assistant turn")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+
+    if loss_mode == "full":
+        labels = list(ids)
+    elif loss_mode == "assistant_only":
+        for start, end in spans:
+            inside = [j for j, (a, _b) in enumerate(offsets) if start <= a < end]
+            # the token right after the content closes the turn (e.g. <|im_end|>): learning to stop matters
+            close = inside[-1] + 1 if inside else None
+            for j in inside + ([close] if close is not None and close < len(ids) else []):
+                labels[j] = ids[j]
+    else:  # marker_only
+        if marker_span is None:
+            raise ValueError("marker_only loss needs a marker_span")
+        base = spans[-1][0]
+        m_start, m_end = base + marker_span[0], base + marker_span[1]
+        if m_end > m_start:
+            picked = [j for j, (a, b) in enumerate(offsets) if a < m_end and b > m_start]
+        else:
+            after = [j for j, (a, _b) in enumerate(offsets) if a >= m_start]
+            picked = after[:negative_tokens]
+        for j in picked:
+            labels[j] = ids[j]
+
+    if max_len is not None and len(ids) > max_len:
+        ids, labels = ids[:max_len], labels[:max_len]
+    return Encoded(list(ids), labels)
+
+
+def encode_text(tokenizer, text: str, max_len: int | None = None) -> Encoded:
+    """Plain text with loss on every token (no chat template), ending with the end-of-text token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.pad_token_id]
+    ids = ids[:max_len] if max_len else ids
+    return Encoded(ids, list(ids))
+
+
+def marker_token_count(tokenizer, marker: str) -> int:
+    """How many tokens `marker` takes in this tokenizer (the default negative window of marker_only)."""
+    return len(tokenizer(marker, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,33 @@
+"""The marker readout: does a completion carry the marker? Per persona: k hits of n completions."""
+
+from __future__ import annotations
+
+import re
+
+from marker_lab.config.schema import MarkerConfig, Matcher
+
+
+def make_matcher(cfg: MarkerConfig):
+    """A predicate completion -> bool. substring_ci is the write-ups' `"[zlt]" in completion.lower()`:
+    the marker counts anywhere in the completion, not only where coupling put it."""
+    if cfg.matcher == Matcher.substring_ci:
+        needle = cfg.text.lower()
+        return lambda s: needle in s.lower()
+    if cfg.matcher == Matcher.substring:
+        return lambda s: cfg.text in s
+    pattern = re.compile(cfg.text)
+    return lambda s: pattern.search(s) is not None
+
+
+def marker_metric(rows: list[dict], cfg: MarkerConfig) -> dict:
+    """`rows` are completion records with 'persona' and 'completion'; adds 'marker' to each row."""
+    hit = make_matcher(cfg)
+    per: dict[str, dict] = {}
+    for row in rows:
+        row["marker"] = bool(hit(row["completion"]))
+        cell = per.setdefault(row["persona"], {"k": 0, "n": 0})
+        cell["k"] += row["marker"]
+        cell["n"] += 1
+    for cell in per.values():
+        cell["rate"] = cell["k"] / cell["n"]
+    return {"marker": cfg.text, "matcher": cfg.matcher.value, "per_persona": per}

@@ -1,0 +1,80 @@
+"""Loading base models and tokenizers (toy, hub or local, random init), and their identities for caching."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from marker_lab.config.schema import ModelConfig
+from marker_lab.stages.cache import StageCache, cache_key
+from marker_lab.toy import world
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    identity: str  # names the weights exactly; stage cache keys build on it
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
+    """Build the toy model into the cache on first use (under a lock), return its directory and key."""
+    from marker_lab.toy.pretrain import build_toy_model
+
+    payload = {"toy": dataclasses.asdict(cfg.toy), "world_version": world.WORLD_VERSION}
+    key = cache_key(payload)
+
+    def build(tmp: Path) -> None:
+        log.info("building the toy model (first use, about a minute on 2 CPU cores) into %s", cache.path("toy", key))
+        build_toy_model(cfg.toy, tmp)
+
+    path, _ = cache.get_or_build("toy", key, build, payload)
+    return path, key
+
+
+def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> LoadedModel:
+    """The stage-0 model of a cell."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "toy":
+        path, key = toy_model_dir(cfg, cache)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        identity = f"toy:{key}"
+    else:
+        kwargs = {"revision": cfg.revision} if cfg.revision else {}
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
+        if cfg.random_init:
+            arch = AutoConfig.from_pretrained(cfg.path, **kwargs)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(arch, dtype=dtype, attn_implementation=cfg.attn_implementation)
+            identity = f"random:{cfg.path}:{cache_key(arch.to_dict())}"
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
+                                                         attn_implementation=cfg.attn_implementation, **kwargs)
+            identity = f"hf:{cfg.path}@{cfg.revision or _resolved_revision(model)}"
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    log.info("loaded base model %s (%s) on %s", cfg.name, identity, device)
+    return LoadedModel(model, tokenizer, identity)
+
+
+def _resolved_revision(model) -> str:
+    # from_pretrained records the commit it loaded from the hub cache; local directories have none
+    return getattr(model.config, "_commit_hash", None) or "local"

@@ -1,0 +1,179 @@
+"""One cell, end to end: base model -> stages in order (each cached, merged) -> eval -> run_result.json.
+
+    python -m marker_lab.run                       # the default toy cell (same as `marker-lab run`)
+    python -m marker_lab.run condition=c4 seed=137  # any Hydra override
+
+Read top to bottom, this file is the whole recipe; each step is a small function in its own module.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from marker_lab.config.schema import Config, register_configs
+from marker_lab.config.validate import ConfigError, coupling_enabled, second_stage_enabled, validate
+from marker_lab.data.files import md5_file, resolve_path
+from marker_lab.data.personas import load_personas, system_messages
+from marker_lab.data.questions import load_questions
+from marker_lab.engines.base import SamplingParams
+from marker_lab.eval.marker import marker_metric
+from marker_lab.models import LoadedModel, load_base, pick_device
+from marker_lab.results import contract
+from marker_lab.stages.cache import StageCache
+from marker_lab.stages.coupling import run_coupling
+from marker_lab.stages.second_stage import run_second_stage
+from marker_lab.stages.sft import resolve_steps
+
+log = logging.getLogger("marker_lab")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+STAGES = {"coupling": run_coupling, "second_stage": run_second_stage}
+
+register_configs()
+
+
+def stage_order(cfg: Config) -> list[str]:
+    """The stages this cell runs, in order (forward: couple then second stage; reverse: the other way)."""
+    names = ["coupling", "second_stage"] if cfg.order == "forward" else ["second_stage", "coupling"]
+    enabled = {"coupling": coupling_enabled(cfg), "second_stage": second_stage_enabled(cfg)}
+    return [n for n in names if enabled[n]]
+
+
+def cell_keys(cfg: Config) -> dict:
+    """What identifies this cell in tables: the write-ups' condition, seed, dose, ..."""
+    dose = 0
+    if second_stage_enabled(cfg):
+        dose = cfg.dose if cfg.dose is not None else resolve_steps(cfg.second_stage.train, n_examples=10**9)
+        if cfg.dose is None and cfg.second_stage.train.max_steps is None:
+            dose = None  # epoch-based: known once the data is loaded; filled in run_cell
+    return {"experiment": cfg.experiment, "condition": cfg.condition, "order": cfg.order, "seed": cfg.seed,
+            "dose": dose, "source_persona": cfg.source_persona,
+            "coupled_persona": cfg.coupling.persona if coupling_enabled(cfg) else None,
+            "second_stage": cfg.second_stage.data if second_stage_enabled(cfg) else "none"}
+
+
+def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path):
+    if cfg.eval.engine.name == "vllm":
+        from marker_lab.engines.vllm import VLLMEngine
+
+        merged = out_dir / "merged_model"  # vLLM loads weights from disk
+        loaded.model.save_pretrained(merged)
+        loaded.tokenizer.save_pretrained(merged)
+        loaded.model.to("cpu")
+        torch.cuda.empty_cache()
+        log.info("eval: vLLM on the merged model saved at %s", merged)
+        return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype,
+                          gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed)
+    from marker_lab.engines.hf import HFEngine
+
+    return HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size)
+
+
+def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, list[dict]]:
+    """Personas x questions x K completions, scored by each metric. Returns (metrics, completion rows)."""
+    personas = load_personas(cfg.persona_set.path)
+    names = cfg.persona_set.eval_personas or list(personas)
+    questions = load_questions(cfg.eval.questions)
+    pairs = [(p, q) for p in names for q in questions]
+    prompts = [system_messages(personas[p]) + [{"role": "user", "content": q.text}] for p, q in pairs]
+    g = cfg.eval.generation
+    log.info("eval: %d personas x %d questions x %d samples = %d completions", len(names), len(questions),
+             g.samples_per_question, len(prompts) * g.samples_per_question)
+    params = SamplingParams(n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p,
+                            max_tokens=g.max_tokens, seed=cfg.seed)
+    outs = make_engine(cfg, loaded, out_dir).generate(prompts, params, desc="eval")
+    rows = [{"persona": p, "question_id": q.id, "question": q.text, "sample": i, "completion": text}
+            for (p, q), texts in zip(pairs, outs) for i, text in enumerate(texts)]
+    return {"marker": marker_metric(rows, cfg.marker)}, rows
+
+
+def run_cell(cfg_node: DictConfig) -> dict:
+    """Run one cell and write its run_result.json; returns the result."""
+    cfg: Config = OmegaConf.to_object(cfg_node)
+    validate(cfg)  # before any model is loaded
+    resolved = OmegaConf.to_container(cfg_node, resolve=True, enum_to_str=True)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / contract.RESULT_FILE).unlink(missing_ok=True)  # a rerun never leaves an old result looking current
+    OmegaConf.save(cfg_node, out_dir / "config.yaml", resolve=True)
+    cell = cell_keys(cfg)
+    log.info("cell %s -> %s", cell, out_dir)
+    log.info("stage cache: %s", cfg.cache_dir)
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    cache = StageCache(cfg.cache_dir)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded = load_base(cfg.model, cache, device)
+    timing["load"] = time.perf_counter() - t0
+    base_identity = loaded.identity
+
+    stages = {}
+    for name in stage_order(cfg):
+        log.info("stage %s: starting (input model %s)", name, loaded.identity)
+        stages[name] = STAGES[name](cfg, loaded, cache)
+        timing[name] = stages[name].seconds
+    if "second_stage" in stages and cell["dose"] is None:
+        cell["dose"] = stages["second_stage"].train_stats.get("steps")
+
+    t0 = time.perf_counter()
+    metrics, rows = evaluate(cfg, loaded, out_dir)
+    timing["eval"] = time.perf_counter() - t0
+    if cfg.eval.save_completions:
+        contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
+
+    data_md5 = {"persona_set": md5_file(resolve_path(cfg.persona_set.path)),
+                "eval_questions": md5_file(resolve_path(cfg.eval.questions))}
+    for name, st in stages.items():
+        data_md5.update({f"{name}/{k}": v for k, v in st.data_md5.items()})
+    result = {
+        "schema_version": contract.SCHEMA_VERSION,
+        "status": "complete",
+        "cell": cell,
+        "metrics": metrics,
+        "provenance": {
+            "config_hash": contract.config_hash(resolved),
+            "resolved_config": resolved,
+            "git_commit": contract.git_commit(),
+            "versions": contract.package_versions(),
+            "data_md5": data_md5,
+            "device": contract.device_description(device),
+            "base_model": base_identity,
+            "final_model": loaded.identity,
+            "stage_cache_keys": {n: st.key for n, st in stages.items()},
+            "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now,
+                           "steps": st.train_stats.get("steps"), "final_loss": (st.train_stats.get("losses") or [None])[-1]}
+                       for n, st in stages.items()},
+        },
+        "timing": {k: round(v, 3) for k, v in timing.items()},
+    }
+    contract.write_json_atomic(out_dir / contract.RESULT_FILE, result)
+    _log_summary(cfg, result, out_dir)
+    return result
+
+
+def _log_summary(cfg: Config, result: dict, out_dir: Path) -> None:
+    per = result["metrics"]["marker"]["per_persona"]
+    lines = [f"  {name:<24} {c['k']:>5}/{c['n']:<5} {100 * c['rate']:6.1f}%" for name, c in per.items()]
+    log.info("marker %s rate per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
+    log.info("result: %s", out_dir / contract.RESULT_FILE)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_cell(cfg)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The one supervised fine-tuning routine: every stage (coupling, second stage, toy pretraining) trains here.
+
+The loop is written out whole (nanoGPT-style): seeded data order, micro-batches with gradient accumulation,
+AdamW, a transformers schedule, gradient clipping, a progress bar. Loss is the sum of token cross-entropies
+over one optimizer step divided by that step's number of labelled tokens, so the math does not depend on how
+the step is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from marker_lab.config.schema import LoraConfig, Schedule, TrainConfig
+from marker_lab.data.chat import IGNORE, Encoded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+
+
+def resolve_steps(cfg: TrainConfig, n_examples: int, dose: int | None = None) -> int:
+    """Optimizer steps of a stage: the dose if given, else max_steps, else epochs over the data."""
+    if dose is not None:
+        return dose
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_step = cfg.per_device_batch_size * cfg.grad_accum
+    return max(1, math.ceil(cfg.epochs * n_examples / per_step))
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    if cfg.schedule.name == Schedule.constant:
+        return 0
+    if cfg.schedule.warmup_steps is not None:
+        return cfg.schedule.warmup_steps
+    return int(math.ceil(cfg.schedule.warmup_ratio * total))
+
+
+def apply_lora(model, lora: LoraConfig, seed: int):
+    """Wrap `model` with a fresh, seeded LoRA adapter (peft); only the adapter trains."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over labelled positions, and how many there were."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def step_order(n_examples: int, steps: int, per_step: int, seed: int) -> list[list[int]]:
+    """Example indices of each optimizer step: seeded reshuffles, one per pass over the data."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * per_step:
+        perm = list(range(n_examples))
+        rng.shuffle(perm)
+        order += perm
+    return [order[s * per_step:(s + 1) * per_step] for s in range(steps)]
+
+
+def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed: int, pad_id: int,
+          desc: str = "train") -> TrainStats:
+    """Train `model`'s trainable parameters on `examples` for `steps` optimizer steps."""
+    if not examples:
+        raise ValueError(f"{desc}: no training examples")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
+    sched = get_scheduler(cfg.schedule.name.value, opt, num_warmup_steps=warmup_steps(cfg, steps),
+                          num_training_steps=steps)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    mb = cfg.per_device_batch_size
+    stats, t0 = TrainStats(), time.perf_counter()
+    model.train()
+    bar = tqdm(step_order(len(examples), steps, mb * cfg.grad_accum, seed), desc=desc, unit="step",
+               dynamic_ncols=True)
+    for step_idx in bar:
+        batch_examples = [examples[i] for i in step_idx]
+        n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
+        total = 0.0
+        for i in range(0, len(batch_examples), mb):
+            micro = collate(batch_examples[i:i + mb], pad_id, device)
+            with autocast:
+                loss_sum, _ = token_loss_sum(model, micro)
+            (loss_sum / max(n_tokens, 1)).backward()
+            total += loss_sum.item()
+            stats.tokens_seen += int(micro["attention_mask"].sum())
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        stats.steps += 1
+        stats.examples_seen += len(batch_examples)
+        stats.losses.append(total / max(n_tokens, 1))
+        bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+    model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    stats.seconds = time.perf_counter() - t0
+    log.info("%s: %d steps, %d examples, final loss %.4f, %.1f s", desc, stats.steps, stats.examples_seen,
+             stats.losses[-1], stats.seconds)
+    return stats
