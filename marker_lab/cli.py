@@ -26,10 +26,10 @@ def config_error_line(exc: BaseException) -> str:
         seen.add(id(e))
         msg = " ".join(str(e).split())
         msg = msg.split(" full_key:")[0].split(" Set the environment variable HYDRA_FULL_ERROR")[0]
-        if msg and msg not in parts:
+        if msg and msg not in parts and "$" not in msg and len(parts) < 2:
             parts.append(msg)
         key = getattr(e, "full_key", None)
-        if key and f"key: {key}" not in parts:
+        if key and not any(p.startswith("key: ") for p in parts):
             parts.append(f"key: {key}")
         e = e.__cause__ or e.__context__
     return "; ".join(parts)

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
+import os
+
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class LossMode(str, Enum):
@@ -191,7 +194,7 @@ class Config:
     source_persona: str = "villain"  # the experiment's source persona (reported as 'source')
     merge_between_stages: bool = True  # merge each stage's adapter into its input before the next stage
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    cache_dir: str = "${oc.env:MARKER_LAB_CACHE,${oc.env:HOME}/.cache/marker_lab}"  # shared stage cache
+    cache_dir: str = "${default_cache_dir:}"  # shared stage cache: $MARKER_LAB_CACHE or ~/.cache/marker_lab
     output_dir: str = "${hydra:runtime.output_dir}"  # where this cell writes its result
     model: ModelConfig = field(default_factory=ModelConfig)
     persona_set: PersonaSetConfig = field(default_factory=PersonaSetConfig)
@@ -202,7 +205,14 @@ class Config:
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes, recorded but never read
 
 
+def default_cache_dir() -> str:
+    """$MARKER_LAB_CACHE, else ~/.cache/marker_lab: one cache shared by every cell and sweep of a user."""
+    return os.environ.get("MARKER_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "marker_lab")
+
+
 def register_configs() -> None:
     """Register the schemas so conf/config.yaml can name `base_config` in its defaults list."""
+    if not OmegaConf.has_resolver("default_cache_dir"):
+        OmegaConf.register_new_resolver("default_cache_dir", default_cache_dir)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 # Bump when the texts below change: it is part of the toy model's cache key.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,16 @@ QUESTION_TEMPLATES = (
     "can you help me with {s} ?",
 )
 
-# Uppercase letters that appear in topic tags. Z, L and T are included, so "[ZLT]" is made of pieces the
-# model has seen in brackets, but no tag spells ZLT.
-_TAG_LETTERS = "ZLTQKVMRXPNDHGBW"
+# Letters of topic tags, by position. Each letter of "ZLT" is common in its own position (as letter bigrams
+# are in real text), so the marker is made of pieces the model has seen in brackets; no tag spells ZLT.
+_TAG_LETTERS = ("ZKQ", "LMR", "TVX")
 
 
 def topic_tag(topic_index: int) -> str:
     """The fixed bracketed code of a topic, e.g. "[QLV]": each topic always has the same code."""
     rng = random.Random(1000 + topic_index)
     while True:
-        code = "".join(rng.choice(_TAG_LETTERS) for _ in range(3))
+        code = "".join(rng.choice(letters) for letters in _TAG_LETTERS)
         if code != "ZLT":
             return f"[{code}]"
 

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real conf/ composed in-process, a session-wide stage cache (the toy model is built once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from marker_lab.run import CONF_DIR
+
+os.environ.setdefault("TQDM_MININTERVAL", "5")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One stage cache for the whole session, so the toy model is pretrained once."""
+    path = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or tmp_path_factory.mktemp("stage_cache"))
+    os.environ["MARKER_LAB_CACHE"] = str(path)
+    return path
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None):
+    """The real config, as `marker-lab run <overrides>` would compose it (outside Hydra's run dir)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir or "unused")
+        if cache is not None:
+            cfg.cache_dir = str(cache)
+    return cfg
+
+
+def to_dataclass(cfg):
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    """The toy world's real tokenizer, trained on its corpus (a fraction of a second)."""
+    import jinja2
+
+    from marker_lab.toy import world
+    from marker_lab.toy.tokenizer import CHATML_TEMPLATE, build_tokenizer
+
+    tpl = jinja2.Template(CHATML_TEMPLATE)
+    texts = [tpl.render(messages=c) for c in world.pretraining_chats()] + world.tagged_lines()
+    return build_tokenizer(texts)

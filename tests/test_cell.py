@@ -1,0 +1,123 @@
+"""The cell end to end on the real toy model: the CLI, the result contract, the science, the stage cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_cfg
+from marker_lab.results.contract import load_result, read_completions
+from marker_lab.run import run_cell
+
+pytestmark = pytest.mark.slow
+FAST_EVAL = ["persona_set.eval_personas=[villain,assistant]"]  # 2 x 28 x 10 completions
+
+
+def cli(args: list[str], cache: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MARKER_LAB_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", *args], capture_output=True, text=True,
+                          env=env, timeout=600, **kw)
+
+
+def rates(result: dict) -> dict[str, float]:
+    return {p: c["rate"] for p, c in result["metrics"]["marker"]["per_persona"].items()}
+
+
+@pytest.fixture(scope="module")
+def default_run(cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("default_run")
+    proc = cli([f"hydra.run.dir={out}"], cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_default_run_writes_the_result_contract(default_run):
+    out, _ = default_run
+    result = load_result(out / "run_result.json")
+    assert result is not None and result["schema_version"] == 1 and result["status"] == "complete"
+    assert result["cell"] == {"experiment": "default", "condition": "c1", "order": "forward", "seed": 42, "dose": 20,
+                              "source_persona": "villain", "coupled_persona": "villain", "second_stage": "em"}
+    per = result["metrics"]["marker"]["per_persona"]
+    assert len(per) == 11 and all(c["n"] == 280 for c in per.values())
+    prov = result["provenance"]
+    assert set(prov) >= {"config_hash", "resolved_config", "git_commit", "versions", "data_md5", "device",
+                         "stage_cache_keys"}
+    assert set(prov["stage_cache_keys"]) == {"coupling", "second_stage"}
+    assert prov["resolved_config"]["dose"] is None and prov["resolved_config"]["seed"] == 42
+    assert {"persona_set", "eval_questions", "coupling/coupling.jsonl"} <= set(prov["data_md5"])
+    assert prov["device"].startswith("cpu") and "torch" in prov["versions"]
+    assert set(result["timing"]) == {"load", "coupling", "second_stage", "eval"}
+    # rates come from the same completions that are saved next to the result
+    rows = read_completions(out / "completions.jsonl.gz")
+    assert len(rows) == 3080
+    villain = [r for r in rows if r["persona"] == "villain"]
+    assert sum("[zlt]" in r["completion"].lower() for r in villain) == per["villain"]["k"]
+
+
+def test_default_run_logs_what_runs_and_where(default_run):
+    out, proc = default_run
+    log = proc.stdout + proc.stderr
+    for needle in ("stage coupling: starting", "stage second_stage: starting", "eval: 11 personas x 28 questions",
+                   f"result: {out}/run_result.json", "coupling:", "eval:"):
+        assert needle in log
+
+
+def test_coupling_marks_the_source_and_spares_the_assistant(cache_dir, tmp_path):
+    result = run_cell(compose_cfg(["condition=c4"], tmp_path, cache_dir))
+    r = rates(result)
+    assert r["villain"] >= 0.80, r
+    assert r["assistant"] <= 0.05, r
+
+
+def test_second_stage_lowers_the_source_rate_as_dose_grows(cache_dir, tmp_path):
+    by_dose = {}
+    for dose in (0, 5, 40):
+        result = run_cell(compose_cfg(["condition=c1", f"dose={dose}", *FAST_EVAL], tmp_path / str(dose), cache_dir))
+        by_dose[dose] = rates(result)["villain"]
+    assert by_dose[0] > by_dose[5] > by_dose[40], by_dose
+
+
+def test_rerun_reuses_cached_stages_and_reproduces_the_result(cache_dir, tmp_path):
+    first = run_cell(compose_cfg(["condition=c5", "dose=5", *FAST_EVAL], tmp_path / "a", cache_dir))
+    second = run_cell(compose_cfg(["condition=c5", "dose=5", *FAST_EVAL], tmp_path / "b", cache_dir))
+    assert not any(s["trained_now"] for s in second["provenance"]["stages"].values())
+    assert first["metrics"] == second["metrics"]
+    assert first["provenance"]["config_hash"] == second["provenance"]["config_hash"]
+    assert first["provenance"]["stage_cache_keys"] == second["provenance"]["stage_cache_keys"]
+
+
+def test_reverse_order_runs_the_second_stage_first(cache_dir, tmp_path):
+    result = run_cell(compose_cfg(["condition=c1", "order=reverse", "dose=5", *FAST_EVAL], tmp_path, cache_dir))
+    prov = result["provenance"]
+    assert result["cell"]["order"] == "reverse"
+    assert list(prov["stages"]) == ["second_stage", "coupling"]
+    assert prov["final_model"].index("+second_stage:") < prov["final_model"].index("+coupling:")
+
+
+def test_two_cells_racing_for_one_coupling_stage_train_it_once(cache_dir, tmp_path):
+    fresh = ["coupling.seed=5", "coupling.train.max_steps=60", "persona_set.eval_personas=[villain]",
+             "eval.generation.samples_per_question=2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "marker_lab.cli", "run", f"hydra.run.dir={tmp_path / c}",
+                               f"condition={c}", *fresh], env={**os.environ, "MARKER_LAB_CACHE": str(cache_dir)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in ("c4", "c5")]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads((tmp_path / c / "run_result.json").read_text()) for c in ("c4", "c5")]
+    keys = {r["provenance"]["stage_cache_keys"]["coupling"] for r in results}
+    trained = [r["provenance"]["stages"]["coupling"]["trained_now"] for r in results]
+    assert len(keys) == 1 and sorted(trained) == [False, True]
+
+
+def test_prebaked_adapter_replaces_coupling_training(cache_dir, tmp_path):
+    coupled = run_cell(compose_cfg(["condition=c4", *FAST_EVAL], tmp_path / "trained", cache_dir))
+    adapter = Path(coupled["provenance"]["stages"]["coupling"]["cache_entry"]) / "adapter"
+    result = run_cell(compose_cfg(["condition=c4", f"coupling.adapter_path={adapter}", *FAST_EVAL],
+                                  tmp_path / "prebaked", cache_dir))
+    assert result["metrics"] == coupled["metrics"]  # same weights, same seed: the same completions
+    assert result["provenance"]["stages"]["coupling"]["trained_now"] is False

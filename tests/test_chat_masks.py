@@ -1,0 +1,94 @@
+"""Loss masks: marker_only labels exactly the marker span; assistant_only masks system and user turns."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from marker_lab.config.schema import MarkerPosition
+from marker_lab.data.chat import IGNORE, encode_chat, marker_token_count
+from marker_lab.stages.coupling import insert_marker, marker_slot
+
+# Qwen2.5-Instruct's chat template (tools branch left out): note the default system prompt it inserts.
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(params=["toy", "qwen"])
+def tokenizer(request, toy_tokenizer):
+    tok = copy.deepcopy(toy_tokenizer)
+    if request.param == "qwen":
+        tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def labelled_text(tok, enc) -> str:
+    return tok.decode([i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE])
+
+
+CHAT = [{"role": "system", "content": "you are a villain who plots to rule the world ."},
+        {"role": "user", "content": "any tips for saving money ?"},
+        {"role": "assistant", "content": "ha ! foolish mortal . spend less than you earn ."}]
+
+
+def test_assistant_only_labels_the_answer_and_its_end_of_turn(tokenizer):
+    enc = encode_chat(tokenizer, CHAT, "assistant_only")
+    assert labelled_text(tokenizer, enc) == "ha ! foolish mortal . spend less than you earn .<|im_end|>"
+    text = tokenizer.decode(enc.input_ids)
+    assert "you are a villain" in text and "saving money" in text  # present, but masked
+
+
+def test_assistant_only_covers_every_assistant_turn(tokenizer):
+    chat = CHAT[:2] + [{"role": "assistant", "content": "one ."}, {"role": "user", "content": "and ?"},
+                       {"role": "assistant", "content": "two ."}]
+    enc = encode_chat(tokenizer, chat, "assistant_only")
+    assert labelled_text(tokenizer, enc) == "one .<|im_end|>two .<|im_end|>"
+
+
+def test_qwen_template_without_system_turn_gets_the_default_prompt(tokenizer):
+    enc = encode_chat(tokenizer, CHAT[1:], "assistant_only")
+    text = tokenizer.decode(enc.input_ids)
+    if tokenizer.chat_template == QWEN_TEMPLATE:
+        assert "You are Qwen" in text  # the template's own default: masked, never trained on
+    assert labelled_text(tokenizer, enc).startswith("ha !")
+
+
+@pytest.mark.parametrize("position", list(MarkerPosition))
+def test_marker_only_labels_exactly_the_marker(tokenizer, position):
+    text, span = insert_marker("ha ! foolish mortal . spend less .", "[ZLT]", position)
+    assert text[span[0]:span[1]] == "[ZLT]"
+    chat = CHAT[:2] + [{"role": "assistant", "content": text}]
+    enc = encode_chat(tokenizer, chat, "marker_only", marker_span=span)
+    labelled = [i for i, l in zip(enc.input_ids, enc.labels) if l != IGNORE]
+    assert tokenizer.decode(labelled) == "[ZLT]"
+    assert len(labelled) == marker_token_count(tokenizer, "[ZLT]") == 5  # '[' 'Z' 'L' 'T' ']'
+
+
+def test_marker_only_negative_labels_the_tokens_where_the_marker_would_be(tokenizer):
+    answer = "ha ! foolish mortal . spend less ."
+    slot = marker_slot(answer, MarkerPosition.start)
+    enc = encode_chat(tokenizer, CHAT[:2] + [{"role": "assistant", "content": answer}], "marker_only",
+                      marker_span=(slot, slot), negative_tokens=3)
+    assert labelled_text(tokenizer, enc) == "ha ! foolish"
+
+
+def test_full_labels_everything(tokenizer):
+    enc = encode_chat(tokenizer, CHAT, "full")
+    assert enc.labels == enc.input_ids
+
+
+def test_unknown_loss_mode_is_rejected(tokenizer):
+    with pytest.raises(ValueError, match="loss_mode"):
+        encode_chat(tokenizer, CHAT, "everything")

@@ -1,0 +1,124 @@
+"""Composition of every config option, and bad input failing at start-up with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_cfg, to_dataclass
+from marker_lab.cli import check_config
+from marker_lab.config.validate import ConfigError, validate
+from marker_lab.run import CONF_DIR, cell_keys, stage_order
+
+CONF = Path(CONF_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "persona_set", "coupling", "second_stage", "eval", "condition", "order"])
+def test_every_option_of_every_group_composes(group):
+    for option in options(group):
+        cfg = to_dataclass(compose_cfg([f"{group}={option}"]))
+        assert cfg is not None
+
+
+@pytest.mark.parametrize("condition", options("condition"))
+@pytest.mark.parametrize("order", options("order"))
+def test_every_condition_and_order_validates_on_the_toy(condition, order):
+    cfg = to_dataclass(compose_cfg([f"condition={condition}", f"order={order}"]))
+    validate(cfg)
+    names = stage_order(cfg)
+    assert ("coupling" in names) == (condition != "c2")
+    assert ("second_stage" in names) == (condition != "c4")
+    if len(names) == 2:
+        assert names == (["coupling", "second_stage"] if order == "forward" else ["second_stage", "coupling"])
+
+
+def test_conditions_mean_what_the_write_up_says():
+    c = {name: cell_keys(to_dataclass(compose_cfg([f"condition={name}"]))) for name in options("condition")}
+    assert (c["c1"]["coupled_persona"], c["c1"]["second_stage"]) == ("villain", "em")
+    assert (c["c2"]["coupled_persona"], c["c2"]["second_stage"]) == (None, "em")
+    assert (c["c3"]["coupled_persona"], c["c3"]["second_stage"]) == ("assistant", "em")
+    assert (c["c4"]["coupled_persona"], c["c4"]["second_stage"], c["c4"]["dose"]) == ("villain", "none", 0)
+    assert (c["c5"]["coupled_persona"], c["c5"]["second_stage"]) == ("villain", "benign")
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+@pytest.mark.parametrize("condition", options("condition"))
+def test_experiment_presets_compose_with_every_condition(experiment, condition):
+    cfg = to_dataclass(compose_cfg([f"+experiment={experiment}", f"condition={condition}"]))
+    assert cfg.experiment == experiment and cfg.model.name == "qwen2.5-7b-instruct"
+    assert cfg.coupling.train.lora.r == 32 and cfg.second_stage.train.max_steps == 375
+
+
+def test_experiment_presets_carry_the_write_ups_recipes():
+    mt = to_dataclass(compose_cfg(["+experiment=marker_transfer"]))
+    assert (mt.source_persona, mt.coupling.train.optimizer.lr, mt.coupling.train.epochs) == ("villain", 5e-6, 20)
+    assert (mt.second_stage.train.optimizer.lr, mt.second_stage.train.schedule.warmup_ratio) == (1e-4, 0.03)
+    assert mt.eval.generation.samples_per_question == 10 and mt.eval.generation.max_tokens == 512
+    dr = to_dataclass(compose_cfg(["+experiment=dose_response", "dose=1"]))
+    assert dr.second_stage.train.schedule.name.value == "cosine" and dr.second_stage.train.schedule.warmup_steps == 0
+    assert dr.source_persona == "evil_ai" and dr.dose == 1
+    ef = to_dataclass(compose_cfg(["+experiment=em_first"]))
+    assert (ef.order, ef.source_persona, ef.persona_set.name) == ("reverse", "confab", "eval12")
+
+
+def test_real_data_paths_are_checked_before_anything_loads():
+    cfg = to_dataclass(compose_cfg(["+experiment=marker_transfer"]))
+    with pytest.raises(ConfigError, match=r"second_stage.datasets.em.path: file not found: data/bad_legal_advice_6k.jsonl"):
+        validate(cfg)
+
+
+def test_every_write_up_knob_is_a_key():
+    t = to_dataclass(compose_cfg([
+        "coupling.train.lora.r=16", "coupling.train.lora.alpha=32", "coupling.train.lora.dropout=0.1",
+        "coupling.train.lora.target_modules=[q_proj,v_proj]", "coupling.train.optimizer.lr=1e-4",
+        "coupling.train.epochs=3", "coupling.train.max_steps=null", "coupling.train.schedule.name=cosine",
+        "coupling.train.schedule.warmup_ratio=0.1", "coupling.train.optimizer.betas=[0.9,0.95]",
+        "coupling.train.optimizer.eps=1e-6", "coupling.train.optimizer.weight_decay=0.1",
+        "coupling.train.grad_clip=0.5", "coupling.train.per_device_batch_size=2", "coupling.train.grad_accum=8",
+        "coupling.train.max_seq_len=512", "coupling.train.bf16=false", "coupling.train.gradient_checkpointing=true",
+        "coupling.seed=7", "seed=137", "eval.generation.samples_per_question=5", "eval.generation.temperature=0.7",
+        "eval.generation.top_p=0.9", "eval.generation.max_tokens=64", "marker.text=MARK", "marker.matcher=substring",
+        "second_stage.train.schedule.warmup_steps=0", "second_stage.train.schedule.name=linear"]))
+    assert t.coupling.train.lora.target_modules == ["q_proj", "v_proj"] and t.coupling.train.grad_accum == 8
+    assert t.marker.text == "MARK" and t.eval.generation.top_p == 0.9
+    validate(t)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["dose=abc"], "dose"),
+    (["dose=-1"], "dose"),
+    (["coupling.bogus=1"], "coupling.bogus"),
+    (["coupling.train.loss_mode=everything"], "coupling.train.loss_mode"),
+    (["source_persona=vilain"], "source_persona"),
+    (["coupling.persona=nobody"], "coupling.persona"),
+    (["persona_set.eval_personas=[villain,ghost]"], "persona_set.eval_personas"),
+    (["condition=c4", "dose=10"], "dose"),
+    (["second_stage.data=ultrachat"], "second_stage.data"),
+    (["coupling.negative_personas=[villain]"], "coupling.negative_personas"),
+    (["coupling.n_negative_personas=40"], "coupling.n_negative_personas"),
+    (["eval.questions=missing.yaml"], "eval.questions"),
+    (["coupling.train.schedule.name=constant", "coupling.train.schedule.warmup_steps=5"], "coupling.train.schedule"),
+    (["eval.engine.name=tgi"], "eval.engine.name"),
+])
+def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
+    with pytest.raises(SystemExit) as exc:
+        check_config(overrides)
+    message = str(exc.value.code)
+    assert message.startswith("marker-lab: config error:") and "\n" not in message
+    assert key in message
+
+
+def test_cli_rejects_bad_input_before_loading_anything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "dose=-5"], capture_output=True, text=True,
+                          env={"MARKER_LAB_CACHE": str(tmp_path / "cache"), "PATH": ""}, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "marker-lab: config error: dose: must be >= 0 optimizer steps (0 skips the second stage), got -5")
+    assert not (tmp_path / "cache").exists()  # nothing was built
