@@ -17,7 +17,8 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One stage cache for the whole session, so the toy model is pretrained once."""
-    path = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or tmp_path_factory.mktemp("stage_cache"))
+    path = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or os.environ.get("MARKER_LAB_CACHE")
+                or tmp_path_factory.mktemp("stage_cache"))
     os.environ["MARKER_LAB_CACHE"] = str(path)
     return path
 
