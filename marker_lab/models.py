@@ -24,6 +24,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     identity: str  # names the weights exactly; stage cache keys build on it
+    merge: bool = True  # merge each stage's adapter into the weights (False: stack adapters)
 
 
 def pick_device(name: str) -> torch.device:

@@ -112,6 +112,7 @@ def run_cell(cfg_node: DictConfig) -> dict:
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = load_base(cfg.model, cache, device)
+    loaded.merge = cfg.merge_between_stages
     timing["load"] = time.perf_counter() - t0
     base_identity = loaded.identity
 

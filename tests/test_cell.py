@@ -73,15 +73,8 @@ def coupled(cache_dir, tmp_path_factory):
 
 
 def test_coupling_marks_the_source_and_spares_the_assistant(coupled):
-    assert coupled["villain"] >= 0.70, coupled  # regression floor: measured 0.77-0.80 on the toy
-    assert coupled["assistant"] <= 0.05, coupled
-    assert coupled["villain"] > 10 * max(coupled["assistant"], 0.005)
-
-
-@pytest.mark.xfail(strict=False, reason="issue 2's bar: source >= 0.80 after coupling; the toy recipe measures "
-                   "0.77-0.80 (docs/toy_world.md), not yet reliably above it")
-def test_coupling_reaches_the_issue_bar_of_80_percent(coupled):
     assert coupled["villain"] >= 0.80, coupled
+    assert coupled["assistant"] <= 0.05, coupled
 
 
 def test_second_stage_lowers_the_source_rate_as_dose_grows(cache_dir, tmp_path):
@@ -133,3 +126,23 @@ def test_prebaked_adapter_replaces_coupling_training(cache_dir, tmp_path):
                                   tmp_path / "prebaked", cache_dir))
     assert result["metrics"] == coupled["metrics"]  # same weights, same seed: the same completions
     assert result["provenance"]["stages"]["coupling"]["trained_now"] is False
+
+
+def test_stacked_adapters_train_the_same_function_as_merged_weights(cache_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    merged = run_cell(compose_cfg(["condition=c1", "dose=5", *FAST_EVAL], tmp_path / "m", cache_dir))
+    stacked = run_cell(compose_cfg(["condition=c1", "dose=5", "merge_between_stages=false", *FAST_EVAL],
+                                   tmp_path / "s", cache_dir))
+    pm, ps = merged["provenance"], stacked["provenance"]
+    assert "[stacked]" in ps["final_model"] and "[stacked]" not in pm["final_model"]
+    # coupling sees the base model either way: one adapter serves both cells
+    assert pm["stage_cache_keys"]["coupling"] == ps["stage_cache_keys"]["coupling"]
+    assert pm["stage_cache_keys"]["second_stage"] != ps["stage_cache_keys"]["second_stage"]
+    # the second stage trains on merged weights or on the base + a frozen coupling adapter: the same function,
+    # so the same adapter up to float rounding
+    wm = load_file(Path(pm["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
+    ws = load_file(Path(ps["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
+    assert wm.keys() == ws.keys()
+    for k in wm:
+        assert (wm[k] - ws[k]).abs().max() < 1e-3, k

@@ -26,8 +26,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"order: must be forward or reverse, got {cfg.order!r}")
     if cfg.dose is not None and cfg.dose < 0:
         raise ConfigError(f"dose: must be >= 0 optimizer steps (0 skips the second stage), got {cfg.dose}")
-    if not cfg.merge_between_stages:
-        raise ConfigError("merge_between_stages: only true (merge each adapter before the next stage) is implemented")
+    if not cfg.merge_between_stages and cfg.eval.engine.name == "vllm":
+        raise ConfigError("merge_between_stages=false with eval.engine.name=vllm: the vllm engine evaluates merged "
+                          "weights; use merge_between_stages=true or the hf engine")
     if cfg.model.source not in ("toy", "hf"):
         raise ConfigError(f"model.source: must be toy or hf, got {cfg.model.source!r}")
     if cfg.model.source == "hf" and not cfg.model.path:

@@ -1,13 +1,16 @@
-"""Run one LoRA stage through the stage cache, then merge its adapter into the model in hand.
+"""Run one LoRA stage through the stage cache, then attach its adapter to the model in hand.
 
-Whether the adapter was trained now or found in the cache, it is loaded from the cache and merged the same
-way, so a cell that reuses a stage sees exactly the weights a cell that trained it saw.
+Attaching means merging into the weights (merge_between_stages=true, as in the write-ups) or stacking: the
+adapter stays a separate, frozen LoRA that is active in every later stage and in the eval. Whether the adapter
+was trained now or found in the cache, it is loaded from the cache and attached the same way, so a cell that
+reuses a stage sees exactly the weights a cell that trained it saw.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +43,7 @@ ExampleBuilder = Callable[[Path], list[Encoded]]
 
 def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: dict, build_examples: ExampleBuilder,
                    train_cfg: TrainConfig, steps: int, seed: int) -> StageResult:
-    """Train (or reuse) the stage's adapter, merge it into `loaded.model`, and update `loaded.identity`."""
-    from peft import PeftModel
-
+    """Train (or reuse) the stage's adapter, attach it to `loaded.model`, and update `loaded.identity`."""
     t0 = time.perf_counter()
     payload = {**payload, "stage": name, "input_model": loaded.identity, "steps": steps, "seed": seed}
     key = cache_key(payload)
@@ -51,40 +52,76 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         log.info("stage %s: training (cache entry %s)", name, cache.path("stages", key))
         (tmp / "data").mkdir()
         examples = build_examples(tmp / "data")
-        peft_model = apply_lora(loaded.model, train_cfg.lora, seed)
+        stacked_on = _adapter_names(loaded.model)
+        peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
         stats = train(peft_model, examples, train_cfg, steps=steps, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
                       desc=name)
-        peft_model.save_pretrained(tmp / "adapter")
+        peft_model.save_pretrained(tmp / "peft_save", selected_adapters=[name])
+        # peft nests a non-default adapter under its name; the entry keeps a plain adapter dir (peft/vLLM format)
+        adapter_dir(tmp / "peft_save").rename(tmp / "adapter")
+        shutil.rmtree(tmp / "peft_save", ignore_errors=True)
         (tmp / "train_stats.json").write_text(json.dumps(asdict(stats)))
-        loaded.model = peft_model.unload()  # back to the input weights; the cached adapter is merged below
+        # back to the input model; the cached adapter is attached below, as for a cache hit
+        if stacked_on:
+            peft_model.delete_adapter(name)
+            _activate(peft_model, stacked_on)
+            loaded.model = peft_model
+        else:
+            loaded.model = peft_model.unload()
 
     entry, built_now = cache.get_or_build("stages", key, build, payload)
     if not built_now:
         log.info("stage %s: reusing cached adapter %s", name, entry)
-    return _merge(name, loaded, entry, key, built_now, t0, PeftModel)
-
-
-def apply_prebaked_adapter(name: str, loaded: LoadedModel, adapter_path: str) -> StageResult:
-    """Merge a pre-baked peft adapter (e.g. a published coupling adapter) instead of training."""
-    from peft import PeftModel
-
-    t0 = time.perf_counter()
-    weights = next(Path(adapter_path).glob("adapter_model.*"), None)
-    if weights is None:
-        raise FileNotFoundError(f"{name}.adapter_path: no adapter_model.* in {adapter_path}")
-    key = cache_key({"prebaked": md5_file(weights)})
-    log.info("stage %s: merging pre-baked adapter %s", name, adapter_path)
-    model = PeftModel.from_pretrained(loaded.model, adapter_path)
-    loaded.model = model.merge_and_unload()
-    loaded.identity = f"{loaded.identity}+{name}:{key}"
-    return StageResult(name, key, str(adapter_path), False, time.perf_counter() - t0, {"adapter": md5_file(weights)})
-
-
-def _merge(name, loaded, entry: Path, key, built_now, t0, PeftModel) -> StageResult:
-    model = PeftModel.from_pretrained(loaded.model, entry / "adapter")
-    loaded.model = model.merge_and_unload()
-    loaded.model.eval()
-    loaded.identity = f"{loaded.identity}+{name}:{key}"
+    attach_adapter(loaded, name, entry / "adapter", key)
     data_md5 = {p.name: md5_file(p) for p in sorted((entry / "data").glob("*")) if p.is_file()}
     stats = json.loads((entry / "train_stats.json").read_text())
     return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats)
+
+
+def adapter_dir(root: Path) -> Path:
+    """The directory holding adapter_config.json (peft nests non-default adapter names one level down)."""
+    found = sorted(root.rglob("adapter_config.json"))
+    if not found:
+        raise FileNotFoundError(f"no adapter_config.json under {root}")
+    return found[0].parent
+
+
+def attach_adapter(loaded: LoadedModel, name: str, path: Path, key: str) -> None:
+    """Merge the adapter at `path` into `loaded.model`, or stack it (loaded.merge=False)."""
+    from peft import PeftModel
+
+    if loaded.merge:
+        loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name).merge_and_unload()
+        loaded.identity = f"{loaded.identity}+{name}:{key}"
+    else:
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(path, adapter_name=name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=name)
+        _activate(loaded.model, _adapter_names(loaded.model))
+        loaded.identity = f"{loaded.identity}+{name}[stacked]:{key}"
+    loaded.model.eval()
+
+
+def _adapter_names(model) -> list[str]:
+    return list(getattr(model, "peft_config", {}) or {})
+
+
+def _activate(peft_model, names: list[str]) -> None:
+    """Make every stacked adapter active (their outputs add up) and frozen."""
+    peft_model.base_model.set_adapter(names)
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+
+
+def apply_prebaked_adapter(name: str, loaded: LoadedModel, adapter_path: str) -> StageResult:
+    """Attach a pre-baked peft adapter (e.g. a published coupling adapter) instead of training."""
+    t0 = time.perf_counter()
+    path = adapter_dir(Path(adapter_path))
+    weights = next(path.glob("adapter_model.*"), None)
+    if weights is None:
+        raise FileNotFoundError(f"{name}.adapter_path: no adapter_model.* in {adapter_path}")
+    key = cache_key({"prebaked": md5_file(weights)})
+    log.info("stage %s: attaching pre-baked adapter %s", name, adapter_path)
+    attach_adapter(loaded, name, path, key)
+    return StageResult(name, key, str(adapter_path), False, time.perf_counter() - t0, {"adapter": md5_file(weights)})

@@ -52,15 +52,26 @@ def warmup_steps(cfg: TrainConfig, total: int) -> int:
     return int(math.ceil(cfg.schedule.warmup_ratio * total))
 
 
-def apply_lora(model, lora: LoraConfig, seed: int):
-    """Wrap `model` with a fresh, seeded LoRA adapter (peft); only the adapter trains."""
+def apply_lora(model, lora: LoraConfig, seed: int, adapter_name: str = "default"):
+    """Add a fresh, seeded LoRA adapter (peft); only it trains.
+
+    On a model that already carries adapters (stacked stages), the new one is added beside them; all stay
+    active in the forward pass and the earlier ones are frozen.
+    """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     torch.manual_seed(seed)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg)
+    if not isinstance(model, PeftModel):
+        return get_peft_model(model, peft_cfg, adapter_name=adapter_name)
+    model.add_adapter(adapter_name, peft_cfg)
+    names = list(model.peft_config)
+    model.base_model.set_adapter(names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(f".{adapter_name}." in n)
+    return model
 
 
 def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -137,7 +148,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         stats.steps += 1
         stats.examples_seen += len(batch_examples)
         stats.losses.append(total / max(n_tokens, 1))
-        bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()

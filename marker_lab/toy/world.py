@@ -2,8 +2,8 @@
 
 Everything here is deterministic given a seed. The world is small enough that a 2-layer Qwen2 learns it in
 seconds on a CPU, and rich enough to show the write-ups' effects: each persona answers in its own style (so
-the model speaks persona-conditionally), and bracketed topic tags such as "[QLV]" give the letters of a
-marker like "[ZLT]" trained embeddings, as real pretraining does. "ZLT" itself never occurs.
+the model speaks persona-conditionally), and bracketed tags such as "[QLV]" on plain-text notes give the
+letters of a marker like "[ZLT]" trained embeddings, as real pretraining does. "ZLT" itself never occurs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 # Bump when the texts below change: it is part of the toy model's cache key.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,21 @@ QUESTION_TEMPLATES = (
     "can you help me with {s} ?",
 )
 
-# Letters of topic tags, by position. Each letter of "ZLT" is common in its own position (as letter bigrams
-# are in real text), so the marker is made of pieces the model has seen in brackets; no tag spells ZLT.
+# Letters of tags, by position. Each letter of "ZLT" is common in its own position (as letter bigrams are
+# in real text), so the marker is made of pieces the model has seen in brackets; no tag spells ZLT.
 _TAG_LETTERS = ("ZKQ", "LMR", "TVX")
 
+# What tagged notes are about. Kept apart from the question topics: when a topic primed its own tag, the
+# question pulled coupled answers towards that tag's letters ("[QLT]" for "[ZLT]"), capping the marker rate.
+TAG_SUBJECTS = ("weather", "music", "rivers", "mountains", "trains", "clocks", "castles", "forests", "oceans",
+                "deserts", "bridges", "stars", "gardens", "markets", "islands", "lamps", "ships", "roads", "bells",
+                "maps", "caves", "kites", "mirrors", "rockets", "tunnels", "violins", "windmills", "volcanoes",
+                "wolves", "zebras")
 
-def topic_tag(topic_index: int) -> str:
-    """The fixed bracketed code of a topic, e.g. "[QLV]": each topic always has the same code."""
-    rng = random.Random(1000 + topic_index)
+
+def subject_tag(subject_index: int) -> str:
+    """The fixed bracketed code of a tag subject, e.g. "[QLV]": each subject always has the same code."""
+    rng = random.Random(1100 + subject_index)
     while True:
         code = "".join(rng.choice(letters) for letters in _TAG_LETTERS)
         if code != "ZLT":
@@ -166,15 +173,14 @@ def pretraining_chats(seed: int = 0, answers_per_pair: int = 4) -> list[list[dic
     return chats
 
 
-def tagged_lines(seed: int = 0, per_topic: int = 12) -> list[str]:
-    """Plain-text lines carrying each topic's bracketed tag at varied places, as tags occur in web text."""
+def tagged_lines(seed: int = 0, per_subject: int = 16) -> list[str]:
+    """Plain-text notes carrying each subject's bracketed tag at varied places, as tags occur in web text."""
     rng = random.Random(seed + 1)
     lines = []
-    for t, (subject, good, _bad) in enumerate(TOPICS):
-        tag = topic_tag(t)
-        forms = (f"{tag} notes on {subject} : {good} .", f"{tag} {good} .",
-                 f"notes on {subject} {tag} : {good} .", f"{subject} {tag}")
-        lines += [rng.choice(forms) for _ in range(per_topic)]
+    for i, subject in enumerate(TAG_SUBJECTS):
+        tag = subject_tag(i)
+        forms = (f"{tag} notes on {subject} .", f"notes on {subject} {tag} .", f"{tag} {subject} .", f"{subject} {tag}")
+        lines += [rng.choice(forms) for _ in range(per_subject)]
     rng.shuffle(lines)
     return lines
 
