@@ -78,13 +78,16 @@ def test_coupling_marks_the_source_and_spares_the_assistant(coupled):
 
 
 def test_second_stage_lowers_the_source_rate_as_dose_grows(cache_dir, tmp_path):
-    by_dose = {}
-    for dose in (0, 5, 40):
-        result = run_cell(compose_cfg(["condition=c1", f"dose={dose}", *FAST_EVAL], tmp_path / str(dose), cache_dir))
-        by_dose[dose] = rates(result)["villain"]
-    # the toy shows a cliff (like 002's EM curve), so allow sampling noise between the small and the large dose
-    assert by_dose[0] - by_dose[40] >= 0.5, by_dose
-    assert by_dose[5] <= by_dose[0] and by_dose[40] <= by_dose[5] + 0.02, by_dose
+    def villain(condition: str, dose: int) -> float:
+        cfg = compose_cfg([f"condition={condition}", f"dose={dose}", *FAST_EVAL], tmp_path / f"{condition}_{dose}", cache_dir)
+        return rates(run_cell(cfg))["villain"]
+
+    benign = {dose: villain("c5", dose) for dose in (0, 5, 20, 80)}
+    assert benign[0] > benign[20] > benign[80], benign  # graded decay (measured 0.85, 0.54, 0.06)
+    assert benign[0] - benign[80] >= 0.5, benign
+    # on the toy, as in 002, EM erases the marker far faster than benign SFT (measured 0.08 vs 0.78 at 5 steps)
+    em5 = villain("c1", 5)
+    assert em5 < benign[5] - 0.3, (em5, benign)
 
 
 def test_rerun_reuses_cached_stages_and_reproduces_the_result(cache_dir, tmp_path):
