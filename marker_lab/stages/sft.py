@@ -45,11 +45,14 @@ def resolve_steps(cfg: TrainConfig, n_examples: int, dose: int | None = None) ->
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """Warmup length, never the whole stage: at dose 1 a 3% warmup would otherwise make the only step lr=0."""
     if cfg.schedule.name == Schedule.constant:
         return 0
     if cfg.schedule.warmup_steps is not None:
-        return cfg.schedule.warmup_steps
-    return int(math.ceil(cfg.schedule.warmup_ratio * total))
+        w = cfg.schedule.warmup_steps
+    else:
+        w = int(math.ceil(cfg.schedule.warmup_ratio * total))
+    return min(w, max(total - 1, 0))
 
 
 def apply_lora(model, lora: LoraConfig, seed: int, adapter_name: str = "default"):
