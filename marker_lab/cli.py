@@ -12,7 +12,10 @@ import sys
 USAGE = """marker-lab <command> [args]
 
 commands:
-  run [overrides...]   run one train-then-eval cell (Hydra overrides, e.g. condition=c4 seed=137)
+  run [overrides...]        run one train-then-eval cell (Hydra overrides, e.g. condition=c4 seed=137)
+  run -m [overrides...]     run a sweep: every cell of a grid (e.g. +experiment=marker_transfer), resumable
+  status <sweep_dir>        every expected cell of a sweep: pending / running / complete / failed
+  aggregate <sweep_dir>     tables of a sweep's results (runs by itself after a sweep)
 
 `marker-lab run --help` shows Hydra's help; `marker-lab run --cfg job` prints the composed config.
 """
@@ -69,6 +72,24 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = ["marker-lab run"] + rest
         run_main()
+    elif command in ("status", "aggregate"):
+        parser = argparse.ArgumentParser(prog=f"marker-lab {command}")
+        parser.add_argument("sweep_dir", help="a sweep directory (it holds manifest.json)")
+        args = parser.parse_args(rest)
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            if command == "status":
+                from marker_lab.launch.status import format_status
+
+                print(format_status(args.sweep_dir))
+            else:
+                from marker_lab.results.aggregate import aggregate
+
+                print(aggregate(args.sweep_dir))
+        except FileNotFoundError as e:
+            sys.exit(f"marker-lab {command}: {e}")
     else:
         argparse.ArgumentParser(prog="marker-lab").error(f"unknown command {command!r}\n\n{USAGE}")
 

@@ -100,6 +100,10 @@ def run_cell(cfg_node: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg_node, resolve=True, enum_to_str=True)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = contract.load_result(out_dir / contract.RESULT_FILE)
+    if previous and previous["provenance"]["config_hash"] == contract.config_hash(resolved):
+        log.info("cell already complete with the same config hash: %s (delete it to rerun)", out_dir)
+        return previous
     (out_dir / contract.RESULT_FILE).unlink(missing_ok=True)  # a rerun never leaves an old result looking current
     OmegaConf.save(cfg_node, out_dir / "config.yaml", resolve=True)
     cell = cell_keys(cfg)
@@ -168,12 +172,20 @@ def _log_summary(cfg: Config, result: dict, out_dir: Path) -> None:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
+    out_dir = Path(cfg.output_dir)
+    contract.write_cell_status(out_dir, "running")
     try:
-        run_cell(cfg)
+        result = run_cell(cfg)
     except ConfigError as e:
+        contract.write_cell_status(out_dir, "failed", error=f"config error: {e}")
         log.error("config error: %s", e)
         sys.exit(2)
+    except BaseException as e:  # recorded for `marker-lab status`, then re-raised for Hydra / submitit
+        contract.write_cell_status(out_dir, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    contract.write_cell_status(out_dir, "complete")
+    return result["provenance"]["config_hash"]
 
 
 if __name__ == "__main__":

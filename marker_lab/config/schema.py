@@ -210,9 +210,63 @@ def default_cache_dir() -> str:
     return os.environ.get("MARKER_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "marker_lab")
 
 
+@dataclass
+class LocalGpusLauncherConfig:
+    """hydra/launcher=local_gpus: cells on one node, one GPU slot each, queued while all slots are busy."""
+
+    _target_: str = "hydra_plugins.marker_lab_launchers.LocalGpusLauncher"
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's job files
+    gpus: Optional[List[int]] = None  # GPU indices to use; null = all visible (CUDA_VISIBLE_DEVICES / nvidia-smi)
+    gpus_per_cell: int = 1  # GPUs per cell; cells never share a GPU
+    max_parallel: int = 1  # cells at a time on a machine without GPUs
+    timeout_min: int = 1440  # submitit's local controller kills a cell after this
+    poll_interval_s: float = 2.0  # how often finished cells are collected
+    stderr_to_stdout: bool = False
+    aggregate: bool = True  # run `marker-lab aggregate` on the sweep dir when all cells are done
+
+
+@dataclass
+class SlurmLauncherConfig:
+    """hydra/launcher=slurm: a submitit Slurm array, then a dependent (afterany) aggregation job."""
+
+    _target_: str = "hydra_plugins.marker_lab_launchers.SlurmArrayLauncher"
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's job files and logs
+    partition: Optional[str] = None  # sbatch --partition
+    account: Optional[str] = None  # sbatch --account
+    qos: Optional[str] = None  # sbatch --qos
+    gpus_per_node: Optional[int] = 1  # GPUs per cell
+    cpus_per_task: Optional[int] = 8  # CPUs per cell
+    mem_gb: Optional[int] = 64  # memory per cell
+    timeout_min: int = 120  # time limit per cell
+    array_parallelism: int = 64  # cells running at once (the %N of --array)
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH lines, verbatim
+    setup: Optional[List[str]] = None  # shell lines run before each cell (module load, venv activation)
+    tasks_per_node: int = 1
+    nodes: int = 1
+    name: str = "marker-lab"  # job name
+    stderr_to_stdout: bool = False
+    max_num_timeout: int = 0  # submitit requeues on timeout (0: never)
+    aggregate: bool = True  # submit `marker-lab aggregate` as a job depending on the array (afterany)
+    aggregate_time_min: int = 30  # its time limit
+    aggregate_mem_gb: int = 8  # its memory
+
+
+@dataclass
+class GridSweeperConfig:
+    """hydra/sweeper=grid: Hydra's basic sweeper over a union of grids (presets list them under `grids`)."""
+
+    _target_: str = "hydra_plugins.marker_lab_launchers.GridSweeper"
+    max_batch_size: Optional[int] = None  # cells handed to the launcher at once (null: all)
+    params: Optional[Dict[str, str]] = None  # one grid, as in the basic sweeper
+    grids: Optional[List[Dict[str, Any]]] = None  # several grids; their cells run once each
+
+
 def register_configs() -> None:
     """Register the schemas so conf/config.yaml can name `base_config` in its defaults list."""
     if not OmegaConf.has_resolver("default_cache_dir"):
         OmegaConf.register_new_resolver("default_cache_dir", default_cache_dir)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    cs.store(group="hydra/launcher", name="local_gpus", node=LocalGpusLauncherConfig, provider="marker_lab")
+    cs.store(group="hydra/launcher", name="slurm", node=SlurmLauncherConfig, provider="marker_lab")
+    cs.store(group="hydra/sweeper", name="grid", node=GridSweeperConfig, provider="marker_lab")

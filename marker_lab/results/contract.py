@@ -22,6 +22,7 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "run_result.json"
+STATUS_FILE = "cell_status.json"  # running / failed (with the error line) / complete: read by `marker-lab status`
 COMPLETIONS_FILE = "completions.jsonl.gz"
 
 # keys that say where things go, not what is computed: left out of the config hash
@@ -72,6 +73,18 @@ def load_result(path: Path) -> dict | None:
     if obj.get("schema_version") != SCHEMA_VERSION or obj.get("status") != "complete":
         return None
     return obj
+
+
+def write_cell_status(out_dir: Path, state: str, error: str | None = None) -> None:
+    """Record what this cell's process is doing; a result only counts if run_result.json is complete."""
+    import socket
+    import time
+
+    info = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if error:
+        info["error"] = " ".join(str(error).split())[:500]
+    write_json_atomic(Path(out_dir) / STATUS_FILE, info)
 
 
 def git_commit() -> str:

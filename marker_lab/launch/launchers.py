@@ -1,0 +1,211 @@
+"""Sweep launchers on top of hydra-submitit-launcher, and a sweeper for unions of grids.
+
+- `local_gpus`: one node. Cells run concurrently, each on its own GPU(s) through submitit's LocalExecutor
+  `visible_gpus`; a cell waits while no GPU is free (submitit's LocalExecutor alone starts every job at once on
+  the same GPUs). Without GPUs, `max_parallel` cells run at a time.
+- `slurm`: submitit's Slurm array, then a dependent (afterany) aggregation job submitted right after the array.
+
+Both first compose and validate every cell (a typo in one cell of 60 fails before anything is submitted),
+write the manifest, and skip cells whose complete result carries the same config hash. A cell that raises,
+runs out of memory or is killed is recorded as failed; the others finish; aggregation runs anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, List, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+def detect_gpus() -> list[int]:
+    """GPU indices this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return []
+    return [i for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_slots(gpus: list[int], gpus_per_cell: int) -> list[tuple[int, ...]]:
+    """Disjoint groups of GPUs, one per concurrently running cell: never two cells on one GPU."""
+    return [tuple(gpus[i:i + gpus_per_cell]) for i in range(0, len(gpus) - gpus_per_cell + 1, gpus_per_cell)]
+
+
+def skipped_return(plan: CellPlan, sweep_dir: Path) -> JobReturn:
+    ret = JobReturn()
+    ret.overrides = plan.overrides
+    ret.working_dir = str(sweep_dir / plan.subdir)
+    ret.status = JobStatus.COMPLETED
+    ret.return_value = plan.config_hash
+    return ret
+
+
+def failed_return(plan: CellPlan, sweep_dir: Path, error: BaseException) -> JobReturn:
+    from marker_lab.results import contract
+
+    contract.write_cell_status(sweep_dir / plan.subdir, "failed", error=f"{type(error).__name__}: {error}")
+    ret = JobReturn()
+    ret.overrides = plan.overrides
+    ret.working_dir = str(sweep_dir / plan.subdir)
+    ret.status = JobStatus.FAILED
+    ret.return_value = error
+    return ret
+
+
+def run_aggregation(sweep_dir: Path) -> None:
+    """Aggregation as its own process, so a crash there cannot take the sweep's results with it."""
+    cmd = [sys.executable, "-m", "marker_lab.cli", "aggregate", str(sweep_dir)]
+    log.info("aggregation: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (sweep_dir / "aggregate.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        log.error("aggregation failed (see %s)", sweep_dir / "aggregate.log")
+
+
+class _PlannedLauncher(BaseSubmititLauncher):
+    """Shared steps: plan (validate, manifest, skip), then the subclass runs what is left."""
+
+    def _plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[CellPlan]]:
+        assert self.config is not None and self.hydra_context is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            plans = plan_cells(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
+        except SweepConfigError as e:
+            print(f"marker-lab: config error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        write_manifest(sweep_dir, plans, self._EXECUTOR)
+        todo = [p for p in plans if not p.complete]
+        log.info("sweep %s: %d cells, %d already complete, %d to run", sweep_dir, len(plans), len(plans) - len(todo),
+                 len(todo))
+        return sweep_dir, plans
+
+    def _job_args(self, plan: CellPlan) -> tuple:
+        return (plan.overrides, "hydra.sweep.dir", plan.index, f"job_id_for_{plan.index}", Singleton.get_state())
+
+    def _executor_params(self, exclude: set[str]) -> dict[str, Any]:
+        return {k: v for k, v in self.params.items() if k not in exclude}
+
+
+class LocalGpusLauncher(_PlannedLauncher):
+    _EXECUTOR = "local"
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        sweep_dir, plans = self._plan(job_overrides, initial_job_idx)
+        p = self.params
+        gpus = list(p["gpus"]) if p.get("gpus") is not None else detect_gpus()
+        slots = gpu_slots(gpus, p["gpus_per_cell"]) if gpus else [()] * max(1, p["max_parallel"])
+        if gpus and not slots:
+            raise ValueError(f"hydra.launcher.gpus_per_cell={p['gpus_per_cell']} but only GPUs {gpus} are visible")
+        log.info("local_gpus: %s", f"GPU slots {slots}" if gpus else f"{len(slots)} CPU cell(s) at a time")
+        returns: dict[int, JobReturn] = {pl.index: skipped_return(pl, sweep_dir) for pl in plans if pl.complete}
+        pending = [pl for pl in plans if not pl.complete]
+        free = list(slots)
+        running: list[tuple[Any, CellPlan, tuple[int, ...]]] = []
+        while pending or running:
+            while pending and free:
+                plan, slot = pending.pop(0), free.pop(0)
+                executor = submitit.LocalExecutor(folder=str(sweep_dir / ".submitit" / str(plan.index)))
+                executor.update_parameters(timeout_min=p["timeout_min"], gpus_per_node=len(slot),
+                                           visible_gpus=slot, stderr_to_stdout=p["stderr_to_stdout"])
+                job = executor.submit(self, *self._job_args(plan))
+                log.info("\t#%d on %s: %s (pid %s)", plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
+                         " ".join(filter_overrides(plan.overrides)), job.job_id)
+                running.append((job, plan, slot))
+            time.sleep(p["poll_interval_s"])
+            for item in [r for r in running if r[0].done()]:
+                job, plan, slot = item
+                running.remove(item)
+                free.append(slot)
+                try:
+                    returns[plan.index] = job.results()[0]
+                except Exception as e:  # killed, out of memory, timed out: the cell failed, the sweep goes on
+                    log.error("cell #%d failed: %s", plan.index, " ".join(str(e).split())[:300])
+                    returns[plan.index] = failed_return(plan, sweep_dir, e)
+        if p["aggregate"]:
+            run_aggregation(sweep_dir)
+        return [returns[pl.index] for pl in plans]
+
+
+class SlurmArrayLauncher(_PlannedLauncher):
+    _EXECUTOR = "slurm"
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        sweep_dir, plans = self._plan(job_overrides, initial_job_idx)
+        returns: dict[int, JobReturn] = {pl.index: skipped_return(pl, sweep_dir) for pl in plans if pl.complete}
+        todo = [pl for pl in plans if not pl.complete]
+        ours = {"aggregate", "aggregate_time_min", "aggregate_mem_gb", "submitit_folder"}
+        params = self._executor_params(ours)
+        executor = submitit.AutoExecutor(folder=self.params["submitit_folder"], cluster="slurm")
+        executor.update_parameters(**{("slurm_" + k if k not in _BASE_KEYS else k): v for k, v in params.items()
+                                      if k != "max_num_timeout"})
+        jobs = executor.map_array(self, *zip(*[self._job_args(pl) for pl in todo])) if todo else []
+        array_id = jobs[0].job_id.split("_")[0] if jobs else None
+        if jobs:
+            log.info("slurm: array %s with %d cells", array_id, len(jobs))
+        if self.params["aggregate"]:
+            agg = submitit.AutoExecutor(folder=str(sweep_dir / ".submitit" / "aggregate"), cluster="slurm")
+            agg_params = {"timeout_min": self.params["aggregate_time_min"], "mem_gb": self.params["aggregate_mem_gb"],
+                          "slurm_partition": self.params.get("partition"), "name": "marker-lab-aggregate",
+                          "slurm_setup": self.params.get("setup")}
+            if array_id:
+                agg_params["slurm_dependency"] = f"afterany:{array_id}"
+            agg.update_parameters(**{k: v for k, v in agg_params.items() if v is not None})
+            agg_job = agg.submit(_aggregate_job, str(sweep_dir))
+            log.info("slurm: aggregation job %s (afterany:%s)", agg_job.job_id, array_id)
+        for job, plan in zip(jobs, todo):
+            try:
+                returns[plan.index] = job.results()[0]
+            except Exception as e:  # OOM kill, timeout, preemption: recorded; the rest of the array goes on
+                log.error("cell #%d (%s) failed: %s", plan.index, job.job_id, " ".join(str(e).split())[:300])
+                returns[plan.index] = failed_return(plan, sweep_dir, e)
+        return [returns[pl.index] for pl in plans]
+
+
+_BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
+              "stderr_to_stdout"}
+
+
+def _aggregate_job(sweep_dir: str) -> str:
+    from marker_lab.results.aggregate import aggregate
+
+    return str(aggregate(Path(sweep_dir)))
+
+
+def union_of_grids(grids: List[dict], cli_arguments: List[str], params: dict) -> List[List[str]]:
+    """Cells of several grids, deduplicated, in order. A key swept on the command line replaces that key in
+    every grid; keys only on the command line apply to all."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parser = OverridesParser.create()
+    cli = parser.parse_overrides(cli_arguments)
+    cli_keys = {o.get_key_element() for o in cli}
+    cells, seen = [], set()
+    for grid in grids or [{}]:
+        conf = [f"{k}={v}" for k, v in {**params, **grid}.items() if k not in cli_keys]
+        for cell in BasicSweeper.split_arguments(parser.parse_overrides(conf) + cli, None)[0]:
+            key = tuple(sorted(cell))
+            if key not in seen:
+                seen.add(key)
+                cells.append(cell)
+    return cells
