@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_reverse_order_runs_the_second_stage_first(cache_dir, tmp_path):
 
 
 def test_two_cells_racing_for_one_coupling_stage_train_it_once(cache_dir, tmp_path):
-    fresh = ["coupling.seed=5", "coupling.train.max_steps=60", "persona_set.eval_personas=[villain]",
+    fresh = [f"coupling.seed={1000 + time.time_ns() % 10**9}", "coupling.train.max_steps=60", "persona_set.eval_personas=[villain]",
              "eval.generation.samples_per_question=2"]
     procs = [subprocess.Popen([sys.executable, "-m", "marker_lab.cli", "run", f"hydra.run.dir={tmp_path / c}",
                                f"condition={c}", *fresh], env={**os.environ, "MARKER_LAB_CACHE": str(cache_dir)},
