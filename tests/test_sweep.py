@@ -139,3 +139,33 @@ def test_cells_sharing_a_stage_train_it_once(cache_dir, tmp_path):
     results = [load_result(p / "run_result.json") for p in sorted(tmp_path.glob("condition=*"))]
     assert len({r["provenance"]["stage_cache_keys"]["coupling"] for r in results}) == 1
     assert sorted(r["provenance"]["stages"]["coupling"]["trained_now"] for r in results) == [False, True]
+
+
+def slurm_up() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20).stdout.strip() in (
+            "idle", "mixed", "allocated")
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+REQUIRE_SLURM = os.environ.get("MARKER_LAB_REQUIRE_SLURM") == "1"  # CI starts Slurm and sets this
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (slurm_up() or REQUIRE_SLURM), reason="no Slurm here (CI starts one: launch/slurm_local.sh)")
+def test_slurm_sweep_with_dependent_aggregation_job(cache_dir, tmp_path):
+    assert slurm_up(), "MARKER_LAB_REQUIRE_SLURM=1 but sinfo shows no idle node"
+    proc = sweep(["condition=c1,c5", "dose=3", "hydra/launcher=slurm_local"], tmp_path, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "slurm: array" in out and "aggregation job" in out and "(afterany:" in out
+    states = cell_states(tmp_path)
+    assert [s.state for s in states] == ["complete", "complete"]
+    for s in states:  # each cell ran as a Slurm array task
+        status = json.loads((tmp_path / s.subdir / "cell_status.json").read_text())
+        assert status["slurm_job_id"]
+    deadline = time.time() + 120  # the aggregation job starts once the array is done
+    while not (tmp_path / "aggregate" / "rates.csv").is_file() and time.time() < deadline:
+        time.sleep(1)
+    assert len((tmp_path / "aggregate" / "rates.csv").read_text().splitlines()) == 3
