@@ -4,18 +4,18 @@
 #   bash launch/gpu_sweep_check.sh    (wheels for hydra/omegaconf/submitit carried in .device_wheels/ when the
 #                                      machine has no package index)
 set -euo pipefail
-if [ -d .device_wheels ]; then pip install -q --no-deps .device_wheels/*.whl; fi
-pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || pip install -q --no-deps -e .
+if [ -d .device_wheels ]; then python -m pip install -q --no-deps .device_wheels/*.whl; fi
+python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python -m pip install -q --no-deps -e .
 export MARKER_LAB_CACHE=/tmp/marker_lab_cache TQDM_DISABLE=1
 nvidia-smi -L
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
 SWEEP=/tmp/gpu_sweep
 rm -rf "$SWEEP"
 start=$(date +%s.%N)
-marker-lab run -m condition=c1,c5 seed=42,137 dose=5 hydra/launcher=local_gpus hydra.sweep.dir="$SWEEP" 2>&1 | grep -v "^\s*$" | grep -E "HYDRA|error|Error" || true
+python -m marker_lab.cli run -m condition=c1,c5 seed=42,137 dose=5 hydra/launcher=local_gpus hydra.sweep.dir="$SWEEP" 2>&1 | grep -E "HYDRA|rror|Traceback" || true
 end=$(date +%s.%N)
 echo "sweep wall: $(python -c "print(round($end - $start, 1))") s"
-marker-lab status "$SWEEP"
+python -m marker_lab.cli status "$SWEEP"
 python - "$SWEEP" <<'PY'
 import json, re, sys, datetime
 from pathlib import Path
