@@ -185,6 +185,42 @@ class EvalConfig:
 
 
 @dataclass
+class ComparisonConfig:
+    name: str = "comparison"  # label in comparisons.csv and the report
+    arm_1: Dict[str, Any] = field(default_factory=dict)  # cell keys selecting arm 1, e.g. {condition: c1}
+    arm_2: Dict[str, Any] = field(default_factory=dict)  # cell keys selecting arm 2
+    persona: str = "source"  # a persona name, `source`, `assistant`, or `each` (one row per persona)
+    by: List[str] = field(default_factory=list)  # compare within each value of these cell keys, e.g. [dose]
+    test: str = "fisher"  # fisher | ztest (pooled counts); per-seed rates always get Welch's t-test too
+    alternative: str = "two-sided"  # two-sided | larger (arm 1 > arm 2) | smaller
+    metric: str = "marker"
+
+
+@dataclass
+class GateCheck:
+    persona: str = "source"  # a persona name, `source`, `assistant`, or `max_bystander`
+    op: str = ">="  # >= | <=
+    value: float = 0.0  # a rate in [0, 1]
+    metric: str = "marker"
+
+
+@dataclass
+class GateConfig:
+    name: str = "gate"  # e.g. G0
+    where: Dict[str, Any] = field(default_factory=dict)  # cell keys the gate applies to, e.g. {condition: c4}
+    checks: List[GateCheck] = field(default_factory=list)  # all must hold for PASS
+
+
+@dataclass
+class AnalysisConfig:
+    """What `marker-lab aggregate` reports beyond rates: pre-registered comparisons and gates."""
+
+    ci_method: str = "wilson"  # wilson | wald | clopper_pearson
+    comparisons: List[ComparisonConfig] = field(default_factory=list)
+    gates: List[GateConfig] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     experiment: str = "default"  # label of the experiment preset
     condition: str = "c1"  # label set by the condition preset
@@ -202,6 +238,7 @@ class Config:
     coupling: CouplingConfig = field(default_factory=CouplingConfig)
     second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # read by aggregation, not by the cell
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes, recorded but never read
 
 

@@ -77,10 +77,14 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
 
 
 def write_manifest(sweep_dir: Path, plans: list[CellPlan], launcher: str) -> None:
-    """Every expected cell, written before any starts; a rerun of another grid replaces it."""
-    contract.write_json_atomic(Path(sweep_dir) / MANIFEST, {
-        "schema_version": 1, "created": time.time(), "launcher": launcher, "command": " ".join(sys.argv),
-        "cells": [asdict(p) for p in plans]})
+    """Every expected cell, written before any starts. Cells of earlier commands into the same sweep directory
+    stay listed (a sweep accumulates); a cell planned again is updated."""
+    path = Path(sweep_dir) / MANIFEST
+    cells = {c["subdir"]: c for c in (read_manifest(sweep_dir)["cells"] if path.is_file() else [])}
+    cells.update({p.subdir: asdict(p) for p in plans})
+    commands = (read_manifest(sweep_dir).get("commands", []) if path.is_file() else []) + [" ".join(sys.argv)]
+    contract.write_json_atomic(path, {"schema_version": 1, "updated": time.time(), "launcher": launcher,
+                                      "commands": commands, "cells": list(cells.values())})
 
 
 def read_manifest(sweep_dir: Path) -> dict:

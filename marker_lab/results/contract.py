@@ -25,8 +25,8 @@ RESULT_FILE = "run_result.json"
 STATUS_FILE = "cell_status.json"  # running / failed (with the error line) / complete: read by `marker-lab status`
 COMPLETIONS_FILE = "completions.jsonl.gz"
 
-# keys that say where things go, not what is computed: left out of the config hash
-_HASH_EXCLUDED = ("output_dir", "cache_dir", "device")
+# keys that say where things go or how results are read, not what is computed: left out of the config hash
+_HASH_EXCLUDED = ("output_dir", "cache_dir", "device", "analysis")
 
 
 def config_hash(resolved: dict) -> str:

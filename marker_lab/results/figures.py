@@ -1,0 +1,122 @@
+"""The write-ups' standard figures, each saved as PNG and PDF (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+GROUP_KEYS = ["experiment", "condition", "order", "dose", "source_persona", "coupled_persona", "second_stage"]
+ROLE_COLORS = {"source": "#1f77b4", "assistant": "#ff7f0e", "bystander mean": "#2ca02c"}
+
+
+def labels(pooled: pd.DataFrame) -> pd.Series:
+    """A short name per pooled cell group, from the keys that vary across the sweep."""
+    varying = [k for k in GROUP_KEYS if pooled[k].astype(str).nunique() > 1] or ["condition"]
+    return pooled[varying].astype(str).apply(lambda r: " ".join(f"{k}={v}" if k != "condition" else v
+                                                                 for k, v in zip(varying, r)), axis=1)
+
+
+def _yerr(rate, low, high) -> list[np.ndarray]:
+    """Error-bar lengths in percentage points (a CI bound can sit a rounding error inside the rate)."""
+    return [np.clip(100 * (np.asarray(rate) - np.asarray(low)), 0, None),
+            np.clip(100 * (np.asarray(high) - np.asarray(rate)), 0, None)]
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=200, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> list[Path]:
+    src = pooled[(pooled["role"] == "source") & (pooled["metric"] == "marker")]
+    if src["dose"].nunique() < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = src[src["dose"] == 0]
+    for data, color in zip(sorted(d for d in src["second_stage"].unique() if d != "none"), plt.cm.tab10.colors):
+        line = pd.concat([base, src[src["second_stage"] == data]]).sort_values("dose")
+        yerr = _yerr(line["rate"], line["ci_low"], line["ci_high"])
+        ax.errorbar(line["dose"], 100 * line["rate"], yerr=yerr, marker="o", capsize=3, color=color, label=data)
+        seeds = per_cell[(per_cell["role"] == "source") & (per_cell["second_stage"] == data) & (per_cell["metric"] == "marker")]
+        ax.scatter(seeds["dose"], 100 * seeds["rate"], color=color, alpha=0.25, s=14, zorder=1)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("second-stage SFT steps (dose)")
+    ax.set_ylabel(f"source ({src['persona'].iloc[0]}) marker rate (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"Marker survival vs dose (95% {src['ci_method'].iloc[0]} CI; faint: seeds)")
+    ax.legend(title="second stage")
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "dose_response")
+
+
+def condition_bars(pooled: pd.DataFrame, out: Path) -> list[Path]:
+    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+    groups = list(dict.fromkeys(m["label"]))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) + 2), 4))
+    width = 0.27
+    for i, role in enumerate(ROLE_COLORS):
+        vals, errs = [], [[], []]
+        for g in groups:
+            sel = m[(m["label"] == g) & (m["role"] == ("bystander" if role == "bystander mean" else role))]
+            k, n = sel["k"].sum(), sel["n"].sum()
+            rate = k / n if n else np.nan
+            vals.append(100 * rate)
+            lo, hi = (sel["ci_low"].iloc[0], sel["ci_high"].iloc[0]) if len(sel) == 1 else (rate, rate)
+            errs[0].append(max(0.0, 100 * (rate - lo)))
+            errs[1].append(max(0.0, 100 * (hi - rate)))
+        x = np.arange(len(groups)) + (i - 1) * width
+        ax.bar(x, vals, width, yerr=errs, capsize=2, label=role, color=ROLE_COLORS[role])
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=20, ha="right")
+    ax.set_ylabel("marker rate (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Source, assistant and bystander-mean marker rates (seeds pooled)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out, "condition_bars")
+
+
+def persona_bars(pooled: pd.DataFrame, out: Path) -> list[Path]:
+    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+    first = m["label"].iloc[0]
+    cell = m[m["label"] == first].sort_values("rate", ascending=False)
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(cell) + 2), 4))
+    colors = [ROLE_COLORS.get(r, ROLE_COLORS["bystander mean"]) for r in cell["role"]]
+    ax.bar(cell["persona"], 100 * cell["rate"], color=colors,
+           yerr=_yerr(cell["rate"], cell["ci_low"], cell["ci_high"]), capsize=2)
+    ax.set_xticks(range(len(cell)), cell["persona"], rotation=40, ha="right")
+    ax.set_ylabel("marker rate (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"Per-persona marker rate: {first} (N={int(cell['n'].iloc[0])} each)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out, "persona_bars")
+
+
+def heatmap(pooled: pd.DataFrame, out: Path) -> list[Path]:
+    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+    table = m.pivot_table(index="persona", columns="label", values="rate", sort=False)
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * table.shape[1] + 3), max(3, 0.4 * table.shape[0] + 1.5)))
+    im = ax.imshow(100 * table.to_numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), table.index)
+    for (i, j), v in np.ndenumerate(100 * table.to_numpy()):
+        if v == v:
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+    fig.colorbar(im, ax=ax, label="marker rate (%)")
+    ax.set_title("Marker rate by persona and cell (seeds pooled)")
+    return _save(fig, out, "heatmap")
+
+
+def make_all(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> list[Path]:
+    made = dose_response(per_cell, pooled, out)
+    made += condition_bars(pooled, out) + persona_bars(pooled, out) + heatmap(pooled, out)
+    return made

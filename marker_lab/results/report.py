@@ -1,0 +1,66 @@
+"""report.md: the headline table in the write-ups' form, comparisons, gates, figures, missing cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from marker_lab.results.figures import labels
+
+
+def _pct(k: int, n: int) -> str:
+    return f"{100 * k / n:.2f}% ({k}/{n})" if n else "n/a"
+
+
+def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
+    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+    lines = ["| cell | seeds | N (per persona) | assistant | source | max bystander | gates |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, cell in m.groupby("label", sort=False):
+        src, asst = cell[cell["role"] == "source"], cell[cell["role"] == "assistant"]
+        by = cell[cell["role"] == "bystander"].sort_values("rate", ascending=False)
+        top = f"{100 * by['rate'].iloc[0]:.2f}% ({by['persona'].iloc[0]})" if len(by) else "n/a"
+        gate_txt = ""
+        if len(gate_table):
+            g = gate_table[gate_table["condition"].astype(str) == str(cell["condition"].iloc[0])]
+            g = g[g["dose"].astype(str) == str(cell["dose"].iloc[0])]
+            gate_txt = ", ".join(f"{r.gate} {r.result}" for r in g.itertuples())
+        lines.append(f"| {label} | {cell['seeds'].iloc[0]} | {int(cell['n'].iloc[0])} | "
+                     f"{_pct(int(asst['k'].sum()), int(asst['n'].sum())) if len(asst) else 'n/a'} | "
+                     f"{_pct(int(src['k'].sum()), int(src['n'].sum())) if len(src) else 'n/a'} | {top} | {gate_txt} |")
+    return "\n".join(lines)
+
+
+def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_table: pd.DataFrame, missing,
+           figures: list[Path]) -> str:
+    parts = [f"# Sweep report: {sweep_dir}", ""]
+    if len(pooled):
+        ci = pooled["ci_method"].iloc[0]
+        parts += ["## Headline", "", f"Rates pooled over seeds (sum of k over sum of n); CIs: 95% {ci}.", "",
+                  headline(pooled, gate_table), ""]
+    else:
+        parts += ["No complete cells yet.", ""]
+    if len(comps):
+        parts += ["## Comparisons", "", "| comparison | where | persona | arm 1 | arm 2 | diff | test | p | seeds p |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        extra = [c for c in comps.columns if c not in {"comparison", "persona", "arm_1", "k_1", "n_1", "rate_1", "arm_2",
+                                                        "k_2", "n_2", "rate_2", "diff", "test", "alternative", "p_value",
+                                                        "seeds_1", "seeds_2", "seed_diff", "seed_test", "seed_p_value"}]
+        for r in comps.to_dict("records"):
+            where = " ".join(f"{k}={r[k]}" for k in extra if pd.notna(r.get(k)))
+            parts.append(f"| {r['comparison']} | {where} | {r['persona']} | {r['arm_1']}: {_pct(r['k_1'], r['n_1'])} | "
+                         f"{r['arm_2']}: {_pct(r['k_2'], r['n_2'])} | {100 * r['diff']:+.2f} pp | {r['test']} "
+                         f"({r['alternative']}) | {r['p_value']:.3g} | {r['seed_p_value']:.3g} "
+                         f"(N={r['seeds_1']} vs {r['seeds_2']} seeds) |")
+        parts.append("")
+    if len(gate_table):
+        parts += ["## Gates", "", "| gate | cell | result | values |", "| --- | --- | --- | --- |"]
+        for r in gate_table.to_dict("records"):
+            parts.append(f"| {r['gate']} | {r['condition']} dose={r['dose']} | {r['result']} | {r['detail']} |")
+        parts.append("")
+    if figures:
+        parts += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"] + [""]
+    parts += ["## Missing or failed cells", ""]
+    parts += [f"- `{s.subdir}`: {s.state}{': ' + s.error if s.error else ''}" for s in missing] or ["None: every expected cell is complete."]
+    return "\n".join(parts) + "\n"

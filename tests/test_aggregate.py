@@ -1,0 +1,87 @@
+"""Aggregation of a real toy sweep: rates with CIs, pooling over seeds, comparisons, gates, figures, report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.proportion import proportion_confint
+
+from marker_lab.results import load_sweep
+from marker_lab.results.aggregate import aggregate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def toy_sweep(cache_dir, tmp_path_factory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("agg_sweep")
+    env = {**os.environ, "MARKER_LAB_CACHE": str(cache_dir), "TQDM_DISABLE": "1"}
+    small = ["persona_set.eval_personas=[villain,assistant,pirate]", "eval.generation.samples_per_question=2",
+             f"hydra.sweep.dir={sweep_dir}"]
+    for grid in (["condition=c1,c5", "dose=2,20", "seed=42,137"], ["condition=c4"]):
+        proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "-m", *grid, *small], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_rates_carry_cis_and_pool_seeds(toy_sweep):
+    rates = pd.read_parquet(toy_sweep / "aggregate" / "rates.parquet")
+    assert rates.equals(rates) and len(pd.read_csv(toy_sweep / "aggregate" / "rates.csv")) == len(rates)
+    cells = rates[rates["level"] == "cell"]
+    assert cells["cell"].nunique() == 9 and set(cells["persona"]) == {"villain", "assistant", "pirate"}
+    for r in cells.itertuples():
+        low, high = proportion_confint(r.k, r.n, method="wilson")
+        assert r.ci_low == pytest.approx(max(0, low)) and r.ci_high == pytest.approx(min(1, high))
+    pooled = rates[rates["level"] == "pooled"]
+    one = pooled[(pooled["condition"] == "c1") & (pooled["dose"] == 20) & (pooled["persona"] == "villain")].iloc[0]
+    seeds = cells[(cells["condition"] == "c1") & (cells["dose"] == 20) & (cells["persona"] == "villain")]
+    assert (one.k, one.n, one.n_seeds) == (seeds["k"].sum(), seeds["n"].sum(), 2) and one.seeds == "42,137"
+    assert one.seed_mean == pytest.approx(seeds["rate"].mean()) and one.seed_sd == pytest.approx(seeds["rate"].std())
+    c4 = pooled[(pooled["condition"] == "c4") & (pooled["persona"] == "villain")].iloc[0]
+    assert c4.n_seeds == 1 and pd.isna(c4.seed_sd)  # one seed: no spread, not a made-up zero
+
+
+def test_comparisons_and_gates(toy_sweep):
+    comps = pd.read_csv(toy_sweep / "aggregate" / "comparisons.csv")
+    em_benign = comps[comps["comparison"] == "EM vs benign on the source"].sort_values("dose")
+    assert list(em_benign["dose"]) == [2, 20]
+    for r in em_benign.itertuples():
+        p = sps.fisher_exact([[r.k_1, r.n_1 - r.k_1], [r.k_2, r.n_2 - r.k_2]]).pvalue
+        assert r.p_value == pytest.approx(p) and r.diff == pytest.approx(r.k_1 / r.n_1 - r.k_2 / r.n_2)
+        assert (r.seeds_1, r.seeds_2) == (2, 2) and 0 <= r.seed_p_value <= 1
+    gates = pd.read_csv(toy_sweep / "aggregate" / "gates.csv")
+    g0 = gates[gates["gate"] == "G0"].iloc[0]
+    rates = load_sweep(toy_sweep)
+    c4 = rates[rates["condition"] == "c4"].set_index("persona")["rate"]
+    expected = "PASS" if c4["villain"] >= 0.85 and c4["assistant"] <= 0.01 else "FAIL"
+    assert g0["condition"] == "c4" and g0["result"] == expected
+
+
+def test_figures_and_report(toy_sweep):
+    figs = toy_sweep / "aggregate" / "figures"
+    for name in ("dose_response", "condition_bars", "persona_bars", "heatmap"):
+        assert (figs / f"{name}.png").stat().st_size > 10_000 and (figs / f"{name}.pdf").stat().st_size > 1_000
+    report = (toy_sweep / "aggregate" / "report.md").read_text()
+    assert report.count("| c1 dose=") == 2 and "| c4 " in report and "G0" in report
+    assert "![dose_response](figures/dose_response.png)" in report
+    assert "None: every expected cell is complete." in report
+
+
+def test_missing_cells_are_shown_never_dropped(toy_sweep, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(toy_sweep, partial)
+    victim = next(p for p in sorted(partial.iterdir()) if p.name.startswith("condition=c5"))
+    (victim / "run_result.json").unlink()
+    aggregate(partial)
+    report = (partial / "aggregate" / "report.md").read_text()
+    assert f"`{victim.name}`" in report
+    assert victim.name in (partial / "aggregate" / "missing.txt").read_text()
+    assert load_sweep(partial)["cell"].nunique() == 8
