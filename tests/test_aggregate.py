@@ -85,3 +85,17 @@ def test_missing_cells_are_shown_never_dropped(toy_sweep, tmp_path):
     assert f"`{victim.name}`" in report
     assert victim.name in (partial / "aggregate" / "missing.txt").read_text()
     assert load_sweep(partial)["cell"].nunique() == 8
+
+
+def test_browse_notebook_runs_on_a_toy_sweep(toy_sweep, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = Path(__file__).resolve().parent.parent / "notebooks" / "browse_results.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    monkeypatch.setenv("MARKER_LAB_SWEEP", str(toy_sweep))
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs) + "".join(str(o.get("data", {})) for o in outputs)
+    assert "9 complete cells" in text and "image/png" in text and "EM vs benign on the source" in text
