@@ -31,6 +31,15 @@ def rate_ci(k: int, n: int, method: str = "wilson", alpha: float = 0.05) -> tupl
     return float(max(0.0, low)), float(min(1.0, high))
 
 
+def rate_ci_arrays(k, n, method: str = "wilson", alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """rate_ci over arrays of counts at once (statsmodels is vectorised)."""
+    if method not in CI_METHODS:
+        raise ValueError(f"method must be one of {list(CI_METHODS)}, got {method!r}")
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    low, high = proportion_confint(k, n, alpha=alpha, method=CI_METHODS[method])
+    return np.clip(np.asarray(low, float), 0, 1), np.clip(np.asarray(high, float), 0, 1)
+
+
 @dataclass(frozen=True)
 class Comparison:
     rate_1: float

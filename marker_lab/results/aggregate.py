@@ -63,8 +63,10 @@ def analysis_config(sweep_dir: Path) -> dict:
 
 
 def with_ci(df: pd.DataFrame, method: str) -> pd.DataFrame:
-    ci = [stats.rate_ci(int(k), int(n), method) for k, n in zip(df["k"], df["n"])]
-    return df.assign(ci_low=[c[0] for c in ci], ci_high=[c[1] for c in ci], ci_method=method)
+    if df.empty:
+        return df.assign(ci_low=[], ci_high=[], ci_method=[])
+    low, high = stats.rate_ci_arrays(df["k"], df["n"], method)
+    return df.assign(ci_low=low, ci_high=high, ci_method=method)
 
 
 def pooled_rates(df: pd.DataFrame) -> pd.DataFrame:
