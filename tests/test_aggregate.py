@@ -99,3 +99,13 @@ def test_browse_notebook_runs_on_a_toy_sweep(toy_sweep, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs) + "".join(str(o.get("data", {})) for o in outputs)
     assert "9 complete cells" in text and "image/png" in text and "EM vs benign on the source" in text
+
+
+def test_any_set_of_result_files_aggregates_without_a_manifest(toy_sweep, tmp_path):
+    loose = tmp_path / "runs"
+    for i, result in enumerate(sorted(toy_sweep.glob("*/run_result.json"))[:3]):
+        (loose / f"run{i}").mkdir(parents=True)
+        shutil.copy(result, loose / f"run{i}" / "run_result.json")
+    out = aggregate(loose)
+    assert load_sweep(loose)["cell"].nunique() == 3
+    assert "None: every expected cell is complete." in (out / "report.md").read_text()

@@ -88,7 +88,19 @@ def write_manifest(sweep_dir: Path, plans: list[CellPlan], launcher: str) -> Non
 
 
 def read_manifest(sweep_dir: Path) -> dict:
-    path = Path(sweep_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {sweep_dir}: not a marker-lab sweep directory")
-    return json.loads(path.read_text())
+    """The sweep's manifest; a directory without one (e.g. outputs/runs/) lists the results found under it."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / MANIFEST
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"not a directory: {sweep_dir}")
+    cells = []
+    for result_path in sorted(sweep_dir.rglob(contract.RESULT_FILE)):
+        result = contract.load_result(result_path)
+        if result is not None:
+            cells.append({"index": len(cells), "overrides": [], "subdir": str(result_path.parent.relative_to(sweep_dir)),
+                          "config_hash": result["provenance"]["config_hash"], "complete": True})
+    if not cells:
+        raise FileNotFoundError(f"no {MANIFEST} and no complete {contract.RESULT_FILE} under {sweep_dir}")
+    return {"schema_version": 1, "cells": cells, "found_without_manifest": True}

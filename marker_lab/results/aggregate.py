@@ -155,9 +155,9 @@ def aggregate(sweep_dir: str | Path) -> Path:
     from marker_lab.results import figures, report
 
     sweep_dir = Path(sweep_dir)
+    analysis = analysis_config(sweep_dir)  # raises first when the directory holds no sweep or results
     out = sweep_dir / "aggregate"
     out.mkdir(exist_ok=True)
-    analysis = analysis_config(sweep_dir)
     method = analysis.get("ci_method", "wilson")
     per_cell = with_ci(load_sweep(sweep_dir), method)
     pooled = with_ci(pooled_rates(per_cell), method) if len(per_cell) else per_cell
