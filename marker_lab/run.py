@@ -29,7 +29,6 @@ from marker_lab.results import contract
 from marker_lab.stages.cache import StageCache
 from marker_lab.stages.coupling import run_coupling
 from marker_lab.stages.second_stage import run_second_stage
-from marker_lab.stages.sft import resolve_steps
 
 log = logging.getLogger("marker_lab")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -49,9 +48,8 @@ def cell_keys(cfg: Config) -> dict:
     """What identifies this cell in tables: the write-ups' condition, seed, dose, ..."""
     dose = 0
     if second_stage_enabled(cfg):
-        dose = cfg.dose if cfg.dose is not None else resolve_steps(cfg.second_stage.train, n_examples=10**9)
-        if cfg.dose is None and cfg.second_stage.train.max_steps is None:
-            dose = None  # epoch-based: known once the data is loaded; filled in run_cell
+        # epoch-based recipes leave it None here: it is known once the data is loaded (filled in run_cell)
+        dose = cfg.dose if cfg.dose is not None else cfg.second_stage.train.max_steps
     return {"experiment": cfg.experiment, "condition": cfg.condition, "order": cfg.order, "seed": cfg.seed,
             "dose": dose, "source_persona": cfg.source_persona,
             "coupled_persona": cfg.coupling.persona if coupling_enabled(cfg) else None,

@@ -100,8 +100,6 @@ def validate(cfg: Config) -> None:
         if ds.path is not None and not resolve_path(ds.path).is_file():
             raise ConfigError(f"second_stage.datasets.{s.data}.path: file not found: {ds.path}")
         _check_train("second_stage.train", s.train)
-    if not coupling_enabled(cfg) and not second_stage_enabled(cfg):
-        pass  # a raw-model eval is a legitimate cell (a baseline)
 
 
 def _check_train(key: str, t) -> None:

@@ -44,7 +44,7 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
     """Compose and validate every cell (no model is loaded) and find the ones already complete."""
     from hydra.core.hydra_config import HydraConfig
 
-    from marker_lab.config.validate import ConfigError, validate
+    from marker_lab.config.validate import validate
 
     plans, errors = [], []
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -61,7 +61,7 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
             try:
                 validate(OmegaConf.to_object(task_cfg))
                 resolved = OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
-            except (ConfigError, Exception) as e:  # noqa: B014 (composition errors are not ConfigErrors)
+            except Exception as e:  # ConfigError, or a composition error from omegaconf
                 errors.append(f"cell {' '.join(overrides)}: {' '.join(str(e).split())}")
                 continue
             plan = CellPlan(initial_index + i, list(overrides), subdir, contract.config_hash(resolved))

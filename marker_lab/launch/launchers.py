@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -189,23 +189,3 @@ def _aggregate_job(sweep_dir: str) -> str:
     from marker_lab.results.aggregate import aggregate
 
     return str(aggregate(Path(sweep_dir)))
-
-
-def union_of_grids(grids: List[dict], cli_arguments: List[str], params: dict) -> List[List[str]]:
-    """Cells of several grids, deduplicated, in order. A key swept on the command line replaces that key in
-    every grid; keys only on the command line apply to all."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    parser = OverridesParser.create()
-    cli = parser.parse_overrides(cli_arguments)
-    cli_keys = {o.get_key_element() for o in cli}
-    cells, seen = [], set()
-    for grid in grids or [{}]:
-        conf = [f"{k}={v}" for k, v in {**params, **grid}.items() if k not in cli_keys]
-        for cell in BasicSweeper.split_arguments(parser.parse_overrides(conf) + cli, None)[0]:
-            key = tuple(sorted(cell))
-            if key not in seen:
-                seen.add(key)
-                cells.append(cell)
-    return cells

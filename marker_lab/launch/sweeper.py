@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from omegaconf import OmegaConf
 
-from marker_lab.launch.launchers import union_of_grids
 
 
 class GridSweeper(BasicSweeper):
@@ -38,3 +37,22 @@ class GridSweeper(BasicSweeper):
             initial_job_idx += len(batch)
             returns.append(results)
         return returns
+
+
+def union_of_grids(grids: List[dict], cli_arguments: List[str], params: dict) -> List[List[str]]:
+    """Cells of several grids, deduplicated, in order. A key swept on the command line replaces that key in
+    every grid; keys only on the command line apply to all."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    cli = parser.parse_overrides(cli_arguments)
+    cli_keys = {o.get_key_element() for o in cli}
+    cells, seen = [], set()
+    for grid in grids or [{}]:
+        conf = [f"{k}={v}" for k, v in {**params, **grid}.items() if k not in cli_keys]
+        for cell in BasicSweeper.split_arguments(parser.parse_overrides(conf) + cli, None)[0]:
+            key = tuple(sorted(cell))
+            if key not in seen:
+                seen.add(key)
+                cells.append(cell)
+    return cells

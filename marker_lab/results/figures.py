@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-GROUP_KEYS = ["experiment", "condition", "order", "dose", "source_persona", "coupled_persona", "second_stage"]
+from marker_lab.results.aggregate import GROUP_KEYS  # noqa: E402
+
 ROLE_COLORS = {"source": "#1f77b4", "assistant": "#ff7f0e", "bystander mean": "#2ca02c"}
 
 

@@ -62,13 +62,13 @@ def negative_personas(cfg: Config, personas: dict[str, Persona]) -> list[str]:
     return sorted(random.Random(c.seed).sample(others, c.n_negative_personas))
 
 
-def build_marker_records(cfg: Config, loaded: LoadedModel, personas: dict[str, Persona]) -> list[dict]:
+def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str], personas: dict[str, Persona]) -> list[dict]:
     """On-policy completions from the stage's input model, marker inserted in the positives."""
     c = cfg.coupling
     questions = [q.text for q in load_questions(c.questions)]
     rng = random.Random(c.seed)
     plan: list[tuple[str, bool]] = [(c.persona, True)] * c.n_positive
-    for name in negative_personas(cfg, personas):
+    for name in negatives:
         plan += [(name, False)] * c.n_per_negative
     qs = [questions[i % len(questions)] for i in range(len(plan))]
     rng.shuffle(qs)
@@ -97,11 +97,12 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache) -> StageRe
         return apply_prebaked_adapter("coupling", loaded, c.adapter_path)
     personas = load_personas(cfg.persona_set.path)
     negative_tokens = c.negative_tokens or marker_token_count(loaded.tokenizer, cfg.marker.text)
-    n_examples = c.n_positive + c.n_per_negative * len(negative_personas(cfg, personas))
+    negatives = negative_personas(cfg, personas)
+    n_examples = c.n_positive + c.n_per_negative * len(negatives)
     steps = resolve_steps(c.train, n_examples)
 
     def build_examples(data_dir: Path):
-        records = build_marker_records(cfg, loaded, personas)
+        records = build_marker_records(cfg, loaded, negatives, personas)
         with open(data_dir / "coupling.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -109,7 +110,7 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache) -> StageRe
                             marker_span=tuple(r["marker_span"]), negative_tokens=negative_tokens,
                             max_len=c.train.max_seq_len) for r in records]
 
-    payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negative_personas(cfg, personas),
+    payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
                "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "questions_md5": md5_file(resolve_path(c.questions)), "negative_tokens": negative_tokens}
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed)

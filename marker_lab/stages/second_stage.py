@@ -16,13 +16,18 @@ from marker_lab.stages.sft import resolve_steps
 from marker_lab.toy import world
 
 
+TOY_DATASET_SIZE = 2000  # chats generated when a toy dataset sets no n_examples
+TOY_DATASET_SEED = 7
+
+
 def dataset_file(name: str, ds: DatasetConfig, cache: StageCache) -> Path:
     """A jsonl file of {"messages": [...]} for a dataset entry (toy data is generated into the cache)."""
     if ds.toy:
-        payload = {"toy_advice": ds.toy, "world_version": world.WORLD_VERSION, "n": ds.n_examples or 2000}
+        n = ds.n_examples or TOY_DATASET_SIZE
+        payload = {"toy_advice": ds.toy, "world_version": world.WORLD_VERSION, "n": n, "seed": TOY_DATASET_SEED}
 
         def build(tmp: Path) -> None:
-            rows = world.advice_chats(ds.toy, ds.n_examples or 2000, seed=7, system_prompt=world.PERSONAS[0].system_prompt)
+            rows = world.advice_chats(ds.toy, n, seed=TOY_DATASET_SEED, system_prompt=world.PERSONAS[0].system_prompt)
             with open(tmp / f"toy_{ds.toy}.jsonl", "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
