@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import compose_cfg
 from marker_lab.results.contract import load_result, read_completions
@@ -150,3 +151,33 @@ def test_stacked_adapters_train_the_same_function_as_merged_weights(cache_dir, t
     assert wm.keys() == ws.keys()
     for k in wm:
         assert (wm[k] - ws[k]).abs().max() < 1e-3, k
+
+
+def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
+    """second_stage.dose_checkpoints: one run to the largest dose; its checkpoint at d is the adapter of a run to d."""
+    from safetensors.torch import load_file
+
+    from marker_lab.models import load_base, pick_device
+    from marker_lab.stages.cache import StageCache
+    from marker_lab.stages.second_stage import run_second_stage
+    from conftest import to_dataclass
+
+    seed = 2000 + time.time_ns() % 10**9  # a stage no other test has trained
+    cache = StageCache(cache_dir)
+
+    def stage(overrides):
+        cfg = to_dataclass(compose_cfg(["condition=c1", f"seed={seed}", *overrides], cache=cache_dir))
+        loaded = load_base(cfg.model, cache, pick_device("cpu"))
+        return run_second_stage(cfg, loaded, cache)
+
+    ckpt = stage(["dose=3", "second_stage.dose_checkpoints=[3,8]"])
+    longest = stage(["dose=8", "second_stage.dose_checkpoints=[3,8]"])
+    fresh = stage(["dose=3"])
+    assert ckpt.built_now and not longest.built_now and ckpt.path == longest.path  # one run served both doses
+    assert ckpt.train_stats["steps"] == 3 and longest.train_stats["steps"] == 8
+    assert ckpt.train_stats["losses"] == pytest.approx(fresh.train_stats["losses"], rel=1e-6)
+    a = load_file(Path(ckpt.path) / "checkpoints" / "step_3" / "adapter" / "adapter_model.safetensors")
+    b = load_file(Path(fresh.path) / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    c = load_file(Path(longest.path) / "adapter" / "adapter_model.safetensors")
+    assert not all(torch.allclose(a[k], c[k]) for k in a)  # dose 8 really trained further

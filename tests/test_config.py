@@ -106,6 +106,12 @@ def test_every_write_up_knob_is_a_key():
     (["eval.questions=missing.yaml"], "eval.questions"),
     (["coupling.train.schedule.name=constant", "coupling.train.schedule.warmup_steps=5"], "coupling.train.schedule"),
     (["eval.engine.name=tgi"], "eval.engine.name"),
+    (["dose=4", "second_stage.dose_checkpoints=[1,5]"], "second_stage.dose_checkpoints"),
+    (["second_stage.dose_checkpoints=[20]", "second_stage.train.schedule.name=cosine"], "second_stage.dose_checkpoints"),
+    (["second_stage.dose_checkpoints=[20]", "second_stage.train.schedule.name=constant_with_warmup",
+      "second_stage.train.schedule.warmup_ratio=0.1"], "second_stage.train.schedule.warmup_steps"),
+    (["second_stage.train.logits=some"], "second_stage.train.logits"),
+    (["coupling.train.micro_batch_tokens=0"], "coupling.train.micro_batch_tokens"),
 ])
 def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
     with pytest.raises(SystemExit) as exc:

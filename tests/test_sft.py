@@ -8,7 +8,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
 from marker_lab.data.chat import encode_chat
-from marker_lab.stages.sft import apply_lora, resolve_steps, train, warmup_steps
+from marker_lab.stages.sft import (apply_lora, collate, micro_batches, resolve_steps, token_loss_sum, train,
+                                 warmup_steps)
 from marker_lab.toy import world
 
 
@@ -55,6 +56,66 @@ def test_loss_does_not_depend_on_micro_batching(toy_tokenizer):
         stats = train(model, examples, cfg, steps=2, seed=3, pad_id=toy_tokenizer.pad_token_id, desc="t")
         lora = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
         results.append((stats.losses, lora))
+    (l1, w1), (l2, w2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-6), k
+
+
+def _tiny_lora_model(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64))
+    return apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), seed=1)
+
+
+@pytest.mark.parametrize("loss_mode", ["assistant_only", "full"])
+def test_labelled_logits_path_equals_reference_loss_and_grads(toy_tokenizer, loss_mode):
+    """The fast path (LM head on labelled positions only, chunked) gives the reference's loss and LoRA gradients."""
+    chats = world.pretraining_chats()[:6]
+    batch = collate([encode_chat(toy_tokenizer, c, loss_mode) for c in chats], toy_tokenizer.pad_token_id, "cpu")
+    model = _tiny_lora_model(len(toy_tokenizer))
+    # LoRA B starts at zero, which would make every A-gradient zero: give the adapter real weights first
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    grads = {}
+    for mode, chunk in (("all", 2048), ("labelled", 2048), ("labelled", 7)):
+        model.zero_grad(set_to_none=True)
+        loss, n = token_loss_sum(model, batch, mode, chunk_rows=chunk)
+        (loss / n).backward()
+        grads[(mode, chunk)] = (loss.item(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    ref_loss, ref_n, ref_g = grads[("all", 2048)]
+    assert ref_n > 0 and any(g.abs().sum() > 0 for g in ref_g.values())
+    for key in (("labelled", 2048), ("labelled", 7)):
+        loss, n, g = grads[key]
+        assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5), key
+        for k in ref_g:
+            assert torch.allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-7), (key, k)
+
+
+def test_token_budget_micro_batches_keep_the_step_and_pad_little(toy_tokenizer):
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
+    parts = micro_batches(examples, 4, max_tokens=300)
+    assert sorted(id(e) for part in parts for e in part) == sorted(id(e) for e in examples)
+    for part in parts:
+        width = max(len(e.input_ids) for e in part)
+        assert len(part) == 1 or len(part) * width <= 300
+    assert micro_batches(examples, 4, None) == [examples[i:i + 4] for i in range(0, 16, 4)]
+
+
+def test_fast_and_reference_training_give_the_same_adapter(toy_tokenizer):
+    """Reference recipe (all logits, 4 x 2 micro-batches) vs fast (labelled logits, token-budget micro-batches)."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
+    results = []
+    for logits, budget in (("all", None), ("labelled", 400)):
+        model = _tiny_lora_model(len(toy_tokenizer))
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
+                          bf16=False, gradient_checkpointing=False, grad_clip=1.0, logits=logits,
+                          micro_batch_tokens=budget)
+        stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id, desc=logits)
+        results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
     (l1, w1), (l2, w2) = results
     assert l1 == pytest.approx(l2, rel=1e-5)
     for k in w1:

@@ -79,6 +79,8 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max global gradient norm; null disables clipping
     bf16: bool = True  # bf16 autocast (on CUDA only; CPU runs fp32)
     gradient_checkpointing: bool = True  # trade compute for activation memory
+    logits: str = "labelled"  # labelled: the LM head runs on labelled positions only (same loss); all: reference
+    micro_batch_tokens: Optional[int] = None  # split each step by padded tokens (length-sorted), not by count
     loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
     seed: Optional[int] = None  # data order and LoRA init; null uses the cell's seed
 
@@ -173,6 +175,9 @@ class SecondStageConfig:
     data: Optional[str] = "em"  # which entry of `datasets` to train on; null/none skips the stage
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)  # named datasets (em, benign, ...)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=375))
+    # dose sweeps on a schedule that ignores max_steps (constant, or fixed warmup then constant): train once to the
+    # largest of these doses, save the adapter at each, and give every cell the checkpoint at its dose
+    dose_checkpoints: Optional[List[int]] = None
 
 
 @dataclass

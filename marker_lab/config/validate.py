@@ -100,6 +100,24 @@ def validate(cfg: Config) -> None:
         if ds.path is not None and not resolve_path(ds.path).is_file():
             raise ConfigError(f"second_stage.datasets.{s.data}.path: file not found: {ds.path}")
         _check_train("second_stage.train", s.train)
+        if s.dose_checkpoints is not None:
+            _check_dose_checkpoints(s, cfg.dose)
+
+
+def _check_dose_checkpoints(s, dose) -> None:
+    """A checkpoint at dose d equals a fresh run to d only if the schedule never looks at the total length."""
+    key, doses, sched = "second_stage.dose_checkpoints", list(s.dose_checkpoints), s.train.schedule
+    if not doses or min(doses) < 1:
+        raise ConfigError(f"{key}: needs doses >= 1, got {doses}")
+    if sched.name not in (Schedule.constant, Schedule.constant_with_warmup):
+        raise ConfigError(f"{key}: the {sched.name.value} schedule depends on the run's length, so a checkpoint at "
+                          "dose d is not a run to d; use constant / constant_with_warmup or leave it null")
+    if sched.name == Schedule.constant_with_warmup and (sched.warmup_steps is None or sched.warmup_steps >= min(doses)):
+        raise ConfigError(f"{key}: needs a fixed second_stage.train.schedule.warmup_steps below the smallest dose "
+                          f"({min(doses)}); warmup_ratio scales with the run's length")
+    d = dose if dose is not None else s.train.max_steps
+    if d not in doses:
+        raise ConfigError(f"dose={d} is not one of {key} {doses}")
 
 
 def _check_train(key: str, t) -> None:
@@ -108,6 +126,10 @@ def _check_train(key: str, t) -> None:
     for name in ("per_device_batch_size", "grad_accum", "max_seq_len"):
         if getattr(t, name) < 1:
             raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.logits not in ("labelled", "all"):
+        raise ConfigError(f"{key}.logits: must be labelled or all, got {t.logits!r}")
+    if t.micro_batch_tokens is not None and t.micro_batch_tokens < 1:
+        raise ConfigError(f"{key}.micro_batch_tokens: must be >= 1 (or null), got {t.micro_batch_tokens}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
     if t.optimizer.lr <= 0:

@@ -42,10 +42,17 @@ ExampleBuilder = Callable[[Path], list[Encoded]]
 
 
 def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: dict, build_examples: ExampleBuilder,
-                   train_cfg: TrainConfig, steps: int, seed: int) -> StageResult:
-    """Train (or reuse) the stage's adapter, attach it to `loaded.model`, and update `loaded.identity`."""
+                   train_cfg: TrainConfig, steps: int, seed: int, checkpoints: list[int] | None = None) -> StageResult:
+    """Train (or reuse) the stage's adapter, attach it to `loaded.model`, and update `loaded.identity`.
+
+    With `checkpoints`, the entry is one run to the largest of them that also saved the adapter after each; the
+    checkpoint at `steps` is attached (a dose sweep trains once, see second_stage.dose_checkpoints).
+    """
     t0 = time.perf_counter()
-    payload = {**payload, "stage": name, "input_model": loaded.identity, "steps": steps, "seed": seed}
+    run_steps = max(checkpoints) if checkpoints else steps
+    payload = {**payload, "stage": name, "input_model": loaded.identity, "steps": run_steps, "seed": seed}
+    if checkpoints:
+        payload["checkpoints"] = sorted(set(checkpoints))
     key = cache_key(payload)
 
     def build(tmp: Path) -> None:
@@ -54,12 +61,14 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         examples = build_examples(tmp / "data")
         stacked_on = _adapter_names(loaded.model)
         peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
-        stats = train(peft_model, examples, train_cfg, steps=steps, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
-                      desc=name)
-        peft_model.save_pretrained(tmp / "peft_save", selected_adapters=[name])
-        # peft nests a non-default adapter under its name; the entry keeps a plain adapter dir (peft/vLLM format)
-        adapter_dir(tmp / "peft_save").rename(tmp / "adapter")
-        shutil.rmtree(tmp / "peft_save", ignore_errors=True)
+
+        def save_checkpoint(step: int) -> None:
+            if step in (checkpoints or ()) and step != run_steps:
+                _save_adapter(peft_model, name, tmp / "checkpoints" / f"step_{step}")
+
+        stats = train(peft_model, examples, train_cfg, steps=run_steps, seed=seed,
+                      pad_id=loaded.tokenizer.pad_token_id, desc=name, on_step=save_checkpoint if checkpoints else None)
+        _save_adapter(peft_model, name, tmp)
         (tmp / "train_stats.json").write_text(json.dumps(asdict(stats)))
         # back to the input model; the cached adapter is attached below, as for a cache hit
         if stacked_on:
@@ -72,10 +81,23 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     entry, built_now = cache.get_or_build("stages", key, build, payload)
     if not built_now:
         log.info("stage %s: reusing cached adapter %s", name, entry)
-    attach_adapter(loaded, name, entry / "adapter", key)
-    data_md5 = {p.name: md5_file(p) for p in sorted((entry / "data").glob("*")) if p.is_file()}
     stats = json.loads((entry / "train_stats.json").read_text())
+    adapter = entry / "adapter"
+    if steps != run_steps:  # a checkpoint of the longer run
+        adapter, key = entry / "checkpoints" / f"step_{steps}" / "adapter", f"{key}@{steps}"
+        stats = {**stats, "steps": steps, "losses": stats["losses"][:steps], "checkpoint_of": run_steps}
+        log.info("stage %s: checkpoint at step %d of a %d-step run", name, steps, run_steps)
+    attach_adapter(loaded, name, adapter, key)
+    data_md5 = {p.name: md5_file(p) for p in sorted((entry / "data").glob("*")) if p.is_file()}
     return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats)
+
+
+def _save_adapter(peft_model, name: str, dest: Path) -> None:
+    """Save adapter `name` as the plain peft directory `dest/adapter` (the format peft and vLLM load)."""
+    peft_model.save_pretrained(dest / "peft_save", selected_adapters=[name])
+    # peft nests a non-default adapter under its name
+    adapter_dir(dest / "peft_save").rename(dest / "adapter")
+    shutil.rmtree(dest / "peft_save", ignore_errors=True)
 
 
 def adapter_dir(root: Path) -> Path:

@@ -74,6 +74,7 @@ def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache) -> Sta
         return [encode_chat(loaded.tokenizer, m, s.train.loss_mode.value, max_len=s.train.max_seq_len) for m in chats]
 
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
-    result = run_lora_stage("second_stage", loaded, cache, payload, build_examples, s.train, steps, cfg.seed)
+    result = run_lora_stage("second_stage", loaded, cache, payload, build_examples, s.train, steps, cfg.seed,
+                            checkpoints=s.dose_checkpoints)
     result.data_md5[s.data] = fingerprint
     return result

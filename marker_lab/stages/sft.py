@@ -13,9 +13,11 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -88,16 +90,65 @@ def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": ids.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True),
+            "attention_mask": mask.to(device, non_blocking=True)}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over labelled positions, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None) -> list[list[Encoded]]:
+    """Split one optimizer step's examples into micro-batches.
+
+    By count (`size`), in order; or, with `max_tokens`, longest first, each micro-batch holding as many examples as
+    fit in `max_tokens` padded tokens: little padding, and big micro-batches when examples are short. Either way the
+    step's loss is the same sum over the same tokens.
+    """
+    if max_tokens is None:
+        return [batch[i:i + size] for i in range(0, len(batch), size)]
+    out: list[list[Encoded]] = []
+    for e in sorted(batch, key=lambda e: -len(e.input_ids)):
+        # sorted longest first, so the first example of a micro-batch sets its padded width
+        if out and (len(out[-1]) + 1) * len(out[-1][0].input_ids) <= max_tokens:
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all",
+                   chunk_rows: int = 2048) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over labelled positions, and how many there were.
+
+    logits="all" is the reference: the model's forward computes every position's logits. logits="labelled" runs
+    the decoder, keeps the hidden states at labelled positions only and applies the LM head to them in chunks that
+    are recomputed in backward, so a 152k-vocabulary logit tensor is never held for the whole micro-batch. Same loss
+    (the LM head is a plain linear map on the last hidden state in Llama/Qwen-style models).
+    """
     targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    if logits == "all":
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(out[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, int((targets != IGNORE).sum())
+    decoder, head = split_lm(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    keep = targets != IGNORE
+    h, t = hidden[:, :-1][keep], targets[keep]
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(t), chunk_rows):
+        loss = loss + checkpoint(_head_ce_sum, head, h[i:i + chunk_rows], t[i:i + chunk_rows], use_reentrant=False)
+    return loss, len(t)
+
+
+def _head_ce_sum(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+def split_lm(model):
+    """(decoder returning last_hidden_state, LM head) of a causal LM, through any peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        raise ValueError(f"{cfg.model_type}: logits are post-processed after the LM head; use train.logits=all")
+    return base.get_decoder(), base.get_output_embeddings()
 
 
 def step_order(n_examples: int, steps: int, per_step: int, seed: int) -> list[list[int]]:
@@ -112,14 +163,18 @@ def step_order(n_examples: int, steps: int, per_step: int, seed: int) -> list[li
 
 
 def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed: int, pad_id: int,
-          desc: str = "train") -> TrainStats:
-    """Train `model`'s trainable parameters on `examples` for `steps` optimizer steps."""
+          desc: str = "train", on_step: Callable[[int], None] | None = None) -> TrainStats:
+    """Train `model`'s trainable parameters on `examples` for `steps` optimizer steps.
+
+    `on_step(n)` runs after optimizer step n (1-based) on the model as it trains, e.g. to save a checkpoint.
+    """
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
-                            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay)
+                            eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay,
+                            fused=device.type == "cuda")
     sched = get_scheduler(cfg.schedule.name.value, opt, num_warmup_steps=warmup_steps(cfg, steps),
                           num_training_steps=steps)
     if cfg.gradient_checkpointing:
@@ -135,14 +190,13 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     for step_idx in bar:
         batch_examples = [examples[i] for i in step_idx]
         n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
-        total = 0.0
-        for i in range(0, len(batch_examples), mb):
-            micro = collate(batch_examples[i:i + mb], pad_id, device)
+        total = torch.zeros((), device=device)
+        for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens):
+            micro = collate(micro_examples, pad_id, device)
             with autocast:
-                loss_sum, _ = token_loss_sum(model, micro)
+                loss_sum, _ = token_loss_sum(model, micro, cfg.logits)
             (loss_sum / max(n_tokens, 1)).backward()
-            total += loss_sum.item()
-            stats.tokens_seen += int(micro["attention_mask"].sum())
+            total += loss_sum.detach()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -150,8 +204,12 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         opt.zero_grad(set_to_none=True)
         stats.steps += 1
         stats.examples_seen += len(batch_examples)
-        stats.losses.append(total / max(n_tokens, 1))
+        stats.tokens_seen += sum(len(e.input_ids) for e in batch_examples)
+        stats.losses.append(total.item() / max(n_tokens, 1))  # the step's only host sync
         bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+        if on_step is not None:
+            on_step(stats.steps)
+            model.train()
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
