@@ -16,6 +16,7 @@ commands:
   run -m [overrides...]     run a sweep: every cell of a grid (e.g. +experiment=marker_transfer), resumable
   status <sweep_dir>        every expected cell of a sweep: pending / running / complete / failed
   aggregate <sweep_dir>     tables of a sweep's results (runs by itself after a sweep)
+  bench [--model M] [--out F]  speed of one 7B cell on this GPU: baseline vs fast path (random init)
 
 `marker-lab run --help` shows Hydra's help; `marker-lab run --cfg job` prints the composed config.
 """
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = ["marker-lab run"] + rest
         run_main()
+    elif command == "bench":
+        from marker_lab.bench import main as bench_main
+
+        bench_main(rest)
     elif command in ("status", "aggregate"):
         parser = argparse.ArgumentParser(prog=f"marker-lab {command}")
         parser.add_argument("sweep_dir", help="a sweep directory (it holds manifest.json)")

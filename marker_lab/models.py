@@ -60,10 +60,8 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
         kwargs = {"revision": cfg.revision} if cfg.revision else {}
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
         if cfg.random_init:
-            arch = AutoConfig.from_pretrained(cfg.path, **kwargs)
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(arch, dtype=dtype, attn_implementation=cfg.attn_implementation)
-            identity = f"random:{cfg.path}:{cache_key(arch.to_dict())}"
+            model = random_init_model(cfg, device)
+            identity = f"random:{cfg.path}:{cache_key(model.config.to_dict())}"
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
                                                          attn_implementation=cfg.attn_implementation, **kwargs)
@@ -74,6 +72,22 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
     model.to(device).eval()
     log.info("loaded base model %s (%s) on %s", cfg.name, identity, device)
     return LoadedModel(model, tokenizer, identity)
+
+
+def random_init_model(cfg: ModelConfig, device: torch.device):
+    """The architecture of `cfg.arch` (or `cfg.path`'s config) with seeded random weights, built on `device`.
+
+    Costs what the real weights cost in every later step, so benchmarks run without downloading them.
+    """
+    from marker_lab.data.files import resolve_path
+
+    arch = AutoConfig.from_pretrained(str(resolve_path(cfg.arch)) if cfg.arch else cfg.path,
+                                      **({"revision": cfg.revision} if cfg.revision and not cfg.arch else {}))
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise in place: no 30 GB detour through host memory
+        model = AutoModelForCausalLM.from_config(arch, dtype=DTYPES[cfg.dtype],
+                                                 attn_implementation=cfg.attn_implementation)
+    return model.eval()
 
 
 def _resolved_revision(model) -> str:

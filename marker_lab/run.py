@@ -70,7 +70,7 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path):
                           gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed)
     from marker_lab.engines.hf import HFEngine
 
-    return HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size)
+    return HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache)
 
 
 def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, list[dict]]:

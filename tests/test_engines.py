@@ -29,14 +29,15 @@ def toy(cache_dir):
 
 def make_engine(name, toy):
     model, tok, path = toy
-    if name == "hf":
-        return HFEngine(model, tok, batch_size=64)
+    if name.startswith("hf"):
+        # hf-static: the GPU fast path's cache and fixed shapes (compiled only on CUDA), checked here on CPU
+        return HFEngine(model, tok, batch_size=64, cache="static" if name == "hf-static" else "dynamic")
     from marker_lab.engines.vllm import VLLMEngine
 
     return VLLMEngine(str(path), tok, dtype="float32")
 
 
-ENGINES = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vllm not installed"))]
+ENGINES = ["hf", "hf-static", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vllm not installed"))]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

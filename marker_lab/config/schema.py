@@ -108,6 +108,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (weights)
     attn_implementation: Optional[str] = "sdpa"  # passed to from_pretrained
     random_init: bool = False  # build the architecture from `path`'s config with random weights (benchmarks)
+    arch: Optional[str] = None  # config.json that random_init builds (pkg: = shipped); null = `path`'s config
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)  # used when source=toy
 
 
@@ -137,6 +138,7 @@ class GenerationConfig:
 class EngineConfig:
     name: str = "hf"  # hf (built in) | vllm (optional extra)
     batch_size: int = 256  # prompts x samples per forward batch (hf)
+    cache: str = "auto"  # hf KV cache: static (compiled decode, CUDA graphs) | dynamic (stock) | auto (static on CUDA)
     gpu_memory_utilization: float = 0.85  # vllm only
 
 

@@ -37,6 +37,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.eval.engine.name not in ENGINES:
         raise ConfigError(f"eval.engine.name: must be one of {list(ENGINES)}, got {cfg.eval.engine.name!r}")
+    if cfg.eval.engine.cache not in ("auto", "dynamic", "static"):
+        raise ConfigError(f"eval.engine.cache: must be auto, dynamic or static, got {cfg.eval.engine.cache!r}")
     if cfg.eval.engine.name == "vllm":
         from marker_lab.engines.vllm import available
 

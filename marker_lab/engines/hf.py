@@ -1,22 +1,33 @@
-"""The built-in engine: batched `generate` from transformers, left-padded, on CPU or GPU."""
+"""The built-in engine: batched `generate` from transformers, left-padded, on CPU or GPU.
+
+Two cache modes, same sampling:
+- dynamic: stock `generate` (a growing KV cache); the reference, and what runs on CPU.
+- static: a preallocated KV cache whose shape never changes within a request (every batch has the same number of
+  rows and the same padded prompt width), so transformers compiles the decode step once and replays it as a CUDA
+  graph. Per-step Python and kernel-launch overhead, not arithmetic, is what limits stock decoding at large batch
+  (docs/benchmarks.md). `auto` picks static on CUDA and dynamic elsewhere.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 from marker_lab.data.chat import render
 from marker_lab.engines.base import SamplingParams
 
 log = logging.getLogger(__name__)
+CACHE_MODES = ("auto", "dynamic", "static")
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def stop_token_ids(model, tokenizer=None) -> list[int]:
     """End-of-turn ids: the tokenizer's eos plus whatever the model's generation config lists."""
-    ids = {tokenizer.eos_token_id}
+    ids = {getattr(tokenizer, "eos_token_id", None)}
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(i for i in ids if i is not None)
@@ -25,35 +36,72 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256):
+    def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto"):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        device = next(model.parameters()).device
+        self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
+        self.batch_seconds: list[float] = []  # wall time of each batch of the last request
+
+    def generate(self, prompts: list[list[dict]], params: SamplingParams, desc: str = "generate") -> list[list[str]]:
+        tok = self.tokenizer
+        ids = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+        out = self.generate_ids(ids, params, stop_token_ids(self.model, tok), tok.pad_token_id, desc)
+        return [tok.batch_decode(seqs, skip_special_tokens=True) for seqs in out]
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[dict]], params: SamplingParams, desc: str = "generate") -> list[list[str]]:
-        tok, model = self.tokenizer, self.model
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int], pad_id: int,
+                     desc: str = "generate") -> list[list[list[int]]]:
+        """Token-level generation: for each prompt (token ids), `params.n` completions (new token ids)."""
+        if not prompts:
+            return []
+        model = self.model
         device = next(model.parameters()).device
-        texts = [render(tok, p, add_generation_prompt=True) for p in prompts]
+        static = self.cache == "static"
         gen_cfg = GenerationConfig(
             do_sample=params.temperature > 0, temperature=params.temperature if params.temperature > 0 else None,
             top_p=params.top_p if params.temperature > 0 else None, top_k=0 if params.temperature > 0 else None,
             repetition_penalty=1.0, max_new_tokens=params.max_tokens, num_return_sequences=params.n,
-            eos_token_id=stop_token_ids(model, tok), pad_token_id=tok.pad_token_id)
-        # a batch holds whole prompts: batch_size counts sequences, i.e. prompts x n
+            eos_token_id=stop_ids, pad_token_id=pad_id,
+            cache_implementation="static" if static else None,
+            compile_config=CompileConfig(fullgraph=False, dynamic=False) if static else None,
+            disable_compile=not static)
+        # a batch holds whole prompts (batch_size counts prompts x n); batches are balanced so the static path
+        # pads few rows, longest prompts first so the dynamic path pads few columns
         per_batch = max(1, self.batch_size // params.n)
-        # longest first keeps padding low; results go back to input order
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out: list[list[str]] = [[] for _ in texts]
+        per_batch = math.ceil(len(prompts) / math.ceil(len(prompts) / per_batch))
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        width = max(len(p) for p in prompts)  # static: one prompt width for the whole request
+        out: list[list[list[int]]] = [[] for _ in prompts]
         torch.manual_seed(params.seed)
-        bar = tqdm(total=len(texts) * params.n, desc=desc, unit="completion", dynamic_ncols=True)
+        bar = tqdm(total=len(prompts) * params.n, desc=desc, unit="completion", dynamic_ncols=True)
         model.eval()
+        self.batch_seconds = []
         for start in range(0, len(order), per_batch):
+            t0 = time.perf_counter()
             idx = order[start:start + per_batch]
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            seqs = model.generate(**enc, generation_config=gen_cfg)
-            new = seqs[:, enc["input_ids"].shape[1]:]
-            decoded = tok.batch_decode(new, skip_special_tokens=True)
+            rows = idx + idx[-1:] * (per_batch - len(idx)) if static else idx  # static: same rows every batch
+            w = width if static else max(len(prompts[i]) for i in rows)
+            input_ids = torch.full((len(rows), w), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), w), dtype=torch.long)
+            for r, i in enumerate(rows):
+                input_ids[r, w - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, w - len(prompts[i]):] = 1
+            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                  generation_config=gen_cfg)
+            new = seqs[:, w:].tolist()  # waits for the GPU
+            self.batch_seconds.append(time.perf_counter() - t0)
             for j, i in enumerate(idx):
-                out[i] = decoded[j * params.n:(j + 1) * params.n]
+                out[i] = [_until_stop(s, stop_ids) for s in new[j * params.n:(j + 1) * params.n]]
             bar.update(len(idx) * params.n)
         bar.close()
         return out
+
+
+def _until_stop(seq: list[int], stop_ids: list[int]) -> list[int]:
+    """A completion's tokens up to (not including) its first end-of-turn token; generate pads after it."""
+    for k, t in enumerate(seq):
+        if t in stop_ids:
+            return seq[:k]
+    return seq

@@ -75,7 +75,7 @@ def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str],
     prompts = [system_messages(personas[p]) + [{"role": "user", "content": q}] for (p, _), q in zip(plan, qs)]
     params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
                             max_tokens=c.generation.max_tokens, seed=c.seed)
-    completions = HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size).generate(
+    completions = HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache).generate(
         prompts, params, desc="coupling data")
     records = []
     for (persona, positive), prompt, outs in zip(plan, prompts, completions):

@@ -213,6 +213,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
     stats.seconds = time.perf_counter() - t0
     log.info("%s: %d steps, %d examples, final loss %.4f, %.1f s", desc, stats.steps, stats.examples_seen,
              stats.losses[-1], stats.seconds)

@@ -28,6 +28,14 @@ def _render(messages: list[dict]) -> str:
     return jinja2.Template(CHATML_TEMPLATE).render(messages=messages, add_generation_prompt=False)
 
 
+def toy_arch(cfg: ToyModelConfig, vocab_size: int, eos_id: int | None = None, pad_id: int | None = None) -> Qwen2Config:
+    """The toy model's architecture: a tiny Qwen2."""
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                       intermediate_size=cfg.intermediate_size, max_position_embeddings=512, tie_word_embeddings=True,
+                       bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id)
+
+
 def build_toy_model(cfg: ToyModelConfig, out_dir: Path) -> None:
     """Pretrain the toy model and save it (weights + tokenizer) to `out_dir`."""
     torch.manual_seed(cfg.seed)
@@ -35,11 +43,7 @@ def build_toy_model(cfg: ToyModelConfig, out_dir: Path) -> None:
     lines = world.tagged_lines(seed=cfg.seed)
     tokenizer = build_tokenizer([_render(c) for c in chats] + lines, vocab_size=cfg.vocab_size)
     examples = [encode_chat(tokenizer, c, "full") for c in chats] + [encode_text(tokenizer, s) for s in lines]
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model = Qwen2ForCausalLM(toy_arch(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
     recipe = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=cfg.pretrain_lr, weight_decay=0.01),
                          schedule=ScheduleConfig(name=Schedule.cosine, warmup_ratio=0.05),
                          per_device_batch_size=cfg.pretrain_batch_size, grad_accum=1, grad_clip=1.0,
