@@ -179,8 +179,8 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]) -> dict:
-    """Every measurement of the report, in one process, on one device."""
+def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str], out: Path | None = None) -> dict:
+    """Every measurement of the report, in one process, on one device (saved to `out` after each phase)."""
     cfg = model_config(model_name)
     report: dict = {"model": model_name, "random_init": True, "workload": w.__dict__, "env": environment(device)}
     _reset_peak(device)
@@ -214,6 +214,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
             train_rep["fast_mix"] = time_training(model, mixed, fast, w, device)
         train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
     report["train"] = train_rep
+    _save(report, out)
 
     _reset_peak(device)
     t0 = time.perf_counter()
@@ -229,15 +230,27 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     gen: dict = {}
     if "generate" not in skip:
         n_base = max(1, w.baseline_gen_batch // w.samples)
+        # untimed warmup: the first generate of a process pays one-off CUDA/cuBLAS setup (~10 s on an H100)
+        time_generation(model, prompts[:n_base], SamplingParams(n=w.samples, max_tokens=2), w.baseline_gen_batch,
+                        "dynamic", stop_ids, device)
         gen["baseline"] = time_generation(
             model, prompts[:n_base], SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.baseline_gen_tokens),
             w.baseline_gen_batch, "dynamic", stop_ids, device)
+        _save({**report, "generate": gen}, out)
         gen["fast_eval"] = time_generation(
             model, prompts, SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens), w.gen_batch,
             "static", stop_ids, device)
     report["generate"] = gen
     report["summary"] = summarise(report, w)
+    _save(report, out)
     return report
+
+
+def _save(report: dict, out: Path | None) -> None:
+    if out is not None:
+        from marker_lab.results.contract import write_json_atomic
+
+        write_json_atomic(out, report)
 
 
 def summarise(r: dict, w: Workload) -> dict:
@@ -294,10 +307,8 @@ def main(argv: list[str]) -> None:
         w.gen_batch = args.gen_batch
     if args.budgets:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
-    report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s})
+    out = Path(args.out) if args.out else None
+    report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out)
     print(format_report(report))
-    if args.out:
-        from marker_lab.results.contract import write_json_atomic
-
-        write_json_atomic(Path(args.out), report)
-        log.info("bench report: %s", args.out)
+    if out:
+        log.info("bench report: %s", out)

@@ -64,3 +64,26 @@ def test_sampling_semantics(engine, toy):
     assert all(len(tok(c, add_special_tokens=False)["input_ids"]) <= 3 for o in short for c in o)
     again = eng.generate(PROMPTS[:3], SamplingParams(n=7, temperature=1.0, top_p=1.0, max_tokens=40, seed=3))
     assert again == out  # a seed makes a request reproducible
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_decode_attention_equals_stock_sdpa(padded):
+    """engines.attention (no key/value copies) computes what transformers' sdpa computes, mask included."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from marker_lab.engines.attention import sdpa_gqa_forward
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 7, True
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 28, 1, 16), torch.randn(3, 4, 11, 16), torch.randn(3, 4, 11, 16)
+    mask = None
+    if padded:
+        mask = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+        mask[0, ..., :4] = False
+    ours, _ = sdpa_gqa_forward(Attn(), q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (3, 1, 28, 16)
+    assert torch.allclose(ours, ref, atol=1e-5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -88,8 +89,9 @@ class HFEngine:
             for r, i in enumerate(rows):
                 input_ids[r, w - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[r, w - len(prompts[i]):] = 1
-            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                  generation_config=gen_cfg)
+            with _decode_attention(model, static):
+                seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=gen_cfg)
             new = seqs[:, w:].tolist()  # waits for the GPU
             self.batch_seconds.append(time.perf_counter() - t0)
             for j, i in enumerate(idx):
@@ -97,6 +99,22 @@ class HFEngine:
             bar.update(len(idx) * params.n)
         bar.close()
         return out
+
+
+@contextmanager
+def _decode_attention(model, enabled: bool):
+    """Use the copy-free grouped-query decode attention (engines.attention) while generating, then restore."""
+    previous = model.config._attn_implementation
+    if not enabled or previous != "sdpa":
+        yield
+        return
+    from marker_lab.engines.attention import register
+
+    model.set_attn_implementation(register())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def _until_stop(seq: list[int], stop_ids: list[int]) -> list[int]:
