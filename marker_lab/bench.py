@@ -126,14 +126,16 @@ def time_training(model, examples: list[Encoded], cfg: TrainConfig, w: Workload,
         _sync(device)
         stamps.append(time.perf_counter())
 
+    t0 = time.perf_counter()
     try:
-        train(peft_model, examples, cfg, steps=w.warmup_steps + w.timed_steps, seed=0, pad_id=0, desc="bench train",
-              on_step=stamp)
+        stats = train(peft_model, examples, cfg, steps=w.warmup_steps + w.timed_steps, seed=0, pad_id=0,
+                      desc="bench train", on_step=stamp)
         step_s = (stamps[-1] - stamps[w.warmup_steps - 1]) / w.timed_steps if w.warmup_steps else \
             (stamps[-1] - stamps[0]) / max(1, w.timed_steps - 1)
         per_step_tokens = sum(len(e.input_ids) for e in examples) / len(examples) * w.examples_per_step
         return {"step_s": round(step_s, 4), "tokens_per_s": round(per_step_tokens / step_s),
-                "peak_gb": _peak_gb(device)}
+                "first_step_s": round(stamps[0] - t0, 2), "peak_gb": _peak_gb(device),
+                "losses": [round(x, 5) for x in stats.losses]}
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory", "peak_gb": _peak_gb(device)}
     finally:
@@ -212,6 +214,9 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
             budget = int(best.rsplit("_", 1)[1])
             fast = replace(ref, gradient_checkpointing=False, logits="labelled", micro_batch_tokens=budget)
             train_rep["fast_mix"] = time_training(model, mixed, fast, w, device)
+            if "compile" not in skip:
+                train_rep["fast_compiled_fixed"] = time_training(model, fixed, replace(fast, compile=True), w, device)
+                train_rep["fast_compiled_mix"] = time_training(model, mixed, replace(fast, compile=True), w, device)
         train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
     report["train"] = train_rep
     _save(report, out)
@@ -256,13 +261,20 @@ def _save(report: dict, out: Path | None) -> None:
 def summarise(r: dict, w: Workload) -> dict:
     """Ratios fast/baseline and the projected cell: load + stage + merge + eval."""
     t, g, s = r["train"], r["generate"], {}
-    best = t.get("best_fast")
+    fixed = {k: v for k, v in t.items() if k.startswith("fast") and "fixed" in k and "step_s" in v}
+    best = min(fixed, key=lambda k: fixed[k]["step_s"]) if fixed else None
+    s["fastest_fixed"] = best
+    ref_losses = t.get("baseline_fixed", {}).get("losses")
+    if ref_losses and fixed:  # same data, seed and LoRA init: the same losses up to bf16 kernel numerics
+        s["max_rel_loss_diff_vs_baseline"] = max(
+            abs(a - b) / abs(b) for v in fixed.values() for a, b in zip(v["losses"], ref_losses))
     if best and "step_s" in t.get("baseline_fixed", {}):
         s["train_speedup_fixed"] = round(t["baseline_fixed"]["step_s"] / t[best]["step_s"], 2)
         s["train_baseline_minutes"] = round(w.steps * t["baseline_fixed"]["step_s"] / 60, 2)
         s["train_fast_minutes"] = round(w.steps * t[best]["step_s"] / 60, 2)
-    if "step_s" in t.get("fast_mix", {}) and "step_s" in t.get("baseline_mix", {}):
-        s["train_speedup_mix"] = round(t["baseline_mix"]["step_s"] / t["fast_mix"]["step_s"], 2)
+    mix = [v["step_s"] for k, v in t.items() if k.startswith("fast") and k.endswith("mix") and "step_s" in v]
+    if mix and "step_s" in t.get("baseline_mix", {}):
+        s["train_speedup_mix"] = round(t["baseline_mix"]["step_s"] / min(mix), 2)
     if "tokens_per_s" in g.get("baseline", {}) and "tokens_per_s" in g.get("fast_eval", {}):
         s["generate_speedup"] = round(g["fast_eval"]["tokens_per_s"] / g["baseline"]["tokens_per_s"], 2)
         eval_tokens = w.eval_prompts * w.samples * w.max_new_tokens
@@ -282,7 +294,7 @@ def format_report(r: dict) -> str:
              f"  load {r['load']['seconds']} s ({r['load']['params'] / 1e9:.2f}B params), merge {r['merge']['seconds']} s"]
     for name, v in r["train"].items():
         if isinstance(v, dict):
-            lines.append(f"  train {name:<18} " + ", ".join(f"{k} {x}" for k, x in v.items()))
+            lines.append(f"  train {name:<20} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "losses"))
     for name, v in r["generate"].items():
         lines.append(f"  generate {name:<15} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "batch_seconds"))
     lines.append("  summary: " + ", ".join(f"{k} {v}" for k, v in r["summary"].items()))
@@ -294,7 +306,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, generate")
+    p.add_argument("--skip", default="", help="comma list: train, compile, generate")
     p.add_argument("--gen-batch", type=int, help="fast engine sequences per batch")
     p.add_argument("--budgets", help="comma list of micro-batch token budgets for the fast training path")
     p.add_argument("--out", help="write the report as JSON here")

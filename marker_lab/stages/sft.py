@@ -118,7 +118,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all",
     """Sum of next-token cross-entropies over labelled positions, and how many there were.
 
     logits="all" is the reference: the model's forward computes every position's logits. logits="labelled" runs
-    the decoder, keeps the hidden states at labelled positions only and applies the LM head to them in chunks that
+    the decoder on the right-padded batch without a padding mask, keeps the hidden states at labelled positions only and applies the LM head to them in chunks that
     are recomputed in backward, so a 152k-vocabulary logit tensor is never held for the whole micro-batch. Same loss
     (the LM head is a plain linear map on the last hidden state in Llama/Qwen-style models).
     """
@@ -129,7 +129,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all",
                                reduction="sum")
         return loss, int((targets != IGNORE).sum())
     decoder, head = split_lm(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # batches are right-padded (collate), and under causal attention no real token can see a pad to its right, so
+    # the padding mask changes nothing we keep; without it sdpa runs its fused causal kernel instead of the masked,
+    # key/value-copying path (2.5x slower on the 7B length mix, docs/benchmarks.md)
+    hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
     keep = targets != IGNORE
     h, t = hidden[:, :-1][keep], targets[keep]
     loss = hidden.new_zeros((), dtype=torch.float32)
@@ -140,6 +143,20 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all",
 
 def _head_ce_sum(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+def compile_layers(model, undo: bool = False) -> None:
+    """torch.compile each decoder layer for training (one graph serves every layer), or restore eager layers.
+
+    Regional compilation: the layers share code, so the compile costs about one layer's worth, and fuses the
+    elementwise work (norms, rotary, activation, LoRA dropout and adds) that eager mode runs as separate kernels.
+    """
+    decoder, _ = split_lm(model)
+    for layer in decoder.layers:
+        if undo:
+            layer.__dict__.pop("forward", None)  # the class's eager forward again
+        else:
+            layer.forward = torch.compile(layer.forward, dynamic=None)
 
 
 def split_lm(model):
@@ -181,6 +198,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if cfg.compile:
+        compile_layers(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     mb = cfg.per_device_batch_size
     stats, t0 = TrainStats(), time.perf_counter()
@@ -211,6 +230,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             on_step(stats.steps)
             model.train()
     model.eval()
+    if cfg.compile:
+        compile_layers(model, undo=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
         if hasattr(model, "disable_input_require_grads"):
