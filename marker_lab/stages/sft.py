@@ -132,7 +132,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all",
     # batches are right-padded (collate), and under causal attention no real token can see a pad to its right, so
     # the padding mask changes nothing we keep; without it sdpa runs its fused causal kernel instead of the masked,
     # key/value-copying path (2.5x slower on the 7B length mix, docs/benchmarks.md)
-    hidden = decoder(input_ids=batch["input_ids"]).last_hidden_state
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # no KV cache in training
     keep = targets != IGNORE
     h, t = hidden[:, :-1][keep], targets[keep]
     loss = hidden.new_zeros((), dtype=torch.float32)
