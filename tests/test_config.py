@@ -52,8 +52,13 @@ def test_conditions_mean_what_the_write_up_says():
 @pytest.mark.parametrize("condition", options("condition"))
 def test_experiment_presets_compose_with_every_condition(experiment, condition):
     cfg = to_dataclass(compose_cfg([f"+experiment={experiment}", f"condition={condition}"]))
-    assert cfg.experiment == experiment and cfg.model.name == "qwen2.5-7b-instruct"
-    assert cfg.coupling.train.lora.r == 32 and cfg.second_stage.train.max_steps == 375
+    assert cfg.experiment == experiment
+    if experiment.startswith("toy_"):  # runs on CPU: the toy recipes, validated as a cell
+        assert cfg.model.name == "toy"
+        validate(cfg)
+    else:
+        assert cfg.model.name == "qwen2.5-7b-instruct"
+        assert cfg.coupling.train.lora.r == 32 and cfg.second_stage.train.max_steps == 375
 
 
 def test_experiment_presets_carry_the_write_ups_recipes():

@@ -87,3 +87,31 @@ def test_grouped_decode_attention_equals_stock_sdpa(padded):
     ref, _ = sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
     assert ours.shape == ref.shape == (3, 1, 28, 16)
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vllm not installed")
+def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
+    """One vLLM engine, several peft adapters (multi-LoRA requests) == the hf engine on each merged model."""
+    import torch
+
+    from marker_lab.config.schema import LoraConfig
+    from marker_lab.engines.vllm import VLLMEngine
+    from marker_lab.stages.sft import apply_lora
+
+    model, tok, path = toy
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=20)
+    adapters, expected = [], {}
+    for seed in (1, 2):
+        fresh = AutoModelForCausalLM.from_pretrained(path)
+        peft_model = apply_lora(fresh, LoraConfig(r=4, alpha=8, dropout=0.0), seed=seed)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+        peft_model.save_pretrained(tmp_path / f"a{seed}")
+        adapters.append(str(tmp_path / f"a{seed}"))
+        expected[adapters[-1]] = HFEngine(peft_model.merge_and_unload().eval(), tok, cache="dynamic").generate(
+            PROMPTS[:4], greedy)
+    engine = VLLMEngine(str(path), tok, dtype="float32", max_lora_rank=8)
+    got = engine.generate_many({a: PROMPTS[:4] for a in adapters}, greedy)
+    assert got == expected
