@@ -39,6 +39,19 @@ def test_steps_come_from_dose_then_max_steps_then_epochs():
     assert resolve_steps(cfg, 100) == 375 and resolve_steps(cfg, 100, dose=10) == 10
 
 
+def assert_same_training(results, init) -> None:
+    """Two runs' (losses, LoRA weights) agree: losses closely, weight updates as a whole.
+
+    Adam divides by each gradient's own scale, so a parameter whose gradient is ~0 can move either way on float
+    noise (seen on a 16-core CPU); the update of each tensor is compared by norm instead of elementwise.
+    """
+    (l1, w1), (l2, w2) = results
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    for k in w1:
+        moved = (w1[k] - init[k]).norm()
+        assert moved > 0 and (w1[k] - w2[k]).norm() <= 1e-3 * moved, k
+
+
 def test_loss_does_not_depend_on_micro_batching(toy_tokenizer):
     """Same examples per optimizer step, split 8x1 or 2x4: same loss and the same LoRA update."""
     torch.manual_seed(0)
@@ -46,20 +59,18 @@ def test_loss_does_not_depend_on_micro_batching(toy_tokenizer):
                                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=64))
     chats = world.pretraining_chats()[:16]
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in chats]
-    results = []
+    results, init = [], None
     for mb, accum in ((8, 1), (2, 4)):
         fresh = Qwen2ForCausalLM(base.config)
         fresh.load_state_dict(base.state_dict())
         model = apply_lora(fresh, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]), seed=1)
+        init = init or {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
         cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=mb, grad_accum=accum,
                           bf16=False, gradient_checkpointing=False, grad_clip=None)
         stats = train(model, examples, cfg, steps=2, seed=3, pad_id=toy_tokenizer.pad_token_id, desc="t")
         lora = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
         results.append((stats.losses, lora))
-    (l1, w1), (l2, w2) = results
-    assert l1 == pytest.approx(l2, rel=1e-5)
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-6), k
+    assert_same_training(results, init)
 
 
 def _tiny_lora_model(vocab: int, seed: int = 0):
@@ -109,6 +120,7 @@ def test_fast_and_reference_training_give_the_same_adapter(toy_tokenizer):
     """Reference recipe (all logits, 4 x 2 micro-batches) vs fast (labelled logits, token-budget micro-batches)."""
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
     results = []
+    init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer)).named_parameters() if "lora_" in k}
     for logits, budget in (("all", None), ("labelled", 400)):
         model = _tiny_lora_model(len(toy_tokenizer))
         cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
@@ -116,7 +128,4 @@ def test_fast_and_reference_training_give_the_same_adapter(toy_tokenizer):
                           micro_batch_tokens=budget)
         stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id, desc=logits)
         results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
-    (l1, w1), (l2, w2) = results
-    assert l1 == pytest.approx(l2, rel=1e-5)
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-6), k
+    assert_same_training(results, init)
