@@ -23,7 +23,7 @@ from marker_lab.data.files import md5_file, resolve_path
 from marker_lab.data.personas import load_personas, system_messages
 from marker_lab.data.questions import load_questions
 from marker_lab.engines.base import SamplingParams
-from marker_lab.eval.marker import marker_metric
+from marker_lab.eval.metrics import score
 from marker_lab.models import LoadedModel, load_base, pick_device
 from marker_lab.results import contract
 from marker_lab.stages.cache import StageCache
@@ -85,10 +85,12 @@ def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, lis
              g.samples_per_question, len(prompts) * g.samples_per_question)
     params = SamplingParams(n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p,
                             max_tokens=g.max_tokens, seed=cfg.seed)
-    outs = make_engine(cfg, loaded, out_dir).generate(prompts, params, desc="eval")
-    rows = [{"persona": p, "question_id": q.id, "question": q.text, "sample": i, "completion": text}
-            for (p, q), texts in zip(pairs, outs) for i, text in enumerate(texts)]
-    return {"marker": marker_metric(rows, cfg.marker)}, rows
+    engine = make_engine(cfg, loaded, out_dir)
+    outs = engine.generate(prompts, params, desc="eval")
+    rows = [{"persona": p, "question_id": q.id, "question": q.text, "sample": i, "completion": text, "n_tokens": n}
+            for (p, q), texts, counts in zip(pairs, outs, engine.last_token_counts)
+            for i, (text, n) in enumerate(zip(texts, counts))]
+    return score(cfg, rows), rows
 
 
 def run_cell(cfg_node: DictConfig) -> dict:

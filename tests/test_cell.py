@@ -181,3 +181,20 @@ def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
     c = load_file(Path(longest.path) / "adapter" / "adapter_model.safetensors")
     assert not all(torch.allclose(a[k], c[k]) for k in a)  # dose 8 really trained further
+
+
+def test_length_metric_audits_completion_lengths(cache_dir, tmp_path):
+    result = run_cell(compose_cfg(["condition=c4", "eval.metrics=[marker,length]", *FAST_EVAL], tmp_path, cache_dir))
+    length = result["metrics"]["length"]
+    rows = read_completions(tmp_path / "completions.jsonl.gz")
+    for persona in ("villain", "assistant"):
+        mine = [r for r in rows if r["persona"] == persona]
+        got = length["per_persona"][persona]
+        assert got["n"] == len(mine) == 280
+        assert got["k_at_max_tokens"] == sum(r["n_tokens"] >= 40 for r in mine)
+        assert got["tokens_mean"] == pytest.approx(sum(r["n_tokens"] for r in mine) / 280)
+        assert got["chars_mean"] == pytest.approx(sum(len(r["completion"]) for r in mine) / 280)
+    assert length["max_tokens"] == 40
+    assert 0 < min(r["n_tokens"] for r in rows) and max(r["n_tokens"] for r in rows) <= 40
+    # most toy answers end on their own, before max_tokens
+    assert length["per_persona"]["assistant"]["share_at_max_tokens"] < 0.5

@@ -44,9 +44,11 @@ def validate(cfg: Config) -> None:
 
         if not available():
             raise ConfigError("eval.engine.name=vllm: vllm is not installed (pip install -e .[vllm])")
-    unknown_metrics = [m for m in cfg.eval.metrics if m != "marker"]
+    from marker_lab.eval.metrics import METRICS
+
+    unknown_metrics = [m for m in cfg.eval.metrics if m not in METRICS]
     if unknown_metrics:
-        raise ConfigError(f"eval.metrics: unknown metric(s) {unknown_metrics}; available: ['marker']")
+        raise ConfigError(f"eval.metrics: unknown metric(s) {unknown_metrics}; available: {list(METRICS)}")
 
     personas = _personas(cfg.persona_set.path)
     names = list(personas)

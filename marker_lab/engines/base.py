@@ -17,6 +17,7 @@ class SamplingParams:
 
 class GenerationEngine(Protocol):
     name: str
+    last_token_counts: list[list[int]]  # new tokens of each completion returned by the last `generate`
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams, desc: str = "generate") -> list[list[str]]:
         """For each chat prompt (a list of messages ending with a user turn), `params.n` completions.

@@ -44,11 +44,13 @@ class HFEngine:
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
+        self.last_token_counts: list[list[int]] = []  # new tokens of each completion of the last `generate`
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams, desc: str = "generate") -> list[list[str]]:
         tok = self.tokenizer
         ids = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
         out = self.generate_ids(ids, params, stop_token_ids(self.model, tok), tok.pad_token_id, desc)
+        self.last_token_counts = [[len(s) for s in seqs] for seqs in out]
         return [tok.batch_decode(seqs, skip_special_tokens=True) for seqs in out]
 
     @torch.no_grad()

@@ -62,6 +62,8 @@ class VLLMEngine:
         outputs = self.llm.generate(texts, sp, use_tqdm=True,
                                     lora_request=loras if any(r is not None for r in loras) else None)
         out: dict[str | None, list[list[str]]] = {a: [] for a in requests}
+        self.last_token_counts = []
         for adapter, o in zip(owners, outputs):
             out[adapter].append([c.text for c in o.outputs])
+            self.last_token_counts.append([len(c.token_ids) for c in o.outputs])
         return out
