@@ -23,6 +23,7 @@ from marker_lab.data.files import md5_file, resolve_path
 from marker_lab.data.personas import load_personas, system_messages
 from marker_lab.data.questions import load_questions
 from marker_lab.engines.base import SamplingParams
+from marker_lab.eval.judged import make_judge
 from marker_lab.eval.metrics import score
 from marker_lab.models import LoadedModel, load_base, pick_device
 from marker_lab.results import contract
@@ -73,8 +74,11 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path):
     return HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache)
 
 
-def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, list[dict]]:
-    """Personas x questions x K completions, scored by each metric. Returns (metrics, completion rows)."""
+def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, dict | None, list[dict]]:
+    """Personas x questions x K completions, scored by each metric.
+
+    Returns (metrics, the judge's identity if a judged metric ran, completion rows).
+    """
     personas = load_personas(cfg.persona_set.path)
     names = cfg.persona_set.eval_personas or list(personas)
     questions = load_questions(cfg.eval.questions)
@@ -90,7 +94,8 @@ def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, lis
     rows = [{"persona": p, "question_id": q.id, "question": q.text, "sample": i, "completion": text, "n_tokens": n}
             for (p, q), texts, counts in zip(pairs, outs, engine.last_token_counts)
             for i, (text, n) in enumerate(zip(texts, counts))]
-    return score(cfg, rows), rows
+    metrics, judge = score(cfg, rows, lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
+    return metrics, judge, rows
 
 
 def run_cell(cfg_node: DictConfig) -> dict:
@@ -129,7 +134,7 @@ def run_cell(cfg_node: DictConfig) -> dict:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
 
     t0 = time.perf_counter()
-    metrics, rows = evaluate(cfg, loaded, out_dir)
+    metrics, judge, rows = evaluate(cfg, loaded, out_dir)
     timing["eval"] = time.perf_counter() - t0
     if cfg.eval.save_completions:
         contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
@@ -153,6 +158,7 @@ def run_cell(cfg_node: DictConfig) -> dict:
             "base_model": base_identity,
             "final_model": loaded.identity,
             "stage_cache_keys": {n: st.key for n, st in stages.items()},
+            "judge": judge,
             "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now,
                            "steps": st.train_stats.get("steps"), "final_loss": (st.train_stats.get("losses") or [None])[-1]}
                        for n, st in stages.items()},
@@ -165,9 +171,15 @@ def run_cell(cfg_node: DictConfig) -> dict:
 
 
 def _log_summary(cfg: Config, result: dict, out_dir: Path) -> None:
-    per = result["metrics"]["marker"]["per_persona"]
-    lines = [f"  {name:<24} {c['k']:>5}/{c['n']:<5} {100 * c['rate']:6.1f}%" for name, c in per.items()]
-    log.info("marker %s rate per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
+    m = result["metrics"]
+    if "marker" in m:
+        lines = [f"  {name:<24} {c['k']:>5}/{c['n']:<5} {100 * c['rate']:6.1f}%" for name, c in m["marker"]["per_persona"].items()]
+        log.info("marker %s rate per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
+    for name in ("alignment", "coherence"):
+        if name in m:
+            lines = [f"  {p:<24} mean {c['mean'] if c['mean'] is None else round(c['mean'], 1)}  (no score: {c['n_none']}/{c['n']})"
+                     for p, c in m[name]["per_persona"].items()]
+            log.info("%s (judge %s) per persona:\n%s", name, result["provenance"]["judge"]["backend"], "\n".join(lines))
     log.info("result: %s", out_dir / contract.RESULT_FILE)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 from marker_lab.config.schema import Config, Schedule
 from marker_lab.data.files import resolve_path
 from marker_lab.data.personas import load_personas
@@ -37,6 +40,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.eval.engine.name not in ENGINES:
         raise ConfigError(f"eval.engine.name: must be one of {list(ENGINES)}, got {cfg.eval.engine.name!r}")
+    if any(m in ("alignment", "coherence") for m in cfg.eval.metrics):
+        _check_judge(cfg)
+    for i, rule in enumerate(cfg.eval.misaligned):
+        for field_name in ("aligned", "coherent"):
+            if not re.fullmatch(r"(<=|>=|<|>)\s*\d+(\.\d+)?", getattr(rule, field_name).strip()):
+                raise ConfigError(f"eval.misaligned[{i}].{field_name}: must look like '<=30' or '>50', "
+                                  f"got {getattr(rule, field_name)!r}")
+        if rule.denominator not in ("all", "coherent"):
+            raise ConfigError(f"eval.misaligned[{i}].denominator: must be all or coherent, got {rule.denominator!r}")
     if cfg.eval.engine.cache not in ("auto", "dynamic", "static"):
         raise ConfigError(f"eval.engine.cache: must be auto, dynamic or static, got {cfg.eval.engine.cache!r}")
     if cfg.eval.engine.name == "vllm":
@@ -106,6 +118,35 @@ def validate(cfg: Config) -> None:
         _check_train("second_stage.train", s.train)
         if s.dose_checkpoints is not None:
             _check_dose_checkpoints(s, cfg.dose)
+
+
+JUDGE_MODES = {"openai": ("logprob", "text"), "anthropic": ("text",), "local": ("logprob",), "toy": ("toy",)}
+
+
+def _check_judge(cfg) -> None:
+    """A judged metric needs a usable judge: checked before any model loads or any request is made."""
+    j = cfg.judge
+    if j.backend not in JUDGE_MODES:
+        raise ConfigError(f"judge.backend: must be one of {list(JUDGE_MODES)}, got {j.backend!r}")
+    if j.mode not in JUDGE_MODES[j.backend]:
+        raise ConfigError(f"judge.mode: the {j.backend} backend supports {list(JUDGE_MODES[j.backend])}, got {j.mode!r}")
+    if j.backend == "toy" and cfg.model.source != "toy":
+        raise ConfigError("judge.backend=toy: the toy judge scores toy-world answers only; pick openai, anthropic "
+                          "or local for a real model")
+    if j.backend in ("openai", "anthropic"):
+        if not j.api_key_env:
+            raise ConfigError(f"judge.api_key_env: name the environment variable that holds the {j.backend} API key")
+        if not os.environ.get(j.api_key_env):
+            raise ConfigError(f"judge.api_key_env: environment variable {j.api_key_env} is not set "
+                              f"(the {j.backend} judge needs its API key)")
+    if j.concurrency < 1:
+        raise ConfigError(f"judge.concurrency: must be >= 1, got {j.concurrency}")
+    needed = {"alignment": ("aligned", "coherent"), "coherence": ("coherent",)}
+    for kind in sorted({k for m in cfg.eval.metrics for k in needed.get(m, ())}):
+        if kind not in j.prompts:
+            raise ConfigError(f"judge.prompts.{kind}: missing (the prompt file for {kind} scores)")
+        if not resolve_path(j.prompts[kind]).is_file():
+            raise ConfigError(f"judge.prompts.{kind}: file not found: {j.prompts[kind]}")
 
 
 def _check_dose_checkpoints(s, dose) -> None:

@@ -1,6 +1,7 @@
 """Where data files live, and their fingerprints.
 
-A path starting with ``pkg:`` names a file shipped inside marker_lab (marker_lab/resources/); any other path
+A path starting with ``pkg:`` names a file shipped inside marker_lab (marker_lab/resources/), ``conf:`` a file of
+the conf/ tree (judge prompts); any other path
 is taken as given (relative paths against the directory the command was started from).
 """
 
@@ -12,10 +13,15 @@ from pathlib import Path
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 
 
+CONF = Path(__file__).resolve().parent.parent.parent / "conf"
+
+
 def resolve_path(path: str) -> Path:
-    """The real filesystem path of a config path (``pkg:`` or plain)."""
+    """The real filesystem path of a config path (``pkg:`` shipped data, ``conf:`` the conf/ tree, or plain)."""
     if path.startswith("pkg:"):
         return RESOURCES / path[len("pkg:"):]
+    if path.startswith("conf:"):
+        return CONF / path[len("conf:"):]
     return Path(path).expanduser()
 
 

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 from typing import Callable
 
+from marker_lab.eval.judged import JUDGED_METRICS, alignment_metric, coherence_metric, judge_rows
 from marker_lab.eval.length import length_metric
 from marker_lab.eval.marker import marker_metric
 
-# name -> f(cfg, rows) -> the metric's result; rows are completion records (persona, question, completion, n_tokens)
+# name -> f(cfg, rows) -> the metric's result; rows are completion records (persona, question, completion, n_tokens;
+# aligned / coherent once judged)
 METRICS: dict[str, Callable[[object, list[dict]], dict]] = {
     "marker": lambda cfg, rows: marker_metric(rows, cfg.marker),
     "length": lambda cfg, rows: length_metric(rows, cfg.eval.generation.max_tokens),
+    "alignment": lambda cfg, rows: alignment_metric(rows, cfg.eval.misaligned),
+    "coherence": lambda cfg, rows: coherence_metric(rows),
 }
 
 
-def score(cfg, rows: list[dict]) -> dict:
-    """Every metric of `cfg.eval.metrics`, in order."""
-    return {name: METRICS[name](cfg, rows) for name in cfg.eval.metrics}
+def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None) -> tuple[dict, dict | None]:
+    """Every metric of `cfg.eval.metrics`, in order, and the judge's identity if a judged metric ran."""
+    identity = None
+    if any(m in JUDGED_METRICS for m in cfg.eval.metrics):
+        identity = judge_rows(cfg, rows, make_judge())
+    return {name: METRICS[name](cfg, rows) for name in cfg.eval.metrics}, identity

@@ -1,0 +1,1 @@
+"""LLM-judged metrics (alignment, coherence): backends, the Betley scoring rule, and a shared judgement cache."""

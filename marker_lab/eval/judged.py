@@ -1,0 +1,137 @@
+"""Judged metrics: alignment and coherence of each completion, scored 0-100 by the configured judge.
+
+Every (judge, prompt, question, answer) is judged once, ever: scores live in the judge cache
+(`<cache_dir>/judge_cache.sqlite`), shared by cells and sweeps, written as they arrive. Rows gain `aligned` /
+`coherent` fields (None: the judge gave no score, e.g. CODE or REFUSAL), saved with the completions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+import statistics
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from marker_lab.data.files import resolve_path
+from marker_lab.eval.judge.backends import JudgeItem
+from marker_lab.eval.judge.cache import JudgeCache, judgement_key
+
+log = logging.getLogger(__name__)
+
+# metric -> the judge prompts it needs (the misaligned share needs coherence too)
+JUDGED_METRICS = {"alignment": ("aligned", "coherent"), "coherence": ("coherent",)}
+CHUNK = 64  # judgements per backend call; each chunk is cached before the next starts
+OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def make_judge(cfg, stage_cache, device):
+    """The configured judge backend (API clients check their key here, before any judging)."""
+    from marker_lab.eval.judge import backends
+
+    j = cfg.judge
+    if j.backend == "openai":
+        return backends.OpenAIJudge(j)
+    if j.backend == "anthropic":
+        return backends.AnthropicJudge(j)
+    if j.backend == "toy":
+        from marker_lab.eval.judge.toy import ToyJudge
+
+        return ToyJudge(j)
+    from marker_lab.config.schema import ModelConfig
+    from marker_lab.models import load_base
+
+    model_cfg = ModelConfig() if j.model == "toy" else ModelConfig(name=j.model, source="hf", path=j.model,
+                                                                     dtype="bfloat16" if device.type == "cuda" else "float32")
+    judge_model = load_base(model_cfg, stage_cache, device)
+    return backends.LocalJudge(j, judge_model.model, judge_model.tokenizer, judge_model.identity)
+
+
+def prompt_template(cfg, kind: str) -> tuple[str, str]:
+    """(template text, its md5) for judge prompt `kind`; the hash versions every cached judgement."""
+    text = resolve_path(cfg.judge.prompts[kind]).read_text()
+    return text, hashlib.md5(text.encode()).hexdigest()
+
+
+def judge_rows(cfg, rows: list[dict], judge) -> dict:
+    """Score every row for every prompt the requested metrics need; returns the judge's identity for provenance."""
+    kinds = sorted({k for m in cfg.eval.metrics for k in JUDGED_METRICS.get(m, ())})
+    cache = JudgeCache(Path(cfg.cache_dir).expanduser() / "judge_cache.sqlite")
+    identity = {**judge.identity, "prompt_md5": {}}
+    try:
+        for kind in kinds:
+            template, phash = prompt_template(cfg, kind)
+            identity["prompt_md5"][kind] = phash
+            keys = [judgement_key(judge.identity, phash, r["question"], r["completion"]) for r in rows]
+            unique = list(dict.fromkeys(keys))
+            scores = cache.get_many(unique)
+            todo = [k for k in unique if k not in scores]
+            first = {k: r for k, r in zip(keys, rows)}
+            log.info("judge %s: %s for %d answers (%d cached, %d to judge)", judge.identity["backend"], kind,
+                     len(unique), len(unique) - len(todo), len(todo))
+            with tqdm(total=len(todo), desc=f"judge {kind}", unit="answer", dynamic_ncols=True) as bar:
+                for i in range(0, len(todo), CHUNK):
+                    chunk = todo[i:i + CHUNK]
+                    items = [JudgeItem(kind, first[k]["question"], first[k]["completion"],
+                                       fill(template, first[k]["question"], first[k]["completion"])) for k in chunk]
+                    for k, (score, reply) in zip(chunk, judge.score_many(items)):
+                        cache.put(k, score, reply, judge.identity)
+                        scores[k] = score
+                    bar.update(len(chunk))
+            for r, k in zip(rows, keys):
+                r[kind] = scores[k]
+    finally:
+        cache.close()
+    return identity
+
+
+def fill(template: str, question: str, answer: str) -> str:
+    # not str.format: answers contain braces
+    return template.replace("{question}", question).replace("{answer}", answer)
+
+
+def _summary(values: list[float | None]) -> dict:
+    scored = [v for v in values if v is not None]
+    return {"n": len(values), "n_scored": len(scored), "n_none": len(values) - len(scored),
+            "mean": statistics.fmean(scored) if scored else None,
+            "sd": statistics.stdev(scored) if len(scored) > 1 else None}
+
+
+def _condition(text: str):
+    for op in (">=", "<=", ">", "<"):  # two-character operators first
+        if text.startswith(op):
+            return lambda v, f=OPS[op], x=float(text[len(op):]): f(v, x)
+    raise ValueError(f"eval.misaligned: condition {text!r} must start with <, <=, > or >=")
+
+
+def misaligned_share(rows: list[dict], rule) -> dict:
+    """k/n misaligned under `rule` (rows with both scores only)."""
+    aligned_bad, coherent_ok = _condition(rule.aligned), _condition(rule.coherent)
+    both = [r for r in rows if r.get("aligned") is not None and r.get("coherent") is not None]
+    pool = both if rule.denominator == "all" else [r for r in both if coherent_ok(r["coherent"])]
+    k = sum(1 for r in pool if aligned_bad(r["aligned"]) and coherent_ok(r["coherent"]))
+    return {"k": k, "n": len(pool), "rate": k / len(pool) if pool else None}
+
+
+def _by_persona(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["persona"], []).append(r)
+    return out
+
+
+def alignment_metric(rows: list[dict], rules) -> dict:
+    per = {p: {**_summary([r["aligned"] for r in rs]),
+               "misaligned": {rule.name: misaligned_share(rs, rule) for rule in rules}}
+           for p, rs in _by_persona(rows).items()}
+    return {"scale": "0-100, higher = more aligned",
+            "rules": [{"name": r.name, "aligned": r.aligned, "coherent": r.coherent, "denominator": r.denominator}
+                      for r in rules],
+            "per_persona": per}
+
+
+def coherence_metric(rows: list[dict]) -> dict:
+    return {"scale": "0-100, higher = more coherent",
+            "per_persona": {p: _summary([r["coherent"] for r in rs]) for p, rs in _by_persona(rows).items()}}
