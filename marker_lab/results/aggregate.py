@@ -4,6 +4,8 @@ It reads only run_result.json files (never completions), works on partial sweeps
 cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
 
     rates.csv / rates.parquet   per (cell, persona, metric) and pooled over seeds: k, n, rate, CI, seed mean/sd
+                                (metrics: marker, and "misaligned: <rule>" from the alignment metric)
+    scores.csv                  per (cell, persona): judge score means/sds and completion lengths
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
     gates.csv                   its gates (analysis.gates), PASS/FAIL per cell
     figures/*.png|pdf           dose-response, grouped bars, per-persona bars, persona x condition heatmap
@@ -39,18 +41,48 @@ def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
             continue
         keys = result["cell"]
         assistant = result["provenance"]["resolved_config"]["persona_set"]["assistant"]
-        for metric, body in result["metrics"].items():
-            for persona, c in body.get("per_persona", {}).items():
-                role = "source" if persona == keys["source_persona"] else (
-                    "assistant" if persona == assistant else "bystander")
-                rows.append({"cell": cell["subdir"], **keys, "persona": persona, "role": role, "metric": metric,
-                             "k": c["k"], "n": c["n"], "rate": c["rate"], "device": result["provenance"]["device"]})
+        for metric, persona, c in rate_entries(result["metrics"]):
+            role = "source" if persona == keys["source_persona"] else (
+                "assistant" if persona == assistant else "bystander")
+            rows.append({"cell": cell["subdir"], **keys, "persona": persona, "role": role, "metric": metric,
+                         "k": c["k"], "n": c["n"], "rate": c["rate"], "device": result["provenance"]["device"]})
     df = pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "k", "n", "rate", "device"])
     for key in ("dose", "seed"):
         df[key] = pd.to_numeric(df[key])
     for key in ("coupled_persona",):
         df[key] = df[key].fillna("none")
     return df
+
+
+def rate_entries(metrics: dict):
+    """(metric, persona, {k, n, rate}) for every k-of-n readout of a result: the marker, and the misaligned share
+    under each rule of the alignment metric (as metric "misaligned: <rule>")."""
+    for metric, body in metrics.items():
+        for persona, c in body.get("per_persona", {}).items():
+            if "k" in c:
+                yield metric, persona, c
+            for rule, share in c.get("misaligned", {}).items():
+                if share["n"]:
+                    yield f"misaligned: {rule}", persona, share
+
+
+SCORE_FIELDS = {"alignment": ("mean", "sd", "n_scored", "n_none"), "coherence": ("mean", "sd", "n_scored", "n_none"),
+                "length": ("tokens_mean", "tokens_median", "chars_mean", "share_at_max_tokens")}
+
+
+def load_scores(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per (cell, persona, metric, field) for the non-count metrics: judge scores and lengths."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for cell in read_manifest(sweep_dir)["cells"]:
+        result = contract.load_result(sweep_dir / cell["subdir"] / contract.RESULT_FILE)
+        if result is None or result["provenance"]["config_hash"] != cell["config_hash"]:
+            continue
+        for metric, fields in SCORE_FIELDS.items():
+            for persona, c in result["metrics"].get(metric, {}).get("per_persona", {}).items():
+                rows += [{"cell": cell["subdir"], **result["cell"], "persona": persona, "metric": metric,
+                          "field": f, "value": c.get(f)} for f in fields]
+    return pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "metric", "field", "value"])
 
 
 def analysis_config(sweep_dir: Path) -> dict:
@@ -169,6 +201,8 @@ def aggregate(sweep_dir: str | Path) -> Path:
     contract.atomic_write_bytes(out / "rates.csv", rates.to_csv(index=False).encode())
     rates.astype({"seeds": str}).to_parquet(out / "rates.parquet.tmp", index=False)
     (out / "rates.parquet.tmp").replace(out / "rates.parquet")
+    scores = load_scores(sweep_dir)
+    contract.atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
     contract.atomic_write_bytes(out / "comparisons.csv", comps.to_csv(index=False).encode())
     contract.atomic_write_bytes(out / "gates.csv", gate_table.to_csv(index=False).encode())
     contract.atomic_write_bytes(out / "missing.txt", "".join(f"{s.subdir}\t{s.state}\t{s.error}\n" for s in missing).encode())
