@@ -31,14 +31,19 @@ CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona
 GROUP_KEYS = [k for k in CELL_KEYS if k != "seed"]  # seeds are pooled over these
 
 
-def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per (cell, persona, metric) with k, n, rate and the persona's role, for every complete cell."""
+def complete_results(sweep_dir: str | Path):
+    """(manifest cell, result) for every cell whose result is complete and matches the manifest's config hash."""
     sweep_dir = Path(sweep_dir)
-    rows = []
     for cell in read_manifest(sweep_dir)["cells"]:
         result = contract.load_result(sweep_dir / cell["subdir"] / contract.RESULT_FILE)
-        if result is None or result["provenance"]["config_hash"] != cell["config_hash"]:
-            continue
+        if result is not None and result["provenance"]["config_hash"] == cell["config_hash"]:
+            yield cell, result
+
+
+def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per (cell, persona, metric) with k, n, rate and the persona's role, for every complete cell."""
+    rows = []
+    for cell, result in complete_results(sweep_dir):
         keys = result["cell"]
         assistant = result["provenance"]["resolved_config"]["persona_set"]["assistant"]
         for metric, persona, c in rate_entries(result["metrics"]):
@@ -72,12 +77,8 @@ SCORE_FIELDS = {"alignment": ("mean", "sd", "n_scored", "n_none"), "coherence": 
 
 def load_scores(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per (cell, persona, metric, field) for the non-count metrics: judge scores and lengths."""
-    sweep_dir = Path(sweep_dir)
     rows = []
-    for cell in read_manifest(sweep_dir)["cells"]:
-        result = contract.load_result(sweep_dir / cell["subdir"] / contract.RESULT_FILE)
-        if result is None or result["provenance"]["config_hash"] != cell["config_hash"]:
-            continue
+    for cell, result in complete_results(sweep_dir):
         for metric, fields in SCORE_FIELDS.items():
             for persona, c in result["metrics"].get(metric, {}).get("per_persona", {}).items():
                 rows += [{"cell": cell["subdir"], **result["cell"], "persona": persona, "metric": metric,
