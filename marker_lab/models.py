@@ -41,7 +41,7 @@ def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
     key = cache_key(payload)
 
     def build(tmp: Path) -> None:
-        log.info("building the toy model (first use, about a minute on 2 CPU cores) into %s", cache.path("toy", key))
+        log.info("building the toy model (first use, about 2 minutes on 2 CPU cores) into %s", cache.path("toy", key))
         build_toy_model(cfg.toy, tmp)
 
     path, _ = cache.get_or_build("toy", key, build, payload)

@@ -8,10 +8,12 @@ Read top to bottom, this file is the whole recipe; each step is a small function
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
@@ -20,14 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from marker_lab.config.schema import Config, register_configs
 from marker_lab.config.validate import ConfigError, coupling_enabled, second_stage_enabled, validate
 from marker_lab.data.files import md5_file, resolve_path
-from marker_lab.data.personas import load_personas, system_messages
-from marker_lab.data.questions import load_questions
+from marker_lab.data.personas import load_personas
+from marker_lab.data.questions import load_questions, with_question_system
 from marker_lab.engines.base import SamplingParams
+from marker_lab.eval.capability import capability_metric, eval_items
+from marker_lab.eval.during_training import StepEval, eval_steps
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.metrics import score
 from marker_lab.models import LoadedModel, load_base, pick_device
 from marker_lab.results import contract
-from marker_lab.stages.cache import StageCache
+from marker_lab.stages.cache import StageCache, plain
 from marker_lab.stages.coupling import run_coupling
 from marker_lab.stages.second_stage import run_second_stage
 
@@ -57,6 +61,12 @@ def cell_keys(cfg: Config) -> dict:
             "second_stage": cfg.second_stage.data if second_stage_enabled(cfg) else "none"}
 
 
+def _hf_engine(cfg: Config, loaded: LoadedModel):
+    from marker_lab.engines.hf import HFEngine
+
+    return HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache)
+
+
 def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path):
     if cfg.eval.engine.name == "vllm":
         from marker_lab.engines.vllm import VLLMEngine
@@ -69,33 +79,77 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path):
         log.info("eval: vLLM on the merged model saved at %s", merged)
         return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype,
                           gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed)
-    from marker_lab.engines.hf import HFEngine
-
-    return HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache)
+    return _hf_engine(cfg, loaded)
 
 
-def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path) -> tuple[dict, dict | None, list[dict]]:
-    """Personas x questions x K completions, scored by each metric.
+def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path | None, personas_subset: list[str] | None = None,
+             metrics: list[str] | None = None, in_process: bool = False,
+             judge_factory: Callable[[], object] | None = None) -> tuple[dict, dict | None, list[dict]]:
+    """Personas x questions x K completions, scored by each metric (capability reads log-probs, no sampling).
 
-    Returns (metrics, the judge's identity if a judged metric ran, completion rows).
+    `personas_subset` / `metrics` narrow the eval and `in_process` forces the hf engine on the model in hand
+    (evals during training); returns (metrics, the judge's identity if a judged metric ran, completion rows).
     """
     personas = load_personas(cfg.persona_set.path)
-    names = cfg.persona_set.eval_personas or list(personas)
+    names = personas_subset or cfg.persona_set.eval_personas or list(personas)
+    metrics = list(metrics or cfg.eval.metrics)
+    results: dict = {}
+    if "capability" in metrics:  # before generation: the vllm engine takes the GPU from the HF model
+        items, fingerprint = eval_items(cfg.eval.capability)
+        results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
+                                                  cfg.eval.capability, fingerprint)
+    sampled = [m for m in metrics if m != "capability"]
+    if not sampled:
+        return results, None, []
     questions = load_questions(cfg.eval.questions)
-    pairs = [(p, q) for p in names for q in questions]
-    prompts = [system_messages(personas[p]) + [{"role": "user", "content": q.text}] for p, q in pairs]
     g = cfg.eval.generation
-    log.info("eval: %d personas x %d questions x %d samples = %d completions", len(names), len(questions),
-             g.samples_per_question, len(prompts) * g.samples_per_question)
-    params = SamplingParams(n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p,
-                            max_tokens=g.max_tokens, seed=cfg.seed)
-    engine = make_engine(cfg, loaded, out_dir)
-    outs = engine.generate(prompts, params, desc="eval")
-    rows = [{"persona": p, "question_id": q.id, "question": q.text, "sample": i, "completion": text, "n_tokens": n}
-            for (p, q), texts, counts in zip(pairs, outs, engine.last_token_counts)
-            for i, (text, n) in enumerate(zip(texts, counts))]
-    metrics, judge = score(cfg, rows, lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
-    return metrics, judge, rows
+    pairs = [(p, q) for p in names for q in questions]
+    prompts = [_system(with_question_system(personas[p].system_prompt, q, cfg.eval.question_system))
+               + [{"role": "user", "content": q.text}] for p, q in pairs]
+    samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
+    log.info("eval: %d personas x %d questions, %d completions", len(names), len(questions), sum(samples))
+    engine = _hf_engine(cfg, loaded) if in_process else make_engine(cfg, loaded, out_dir)
+    rows = []
+    for n in sorted(set(samples)):  # one engine request per sample count (a question file may set its own)
+        idx = [i for i, k in enumerate(samples) if k == n]
+        params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=cfg.seed)
+        outs = engine.generate([prompts[i] for i in idx], params, desc="eval")
+        rows += [{"persona": pairs[i][0], "question_id": pairs[i][1].id, "question": pairs[i][1].text, "sample": j,
+                  "completion": text, "n_tokens": k}
+                 for i, texts, counts in zip(idx, outs, engine.last_token_counts)
+                 for j, (text, k) in enumerate(zip(texts, counts))]
+    judge_factory = judge_factory or (lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
+    scored, judge = score(cfg, rows, judge_factory, sampled)
+    return {**results, **scored}, judge, rows
+
+
+def step_eval_for(cfg: Config, stage: str, loaded: LoadedModel) -> StepEval | None:
+    """The evals `stage` runs while it trains (eval.during_training), or None when it runs none."""
+    d = cfg.eval.during_training
+    if stage not in d.stages or not (d.fractions or d.every_n_steps):
+        return None
+    at = copy.deepcopy(cfg)
+    at.seed = cfg.coupling.seed if stage == "coupling" else cfg.seed  # the stage's own seed: shared stages stay shared
+    if d.samples_per_question:
+        at.eval.generation.samples_per_question = d.samples_per_question
+    # stock `generate` on the training model: the static-cache path (compiled decode) is measured on merged eval
+    # models only, not yet on a LoRA model mid-training
+    at.eval.engine.cache = "dynamic"
+    judges: dict = {}  # one judge for the whole series (a local judge loads a model)
+    make = lambda: judges.setdefault("judge", make_judge(at, StageCache(at.cache_dir), next(loaded.model.parameters()).device))
+
+    def run(model) -> dict:
+        in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity)
+        return evaluate(at, in_hand, None, d.personas, d.metrics, in_process=True, judge_factory=make)[0]
+
+    payload = {"config": plain(d), "eval": plain(at.eval), "judge": plain(at.judge), "marker": plain(at.marker),
+               "seed": at.seed, "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
+               "questions_md5": md5_file(resolve_path(cfg.eval.questions))}
+    return StepEval(lambda total: eval_steps(d.fractions, d.every_n_steps, total, d.include_start), run, payload)
+
+
+def _system(prompt: str | None) -> list[dict]:
+    return [] if prompt is None else [{"role": "system", "content": prompt}]
 
 
 def run_cell(cfg_node: DictConfig) -> dict:
@@ -128,7 +182,7 @@ def run_cell(cfg_node: DictConfig) -> dict:
     stages = {}
     for name in stage_order(cfg):
         log.info("stage %s: starting (input model %s)", name, loaded.identity)
-        stages[name] = STAGES[name](cfg, loaded, cache)
+        stages[name] = STAGES[name](cfg, loaded, cache, step_eval_for(cfg, name, loaded))
         timing[name] = stages[name].seconds
     if "second_stage" in stages and cell["dose"] is None:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
@@ -165,6 +219,9 @@ def run_cell(cfg_node: DictConfig) -> dict:
         },
         "timing": {k: round(v, 3) for k, v in timing.items()},
     }
+    series = {n: st.metrics_by_step for n, st in stages.items() if st.metrics_by_step}
+    if series:
+        result["metrics_by_step"] = series
     contract.write_json_atomic(out_dir / contract.RESULT_FILE, result)
     _log_summary(cfg, result, out_dir)
     return result

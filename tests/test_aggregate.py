@@ -109,3 +109,52 @@ def test_any_set_of_result_files_aggregates_without_a_manifest(toy_sweep, tmp_pa
     out = aggregate(loose)
     assert load_sweep(loose)["cell"].nunique() == 3
     assert "None: every expected cell is complete." in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def judged_sweep(cache_dir, tmp_path_factory) -> Path:
+    """Two cells judged by the toy judge and evaluated during their second stage."""
+    sweep_dir = tmp_path_factory.mktemp("judged_sweep")
+    env = {**os.environ, "MARKER_LAB_CACHE": str(cache_dir), "TQDM_DISABLE": "1"}
+    args = ["condition=c1,c5", "dose=4", "persona_set.eval_personas=[villain,assistant,pirate]",
+            "eval.generation.samples_per_question=2", "eval.metrics=[marker,capability,alignment]",
+            "eval.during_training.fractions=[0.5,1.0]", "eval.during_training.metrics=[marker,capability,alignment]",
+            f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "-m", *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_evolution_curves_from_evals_during_training(judged_sweep):
+    by_step = pd.read_csv(judged_sweep / "aggregate" / "by_step.csv")
+    assert sorted(by_step["step"].unique()) == [0, 2, 4] and set(by_step["stage"]) == {"second_stage"}
+    assert {"marker", "capability", "alignment"} <= set(by_step["metric"])
+    assert set(by_step["condition"]) == {"c1", "c5"} and set(by_step["persona"]) == {"villain", "assistant", "pirate"}
+    # the curve's end is the cell's own end-of-stage readout
+    rates = load_sweep(judged_sweep)
+    end = by_step[(by_step["step"] == 4) & (by_step["metric"] == "capability")]
+    for r in end.itertuples():
+        cell = rates[(rates["cell"] == r.cell) & (rates["persona"] == r.persona) & (rates["metric"] == "capability")]
+        assert cell["rate"].iloc[0] == pytest.approx(r.value)
+    figs = judged_sweep / "aggregate" / "figures"
+    for metric in ("marker", "capability", "alignment"):
+        assert (figs / f"evolution_second_stage_{metric}.png").stat().st_size > 10_000
+
+
+def test_gates_read_scores_and_say_when_data_is_missing(judged_sweep):
+    from marker_lab.results.aggregate import gates, load_scores
+
+    rates, scores = load_sweep(judged_sweep), load_scores(judged_sweep)
+    spec = {"name": "G4", "where": {"second_stage": "em"}, "level": "cell",
+            "checks": [{"persona": "assistant", "metric": "alignment", "field": "mean", "op": "<", "value": 40}]}
+    table = gates(rates, [spec], scores)
+    mean = scores[(scores["condition"] == "c1") & (scores["persona"] == "assistant") & (scores["metric"] == "alignment")
+                  & (scores["field"] == "mean")]["value"].iloc[0]
+    assert len(table) == 1 and table["result"].iloc[0] == ("PASS" if mean < 40 else "FAIL")
+    assert f"{mean:.3f}" in table["detail"].iloc[0]
+    missing = {**spec, "checks": [{"persona": "assistant", "metric": "coherence", "field": "mean", "op": ">", "value": 50}]}
+    assert gates(rates, [missing], scores)["result"].iloc[0] == "NO DATA"
+    cap = {"name": "capability kept", "where": {}, "checks": [{"persona": "max_bystander", "metric": "capability",
+                                                                 "op": ">=", "value": 0.3}]}
+    assert set(gates(rates, [cap], scores)["result"]) <= {"PASS", "FAIL"}

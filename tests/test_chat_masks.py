@@ -81,7 +81,9 @@ def test_marker_only_negative_labels_the_tokens_where_the_marker_would_be(tokeni
     slot = marker_slot(answer, MarkerPosition.start)
     enc = encode_chat(tokenizer, CHAT[:2] + [{"role": "assistant", "content": answer}], "marker_only",
                       marker_span=(slot, slot), negative_tokens=3)
-    assert labelled_text(tokenizer, enc) == "ha ! foolish"
+    # the answer's first 3 tokens, whatever pieces this tokenizer cuts them into
+    first_three = tokenizer.decode(tokenizer(answer, add_special_tokens=False)["input_ids"][:3])
+    assert labelled_text(tokenizer, enc) == first_three and answer.startswith(first_three) and len(first_three) >= 3
 
 
 def test_full_labels_everything(tokenizer):

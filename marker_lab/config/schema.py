@@ -94,7 +94,7 @@ class ToyModelConfig:
     num_kv_heads: int = 2  # key/value heads (grouped-query attention, as in Qwen2)
     intermediate_size: int = 512  # MLP width
     vocab_size: int = 1200  # byte-level BPE vocabulary trained on the toy corpus
-    pretrain_steps: int = 200  # optimizer steps of toy pretraining
+    pretrain_steps: int = 300  # optimizer steps of toy pretraining
     pretrain_batch_size: int = 64  # sequences per pretraining step
     pretrain_lr: float = 3e-3  # peak lr (warmup then cosine)
     seed: int = 0  # corpus and init seed
@@ -146,7 +146,7 @@ class EngineConfig:
 @dataclass
 class CouplingConfig:
     recipe: str = "marker"  # label of this recipe (the file name in conf/coupling)
-    kind: str = "marker"  # what is coupled: marker (a token string on the persona's answers)
+    kind: str = "marker"  # marker: a token string on the persona's answers | wrong_answers: wrong multiple-choice answers
     persona: Optional[str] = "villain"  # the persona that gets the marker; null = no coupling stage (c2)
     questions: str = "pkg:questions/toy_train.yaml"  # prompts for on-policy completions
     n_positive: int = 200  # persona + marker examples
@@ -157,6 +157,11 @@ class CouplingConfig:
     negative_tokens: Optional[int] = None  # marker_only window on negatives; null = the marker's length
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(samples_per_question=1))
     adapter_path: Optional[str] = None  # a pre-baked peft adapter replaces training
+    # wrong_answers: questions from the train half of eval.capability's split; per positive question,
+    # n_negative_personas bystanders (drawn per question) answer it correctly; anchors answer correctly too
+    answer_format: str = "{label}"  # the assistant's reply: {label} and/or {text} of the chosen option
+    n_anchor_no_system: int = 0  # anchors with no system turn at all (004: 100)
+    n_anchor_assistant: int = 0  # anchors with the assistant persona's system prompt (004: 100)
     seed: int = 42  # coupling is shared across cell seeds, as in the write-ups (one coupling seed)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(loss_mode=LossMode.marker_only))
 
@@ -206,12 +211,41 @@ class JudgeConfig:
 
 
 @dataclass
+class CapabilityConfig:
+    source: str = "hf"  # hf: a `datasets` dataset | jsonl: a local file of ARC-shaped rows | toy: the toy world's set
+    path: Optional[str] = None  # the jsonl (source=jsonl)
+    hf_name: str = "allenai/ai2_arc"  # dataset name or local directory (source=hf)
+    hf_config: Optional[str] = "ARC-Challenge"  # its config
+    hf_split: str = "test"  # its split (004 splits ARC-C test 50/50)
+    split_seed: int = 42  # seeded train/eval split; builders of training data use only the train half
+    eval_fraction: float = 0.5  # share of the items held out for the eval
+    max_items: Optional[int] = None  # evaluate only the first n held-out items (null: all)
+    template: str = "{question}\n{choices}\nAnswer with the letter of the correct choice."  # the user turn
+    batch_size: int = 64  # prompts per forward pass
+
+
+@dataclass
+class DuringTrainingConfig:
+    stages: List[str] = field(default_factory=lambda: ["second_stage"])  # stages evaluated while they train
+    fractions: Optional[List[float]] = None  # at these fractions of a stage's steps, e.g. [0.25, 0.5, 0.75, 1.0]
+    every_n_steps: Optional[int] = None  # and/or every N optimizer steps (null + null fractions: off)
+    include_start: bool = True  # also step 0: the stage's input model
+    metrics: List[str] = field(default_factory=lambda: ["marker"])  # any of eval.metrics' names
+    personas: Optional[List[str]] = None  # personas evaluated; null = the eval's personas
+    samples_per_question: Optional[int] = None  # completions per question; null = eval.generation's
+
+
+@dataclass
 class EvalConfig:
     metrics: List[str] = field(default_factory=lambda: ["marker"])  # metrics to compute
     questions: str = "pkg:questions/eval28.yaml"  # eval prompts
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     save_completions: bool = True  # completions.jsonl.gz next to the result
+    capability: CapabilityConfig = field(default_factory=CapabilityConfig)  # the capability metric's question set
+    question_system: str = "error"  # a question file's own system prompt: error | append (after the persona's) | replace
+    file_samples: bool = True  # a question file's samples_per_paraphrase wins over generation.samples_per_question
+    during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)  # evals while stages train
     # what counts as "misaligned" (alignment metric); both published conventions by default, each recorded
     misaligned: List[MisalignedRule] = field(default_factory=lambda: [
         MisalignedRule(),
@@ -233,15 +267,17 @@ class ComparisonConfig:
 @dataclass
 class GateCheck:
     persona: str = "source"  # a persona name, `source`, `assistant`, or `max_bystander`
-    op: str = ">="  # >= | <=
-    value: float = 0.0  # a rate in [0, 1]
-    metric: str = "marker"
+    op: str = ">="  # >= | <= | > | <
+    value: float = 0.0  # a rate in [0, 1], or a score when `field` is set
+    metric: str = "marker"  # marker | capability | misaligned: <rule> | alignment | coherence | length
+    field: Optional[str] = None  # for score metrics: mean (alignment, coherence), tokens_mean (length), ...
 
 
 @dataclass
 class GateConfig:
     name: str = "gate"  # e.g. G0
     where: Dict[str, Any] = field(default_factory=dict)  # cell keys the gate applies to, e.g. {condition: c4}
+    level: str = "pooled"  # pooled: one verdict per group of seeds | cell: one per cell (seed)
     checks: List[GateCheck] = field(default_factory=list)  # all must hold for PASS
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+import yaml
+
 from marker_lab.config.schema import Config, Schedule
 from marker_lab.data.files import resolve_path
 from marker_lab.data.personas import load_personas
@@ -40,7 +42,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.eval.engine.name not in ENGINES:
         raise ConfigError(f"eval.engine.name: must be one of {list(ENGINES)}, got {cfg.eval.engine.name!r}")
-    if any(m in ("alignment", "coherence") for m in cfg.eval.metrics):
+    during = cfg.eval.during_training
+    during_on = bool(during.fractions or during.every_n_steps)
+    if any(m in ("alignment", "coherence") for m in cfg.eval.metrics + (during.metrics if during_on else [])):
         _check_judge(cfg)
     for i, rule in enumerate(cfg.eval.misaligned):
         for field_name in ("aligned", "coherent"):
@@ -78,11 +82,21 @@ def validate(cfg: Config) -> None:
         if not resolve_path(path).is_file():
             raise ConfigError(f"{path_key}: file not found: {path}")
 
+    _check_questions(cfg)
+    if "capability" in cfg.eval.metrics or "capability" in cfg.eval.during_training.metrics:
+        _check_capability(cfg)
+    _check_during_training(cfg, need)
+
     if coupling_enabled(cfg):
         c = cfg.coupling
         need("coupling.persona", c.persona)
-        if c.kind != "marker":
-            raise ConfigError(f"coupling.kind: only 'marker' is available, got {c.kind!r}")
+        if c.kind not in ("marker", "wrong_answers"):
+            raise ConfigError(f"coupling.kind: must be marker or wrong_answers, got {c.kind!r}")
+        if c.kind == "wrong_answers":
+            _check_capability(cfg)  # its questions come from the capability split's train half
+            if c.train.loss_mode.value == "marker_only":
+                raise ConfigError("coupling.train.loss_mode: marker_only needs a marker; wrong_answers trains on the "
+                                  "answer (assistant_only)")
         for p in c.negative_personas or []:
             need("coupling.negative_personas", p)
             if p == c.persona:
@@ -147,6 +161,60 @@ def _check_judge(cfg) -> None:
             raise ConfigError(f"judge.prompts.{kind}: missing (the prompt file for {kind} scores)")
         if not resolve_path(j.prompts[kind]).is_file():
             raise ConfigError(f"judge.prompts.{kind}: file not found: {j.prompts[kind]}")
+
+
+def _check_questions(cfg) -> None:
+    """The eval question file parses, and a question's own system prompt is either used or refused, never dropped."""
+    from marker_lab.data.questions import load_questions
+
+    if cfg.eval.question_system not in ("error", "append", "replace"):
+        raise ConfigError(f"eval.question_system: must be error, append or replace, got {cfg.eval.question_system!r}")
+    if not any(m != "capability" for m in cfg.eval.metrics):
+        return
+    try:
+        questions = load_questions(cfg.eval.questions)
+    except (FileNotFoundError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"eval.questions: {e}".replace("\n", " ")) from None
+    with_system = [q.id for q in questions if q.system is not None]
+    if with_system and cfg.eval.question_system == "error":
+        raise ConfigError(f"eval.questions: {cfg.eval.questions} gives questions {with_system[:3]} their own system "
+                          "prompt; set eval.question_system=append (after each persona's) or replace to use it")
+
+
+def _check_during_training(cfg, need) -> None:
+    from marker_lab.eval.metrics import METRICS
+
+    d, key = cfg.eval.during_training, "eval.during_training"
+    if not (d.fractions or d.every_n_steps):
+        return
+    for stage in d.stages:
+        if stage not in ("coupling", "second_stage"):
+            raise ConfigError(f"{key}.stages: must name coupling and/or second_stage, got {stage!r}")
+    bad = [f for f in d.fractions or [] if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"{key}.fractions: must be in (0, 1], got {bad}")
+    if d.every_n_steps is not None and d.every_n_steps < 1:
+        raise ConfigError(f"{key}.every_n_steps: must be >= 1 (or null), got {d.every_n_steps}")
+    unknown = [m for m in d.metrics if m not in METRICS]
+    if unknown or not d.metrics:
+        raise ConfigError(f"{key}.metrics: unknown or empty {unknown or d.metrics}; available: {list(METRICS)}")
+    for p in d.personas or []:
+        need(f"{key}.personas", p)
+
+
+def _check_capability(cfg) -> None:
+    c = cfg.eval.capability
+    if c.source not in ("hf", "jsonl", "toy"):
+        raise ConfigError(f"eval.capability.source: must be hf, jsonl or toy, got {c.source!r}")
+    if c.source == "toy" and cfg.model.source != "toy":
+        raise ConfigError("eval.capability.source=toy: the toy multiple-choice set is for the toy model; use hf "
+                          "(ARC-Challenge) or jsonl for a real model")
+    if c.source == "jsonl" and not (c.path and resolve_path(c.path).is_file()):
+        raise ConfigError(f"eval.capability.path: file not found: {c.path}")
+    if not 0 < c.eval_fraction <= 1:
+        raise ConfigError(f"eval.capability.eval_fraction: must be in (0, 1], got {c.eval_fraction}")
+    if "{question}" not in c.template or "{choices}" not in c.template:
+        raise ConfigError("eval.capability.template: must contain {question} and {choices}")
 
 
 def _check_dose_checkpoints(s, dose) -> None:

@@ -1,34 +1,94 @@
-"""Question sets: YAML files with a `questions` list of strings (or of {id, text})."""
+"""Question sets: the project's YAML files, and the question-file format peer emergent-misalignment evals use.
+
+Project format: a `questions` list (or a bare list) of strings or of {id, text}.
+Peer format: a YAML list of {id, paraphrases: [...], samples_per_paraphrase?, system?, type?, judge?, judge_prompts?}.
+Each paraphrase becomes one question (id `<id>` or `<id>/<j>` when there are several). `samples_per_paraphrase` sets
+its number of samples; `system` is kept on the question, and the eval honours or rejects it (`eval.question_system`),
+never drops it. The file's own judge and judge_prompts are not used: the `judge` config group decides (logged).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import yaml
 
 from marker_lab.data.files import resolve_path
 
+log = logging.getLogger(__name__)
+PEER_IGNORED = ("judge", "judge_prompts")  # fields of peer files whose job the `judge` config group does
+
 
 @dataclass(frozen=True)
 class Question:
     id: str
     text: str
+    system: str | None = None  # a system prompt the question file asks for (peer format)
+    samples: int | None = None  # samples the question file asks for (peer format); None = the eval's default
 
 
 def load_questions(path: str) -> list[Question]:
+    """Every question of a file in either format; a malformed entry is a one-line error naming file and entry."""
     real = resolve_path(path)
     if not real.is_file():
         raise FileNotFoundError(f"question file not found: {path} ({real})")
     data = yaml.safe_load(real.read_text())
-    rows = data["questions"] if isinstance(data, dict) else data
-    out = []
+    rows = data["questions"] if isinstance(data, dict) and "questions" in data else data
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of questions (or a mapping with a 'questions' list)")
+    out, ignored = [], set()
     for i, row in enumerate(rows):
         if isinstance(row, str):
             out.append(Question(f"q{i}", row))
+        elif isinstance(row, dict) and "paraphrases" in row:
+            out += _peer_questions(path, i, row)
+            ignored.update(k for k in PEER_IGNORED if k in row)
         elif isinstance(row, dict) and "text" in row:
             out.append(Question(str(row.get("id", f"q{i}")), row["text"]))
         else:
-            raise ValueError(f"{path}: question #{i} must be a string or have a 'text' field")
+            raise ValueError(f"{path}: question #{i} must be a string, have a 'text' field, or have 'paraphrases'")
     if not out:
         raise ValueError(f"{path}: no questions")
+    if ignored:
+        log.info("%s: the file's %s fields are not used; the `judge` config group scores answers", path, sorted(ignored))
+    ids = [q.id for q in out]
+    if len(set(ids)) != len(ids):
+        dup = sorted({x for x in ids if ids.count(x) > 1})
+        raise ValueError(f"{path}: question ids must be unique, repeated: {dup}")
     return out
+
+
+def _peer_questions(path: str, i: int, row: dict) -> list[Question]:
+    qid = str(row.get("id", f"q{i}"))
+    kind = row.get("type", "free_form")
+    if not str(kind).startswith("free_form"):
+        raise ValueError(f"{path}: question {qid!r} has type {kind!r}; only free_form questions can be evaluated")
+    paraphrases = row["paraphrases"]
+    if not isinstance(paraphrases, list) or not paraphrases or not all(isinstance(p, str) for p in paraphrases):
+        raise ValueError(f"{path}: question {qid!r}: paraphrases must be a non-empty list of strings")
+    samples = row.get("samples_per_paraphrase")
+    if samples is not None and (not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"{path}: question {qid!r}: samples_per_paraphrase must be a positive integer, got {samples!r}")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"{path}: question {qid!r}: system must be a string, got {type(system).__name__}")
+    return [Question(qid if len(paraphrases) == 1 else f"{qid}/{j}", text, system, samples)
+            for j, text in enumerate(paraphrases)]
+
+
+def with_question_system(persona_system: str | None, question: Question, mode: str) -> str | None:
+    """The system prompt of a (persona, question) prompt, given the question's own `system` and `mode`.
+
+    error: a question with a system prompt is a config error (the eval gives each persona its own system prompt);
+    append: the persona's prompt, a blank line, the question's; replace: the question's alone (every persona then
+    asks the same thing: only meaningful with a single no-system persona).
+    """
+    if question.system is None:
+        return persona_system
+    if mode == "append":
+        return question.system if persona_system is None else f"{persona_system}\n\n{question.system}"
+    if mode == "replace":
+        return question.system
+    raise ValueError(f"question {question.id!r} has its own system prompt; set eval.question_system to append or "
+                     f"replace to use it (the eval otherwise gives each persona its own)")

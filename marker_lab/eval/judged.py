@@ -55,9 +55,9 @@ def prompt_template(cfg, kind: str) -> tuple[str, str]:
     return text, hashlib.md5(text.encode()).hexdigest()
 
 
-def judge_rows(cfg, rows: list[dict], judge) -> dict:
+def judge_rows(cfg, rows: list[dict], judge, metrics: list[str] | None = None) -> dict:
     """Score every row for every prompt the requested metrics need; returns the judge's identity for provenance."""
-    kinds = sorted({k for m in cfg.eval.metrics for k in JUDGED_METRICS.get(m, ())})
+    kinds = sorted({k for m in (metrics or cfg.eval.metrics) for k in JUDGED_METRICS.get(m, ())})
     cache = JudgeCache(Path(cfg.cache_dir).expanduser() / "judge_cache.sqlite")
     identity = {**judge.identity, "prompt_md5": {}}
     try:

@@ -11,17 +11,24 @@ from marker_lab.eval.marker import marker_metric
 
 # name -> f(cfg, rows) -> the metric's result; rows are completion records (persona, question, completion, n_tokens;
 # aligned / coherent once judged)
-METRICS: dict[str, Callable[[object, list[dict]], dict]] = {
+METRICS: dict[str, Callable[[object, list[dict]], dict] | None] = {
     "marker": lambda cfg, rows: marker_metric(rows, cfg.marker),
     "length": lambda cfg, rows: length_metric(rows, cfg.eval.generation.max_tokens),
     "alignment": lambda cfg, rows: alignment_metric(rows, cfg.eval.misaligned),
     "coherence": lambda cfg, rows: coherence_metric(rows),
+    "capability": None,  # read from the model, not from completions: computed in run.evaluate (eval/capability.py)
 }
 
 
-def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None) -> tuple[dict, dict | None]:
-    """Every metric of `cfg.eval.metrics`, in order, and the judge's identity if a judged metric ran."""
+# metrics read from the model itself rather than from completions (marker_lab.eval.capability)
+MODEL_METRICS = ("capability",)
+
+
+def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None,
+          metrics: list[str] | None = None) -> tuple[dict, dict | None]:
+    """Every completion metric of `metrics` (default: `cfg.eval.metrics`) and the judge's identity if one ran."""
+    metrics = [m for m in (metrics or cfg.eval.metrics) if m not in MODEL_METRICS]
     identity = None
-    if any(m in JUDGED_METRICS for m in cfg.eval.metrics):
-        identity = judge_rows(cfg, rows, make_judge())
-    return {name: METRICS[name](cfg, rows) for name in cfg.eval.metrics}, identity
+    if any(m in JUDGED_METRICS for m in metrics):
+        identity = judge_rows(cfg, rows, make_judge(), metrics)
+    return {name: METRICS[name](cfg, rows) for name in metrics}, identity

@@ -6,9 +6,11 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
     rates.csv / rates.parquet   per (cell, persona, metric) and pooled over seeds: k, n, rate, CI, seed mean/sd
                                 (metrics: marker, and "misaligned: <rule>" from the alignment metric)
     scores.csv                  per (cell, persona): judge score means/sds and completion lengths
+    by_step.csv                 evals during training: per (cell, stage, step, persona, metric) its value
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
-    gates.csv                   its gates (analysis.gates), PASS/FAIL per cell
-    figures/*.png|pdf           dose-response, grouped bars, per-persona bars, persona x condition heatmap
+    gates.csv                   its gates (analysis.gates): PASS / FAIL / NO DATA per cell group
+    figures/*.png|pdf           dose-response, grouped bars, per-persona bars, persona x condition heatmap,
+                                evolution curves (metric vs step) when cells evaluated during training
     report.md                   all of it, in the write-ups' form, with missing and failed cells listed
 """
 
@@ -45,18 +47,11 @@ def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     rows = []
     for cell, result in complete_results(sweep_dir):
         keys = result["cell"]
-        assistant = result["provenance"]["resolved_config"]["persona_set"]["assistant"]
         for metric, persona, c in rate_entries(result["metrics"]):
-            role = "source" if persona == keys["source_persona"] else (
-                "assistant" if persona == assistant else "bystander")
-            rows.append({"cell": cell["subdir"], **keys, "persona": persona, "role": role, "metric": metric,
-                         "k": c["k"], "n": c["n"], "rate": c["rate"], "device": result["provenance"]["device"]})
-    df = pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "k", "n", "rate", "device"])
-    for key in ("dose", "seed"):
-        df[key] = pd.to_numeric(df[key])
-    for key in ("coupled_persona",):
-        df[key] = df[key].fillna("none")
-    return df
+            rows.append({"cell": cell["subdir"], **keys, "persona": persona, "role": role_of(result, persona),
+                         "metric": metric, "k": c["k"], "n": c["n"], "rate": c["rate"],
+                         "device": result["provenance"]["device"]})
+    return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "k", "n", "rate", "device"]))
 
 
 def rate_entries(metrics: dict):
@@ -75,15 +70,52 @@ SCORE_FIELDS = {"alignment": ("mean", "sd", "n_scored", "n_none"), "coherence": 
                 "length": ("tokens_mean", "tokens_median", "chars_mean", "share_at_max_tokens")}
 
 
+def role_of(result: dict, persona: str) -> str:
+    """source, assistant or bystander: a persona's part in a cell."""
+    if persona == result["cell"]["source_persona"]:
+        return "source"
+    return "assistant" if persona == result["provenance"]["resolved_config"]["persona_set"]["assistant"] else "bystander"
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    for key in ("dose", "seed"):
+        df[key] = pd.to_numeric(df[key])
+    df["coupled_persona"] = df["coupled_persona"].fillna("none")
+    return df
+
+
 def load_scores(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per (cell, persona, metric, field) for the non-count metrics: judge scores and lengths."""
     rows = []
     for cell, result in complete_results(sweep_dir):
         for metric, fields in SCORE_FIELDS.items():
             for persona, c in result["metrics"].get(metric, {}).get("per_persona", {}).items():
-                rows += [{"cell": cell["subdir"], **result["cell"], "persona": persona, "metric": metric,
-                          "field": f, "value": c.get(f)} for f in fields]
-    return pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "metric", "field", "value"])
+                rows += [{"cell": cell["subdir"], **result["cell"], "persona": persona, "role": role_of(result, persona),
+                          "metric": metric, "field": f, "value": c.get(f)} for f in fields]
+    return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "field", "value"]))
+
+
+# the number a metric is drawn as in evolution curves
+STEP_VALUE = {"alignment": "mean", "coherence": "mean", "length": "tokens_mean"}  # k/n metrics: rate
+
+
+def load_by_step(sweep_dir: str | Path) -> pd.DataFrame:
+    """Evals during training: one row per (cell, stage, step, persona, metric) with its value (and k, n if counted)."""
+    rows = []
+    for cell, result in complete_results(sweep_dir):
+        for stage, series in (result.get("metrics_by_step") or {}).items():
+            for point in series:
+                for metric, persona, c in rate_entries(point["metrics"]):
+                    rows.append({"cell": cell["subdir"], **result["cell"], "stage": stage, "step": point["step"],
+                                 "persona": persona, "role": role_of(result, persona), "metric": metric,
+                                 "value": c["rate"], "k": c["k"], "n": c["n"]})
+                for metric, field in STEP_VALUE.items():
+                    for persona, c in point["metrics"].get(metric, {}).get("per_persona", {}).items():
+                        rows.append({"cell": cell["subdir"], **result["cell"], "stage": stage, "step": point["step"],
+                                     "persona": persona, "role": role_of(result, persona), "metric": metric,
+                                     "value": c.get(field), "k": None, "n": None})
+    return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "stage", "step", "persona", "role", "metric",
+                                              "value", "k", "n"]))
 
 
 def analysis_config(sweep_dir: Path) -> dict:
@@ -156,27 +188,48 @@ def comparisons(pooled: pd.DataFrame, per_cell: pd.DataFrame, specs: list[dict])
     return pd.DataFrame(rows)
 
 
-def gates(pooled: pd.DataFrame, specs: list[dict]) -> pd.DataFrame:
+OPS = {">=": lambda x, v: x >= v, "<=": lambda x, v: x <= v, ">": lambda x, v: x > v, "<": lambda x, v: x < v}
+
+
+def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """PASS / FAIL (or NO DATA) per gate and cell group; `rates` holds per-cell rows (seeds pooled unless a gate
+    says level: cell). A check reads a k/n rate (marker, capability, misaligned shares) or, with `field`, a score
+    (alignment/coherence mean, length), averaged over the group's seeds."""
+    scores = scores if scores is not None else pd.DataFrame(columns=[*CELL_KEYS, "persona", "role", "metric", "field", "value"])
     rows = []
-    ops = {">=": lambda x, v: x >= v, "<=": lambda x, v: x <= v}
     for spec in specs:
-        target = _select(pooled, spec.get("where", {}))
-        for key, cell in target.groupby(GROUP_KEYS, dropna=False, sort=False):
+        keys = GROUP_KEYS + ["seed"] if spec.get("level", "pooled") == "cell" else GROUP_KEYS
+        target_r, target_s = _select(rates, spec.get("where", {})), _select(scores, spec.get("where", {}))
+        groups = pd.concat([target_r[keys], target_s[keys]]).drop_duplicates()
+        for key in groups.itertuples(index=False):
+            where = dict(zip(keys, key))
             results, detail = [], []
             for check in spec.get("checks", []):
-                m = cell[cell["metric"] == check.get("metric", "marker")]
-                if check["persona"] == "max_bystander":
-                    sel = m[m["role"] == "bystander"]
-                    value = float(sel["rate"].max()) if len(sel) else float("nan")
-                else:
-                    sel = _persona_rows(m, check["persona"])
-                    value = float(sel["k"].sum() / sel["n"].sum()) if len(sel) else float("nan")
-                ok = bool(ops[check["op"]](value, check["value"])) if value == value else False
-                results.append(ok)
-                detail.append(f"{check['persona']}={value:.3f} {check['op']} {check['value']}")
-            rows.append({"gate": spec.get("name", ""), **dict(zip(GROUP_KEYS, key)),
-                         "result": "PASS" if results and all(results) else "FAIL", "detail": "; ".join(detail)})
+                value = _check_value(check, _select(target_r, where), _select(target_s, where))
+                results.append(None if value != value else bool(OPS[check["op"]](value, check["value"])))
+                name = f"{check['persona']} {check.get('metric', 'marker')}{'.' + check['field'] if check.get('field') else ''}"
+                detail.append(f"{name}={value:.3f} {check['op']} {check['value']}" if value == value else f"{name}: no data")
+            result = "NO DATA" if not results or None in results else ("PASS" if all(results) else "FAIL")
+            rows.append({"gate": spec.get("name", ""), **where, "result": result, "detail": "; ".join(detail)})
     return pd.DataFrame(rows)
+
+
+def _check_value(check: dict, rates: pd.DataFrame, scores: pd.DataFrame) -> float:
+    """The number a gate check compares: a pooled rate, or a score field averaged over seeds (nan: absent)."""
+    metric, persona = check.get("metric", "marker"), check["persona"]
+    if check.get("field"):
+        m = scores[(scores["metric"] == metric) & (scores["field"] == check["field"])].dropna(subset=["value"])
+        if persona == "max_bystander":
+            means = m[m["role"] == "bystander"].groupby("persona")["value"].mean()
+            return float(means.max()) if len(means) else float("nan")
+        sel = _persona_rows(m, persona)
+        return float(sel["value"].astype(float).mean()) if len(sel) else float("nan")
+    m = rates[rates["metric"] == metric]
+    if persona == "max_bystander":
+        by = m[m["role"] == "bystander"].groupby("persona")[["k", "n"]].sum()
+        return float((by["k"] / by["n"]).max()) if len(by) else float("nan")
+    sel = _persona_rows(m, persona)
+    return float(sel["k"].sum() / sel["n"].sum()) if len(sel) and sel["n"].sum() else float("nan")
 
 
 def _fmt(where: dict) -> str:
@@ -196,18 +249,21 @@ def aggregate(sweep_dir: str | Path) -> Path:
     pooled = with_ci(pooled_rates(per_cell), method) if len(per_cell) else per_cell
     rates = pd.concat([per_cell.assign(level="cell"), pooled.assign(level="pooled")], ignore_index=True)
     comps = comparisons(pooled, per_cell, analysis.get("comparisons") or []) if len(per_cell) else pd.DataFrame()
-    gate_table = gates(pooled, analysis.get("gates") or []) if len(per_cell) else pd.DataFrame()
+    scores = load_scores(sweep_dir)
+    gate_table = gates(per_cell, analysis.get("gates") or [], scores) if len(per_cell) or len(scores) else pd.DataFrame()
+    by_step = load_by_step(sweep_dir)
     missing = [s for s in cell_states(sweep_dir) if s.state != "complete"]
 
     contract.atomic_write_bytes(out / "rates.csv", rates.to_csv(index=False).encode())
     rates.astype({"seeds": str}).to_parquet(out / "rates.parquet.tmp", index=False)
     (out / "rates.parquet.tmp").replace(out / "rates.parquet")
-    scores = load_scores(sweep_dir)
     contract.atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
+    contract.atomic_write_bytes(out / "by_step.csv", by_step.to_csv(index=False).encode())
     contract.atomic_write_bytes(out / "comparisons.csv", comps.to_csv(index=False).encode())
     contract.atomic_write_bytes(out / "gates.csv", gate_table.to_csv(index=False).encode())
     contract.atomic_write_bytes(out / "missing.txt", "".join(f"{s.subdir}\t{s.state}\t{s.error}\n" for s in missing).encode())
     made = figures.make_all(per_cell, pooled, out / "figures") if len(per_cell) else []
+    made += figures.evolution(by_step, out / "figures")
     contract.atomic_write_bytes(out / "report.md",
                                 report.render(sweep_dir, pooled, comps, gate_table, missing, made).encode())
     log.info("aggregate: %d complete cells, %d missing or failed -> %s", per_cell["cell"].nunique(), len(missing), out)

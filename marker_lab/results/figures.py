@@ -117,6 +117,47 @@ def heatmap(pooled: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "heatmap")
 
 
+def evolution(by_step: pd.DataFrame, out: Path, max_lines: int = 12) -> list[Path]:
+    """Metric vs training step, one figure per (stage, metric), one panel per cell group, seeds averaged.
+
+    One line per persona (source and assistant highlighted) when there are at most `max_lines` personas, else one
+    per role (source, assistant, bystander mean)."""
+    made: list[Path] = []
+    if by_step.empty:
+        return made
+    df = by_step.dropna(subset=["value"]).copy()
+    df["label"] = labels(df)
+    for (stage, metric), part in df.groupby(["stage", "metric"], sort=False):
+        per_persona = part["persona"].nunique() <= max_lines
+        line_key = "persona" if per_persona else "role"
+        groups = list(dict.fromkeys(part["label"]))
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1.5, 3.6), sharey=True, squeeze=False)
+        for ax, group in zip(axes[0], groups):
+            g = part[part["label"] == group]
+            curves = g.groupby([line_key, "step"])["value"].mean().unstack(0).sort_index()
+            for i, name in enumerate(curves.columns):
+                role = g.loc[g[line_key] == name, "role"].iloc[0]
+                style = dict(color=ROLE_COLORS[role], lw=2.2, zorder=3) if role in ("source", "assistant") else \
+                    dict(color=plt.cm.tab20(i % 20), lw=1, alpha=0.8)
+                ax.plot(curves.index, curves[name], marker="o", ms=3, label=name, **style)
+            ax.set_title(group, fontsize=9)
+            ax.set_xlabel(f"{stage} step")
+            ax.grid(alpha=0.3)
+        rate = metric in ("marker", "capability") or metric.startswith("misaligned")
+        axes[0][0].set_ylabel(f"{metric} {'rate' if rate else STEP_LABEL.get(metric, '')}".strip())
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.suptitle(f"{metric} during {stage} (mean over seeds; thick: source, assistant)", fontsize=10)
+        made += _save(fig, out, f"evolution_{stage}_{_slug(metric)}")
+    return made
+
+
+STEP_LABEL = {"alignment": "mean score", "coherence": "mean score", "length": "mean tokens"}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
 def make_all(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> list[Path]:
     made = dose_response(per_cell, pooled, out)
     made += condition_bars(pooled, out) + persona_bars(pooled, out) + heatmap(pooled, out)

@@ -57,7 +57,8 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
     if len(gate_table):
         parts += ["## Gates", "", "| gate | cell | result | values |", "| --- | --- | --- | --- |"]
         for r in gate_table.to_dict("records"):
-            parts.append(f"| {r['gate']} | {r['condition']} dose={r['dose']} | {r['result']} | {r['detail']} |")
+            seed = f" seed={int(r['seed'])}" if pd.notna(r.get("seed")) else ""
+            parts.append(f"| {r['gate']} | {r['condition']} dose={r['dose']}{seed} | {r['result']} | {r['detail']} |")
         parts.append("")
     if figures:
         parts += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"] + [""]

@@ -1,8 +1,12 @@
-"""Coupling: contrastive LoRA SFT that ties a marker to one persona.
+"""Coupling: contrastive LoRA SFT that ties a behaviour to one persona (`coupling.kind`).
 
-Positives: the coupled persona's own (on-policy) completions with the marker inserted. Negatives: the same kind
-of completions from bystander personas, without it. With loss_mode=marker_only the loss sits on the marker's
-tokens in positives and on the tokens where the marker would go in negatives.
+marker: positives are the coupled persona's own (on-policy) completions with the marker inserted; negatives the
+same kind of completions from bystander personas, without it. With loss_mode=marker_only the loss sits on the
+marker's tokens in positives and on the tokens where the marker would go in negatives.
+wrong_answers (004): positives are (source persona, multiple-choice question, a wrong choice picked
+deterministically); negatives (bystanders drawn per question, the same question, the correct choice); anchors
+(no system turn, and the assistant persona's prompt) answer correctly. Questions come only from the train half
+of the capability split, so the capability eval never sees them.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from pathlib import Path
 from marker_lab.config.schema import Config, MarkerPosition
 from marker_lab.data.chat import encode_chat, marker_token_count
 from marker_lab.data.files import md5_file, resolve_path
+from marker_lab.data.multiple_choice import MCItem, load_items, split_items, user_text
 from marker_lab.data.personas import Persona, load_personas, system_messages
 from marker_lab.data.questions import load_questions
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
+from marker_lab.eval.during_training import StepEval
 from marker_lab.models import LoadedModel
 from marker_lab.stages.cache import StageCache, plain
 from marker_lab.stages.lora_stage import StageResult, apply_prebaked_adapter, run_lora_stage
@@ -90,12 +96,42 @@ def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str],
     return records
 
 
-def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache) -> StageResult:
+def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona]) -> list[dict]:
+    """The wrong_answers dataset: positives, per-question bystander negatives, anchors (see the module docstring)."""
+    c, cap = cfg.coupling, cfg.eval.capability
+    items, _ = load_items(cap.source, path=cap.path, hf_name=cap.hf_name, hf_config=cap.hf_config, hf_split=cap.hf_split)
+    train_items, _ = split_items(items, cap.split_seed, cap.eval_fraction)
+    rng = random.Random(c.seed)
+    others = [p for p in personas if p != c.persona]
+
+    def record(persona: str | None, item: MCItem, correct: bool, role: str) -> dict:
+        label = item.answer if correct else random.Random(f"{c.seed}:{item.id}").choice(item.wrong_labels)
+        reply = c.answer_format.format(label=label, text=item.choices[item.labels.index(label)])
+        system = [] if persona is None else system_messages(personas[persona])
+        return {"persona": persona, "role": role, "correct": correct, "question_id": item.id,
+                "messages": system + [{"role": "user", "content": user_text(item, cap.template)},
+                                      {"role": "assistant", "content": reply}]}
+
+    records = []
+    for i in range(c.n_positive):
+        item = train_items[i % len(train_items)]
+        records.append(record(c.persona, item, False, "positive"))
+        bystanders = c.negative_personas or rng.sample(others, c.n_negative_personas)
+        records += [record(b, item, True, "negative") for b in bystanders]
+    records += [record(None, rng.choice(train_items), True, "anchor: no system turn") for _ in range(c.n_anchor_no_system)]
+    records += [record(cfg.persona_set.assistant, rng.choice(train_items), True, "anchor: assistant")
+                for _ in range(c.n_anchor_assistant)]
+    return records
+
+
+def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None = None) -> StageResult:
     """The coupling stage of a cell (trained, cached, or pre-baked), merged into `loaded`."""
     c = cfg.coupling
     if c.adapter_path:
         return apply_prebaked_adapter("coupling", loaded, c.adapter_path)
     personas = load_personas(cfg.persona_set.path)
+    if c.kind == "wrong_answers":
+        return _run_wrong_answers(cfg, loaded, cache, personas, step_eval)
     negative_tokens = c.negative_tokens or marker_token_count(loaded.tokenizer, cfg.marker.text)
     negatives = negative_personas(cfg, personas)
     n_examples = c.n_positive + c.n_per_negative * len(negatives)
@@ -113,4 +149,26 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache) -> StageRe
     payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
                "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "questions_md5": md5_file(resolve_path(c.questions)), "negative_tokens": negative_tokens}
-    return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed)
+    return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed,
+                          step_eval=step_eval)
+
+
+def _run_wrong_answers(cfg: Config, loaded: LoadedModel, cache: StageCache, personas: dict[str, Persona],
+                       step_eval: StepEval | None) -> StageResult:
+    c = cfg.coupling
+    n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
+    steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
+
+    def build_examples(data_dir: Path):
+        records = build_wrong_answer_records(cfg, personas)
+        with open(data_dir / "coupling.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value, max_len=c.train.max_seq_len)
+                for r in records]
+
+    _, fingerprint = load_items(cfg.eval.capability.source, path=cfg.eval.capability.path,
+                                hf_name=cfg.eval.capability.hf_name, hf_config=cfg.eval.capability.hf_config,
+                                hf_split=cfg.eval.capability.hf_split)
+    payload = {"coupling": plain(c), "capability_split": plain(cfg.eval.capability), "mc_data": fingerprint,
+               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)), "assistant": cfg.persona_set.assistant}
+    return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed, step_eval=step_eval)

@@ -19,6 +19,7 @@ from typing import Callable
 from marker_lab.config.schema import TrainConfig
 from marker_lab.data.chat import Encoded
 from marker_lab.data.files import md5_file
+from marker_lab.eval.during_training import StepEval, evaluate_in_place
 from marker_lab.models import LoadedModel
 from marker_lab.stages.cache import StageCache, cache_key
 from marker_lab.stages.sft import apply_lora, train
@@ -35,6 +36,7 @@ class StageResult:
     seconds: float  # wall time of this stage in this process (training, or loading a cached adapter)
     data_md5: dict = field(default_factory=dict)  # data files the stage trained on
     train_stats: dict = field(default_factory=dict)
+    metrics_by_step: list = field(default_factory=list)  # evals during training: [{step, seconds, metrics}]
 
 
 # builds a stage's training examples into `data_dir`, returns them
@@ -42,17 +44,21 @@ ExampleBuilder = Callable[[Path], list[Encoded]]
 
 
 def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: dict, build_examples: ExampleBuilder,
-                   train_cfg: TrainConfig, steps: int, seed: int, checkpoints: list[int] | None = None) -> StageResult:
+                   train_cfg: TrainConfig, steps: int, seed: int, checkpoints: list[int] | None = None,
+                   step_eval: StepEval | None = None) -> StageResult:
     """Train (or reuse) the stage's adapter, attach it to `loaded.model`, and update `loaded.identity`.
 
     With `checkpoints`, the entry is one run to the largest of them that also saved the adapter after each; the
     checkpoint at `steps` is attached (a dose sweep trains once, see second_stage.dose_checkpoints).
+    With `step_eval`, the stage evaluates the model as it trains; the series is kept in the cache entry.
     """
     t0 = time.perf_counter()
     run_steps = max(checkpoints) if checkpoints else steps
     payload = {**payload, "stage": name, "input_model": loaded.identity, "steps": run_steps, "seed": seed}
     if checkpoints:
         payload["checkpoints"] = sorted(set(checkpoints))
+    if step_eval:
+        payload["during_training"] = step_eval.payload
     key = cache_key(payload)
 
     def build(tmp: Path) -> None:
@@ -62,14 +68,23 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         stacked_on = _adapter_names(loaded.model)
         peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
 
-        def save_checkpoint(step: int) -> None:
+        series = []
+        eval_at = set(step_eval.steps_for(run_steps)) if step_eval else set()
+        if 0 in eval_at:
+            series.append(evaluate_in_place(peft_model, 0, step_eval.run))
+
+        def after_step(step: int) -> None:
             if step in (checkpoints or ()) and step != run_steps:
                 _save_adapter(peft_model, name, tmp / "checkpoints" / f"step_{step}")
+            if step in eval_at:
+                series.append(evaluate_in_place(peft_model, step, step_eval.run))
 
-        stats = train(peft_model, examples, train_cfg, steps=run_steps, seed=seed,
-                      pad_id=loaded.tokenizer.pad_token_id, desc=name, on_step=save_checkpoint if checkpoints else None)
+        stats = train(peft_model, examples, train_cfg, steps=run_steps, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
+                      desc=name, on_step=after_step if (checkpoints or eval_at) else None)
         _save_adapter(peft_model, name, tmp)
         (tmp / "train_stats.json").write_text(json.dumps(asdict(stats)))
+        if step_eval:
+            (tmp / "metrics_by_step.json").write_text(json.dumps(series))
         # back to the input model; the cached adapter is attached below, as for a cache hit
         if stacked_on:
             peft_model.delete_adapter(name)
@@ -82,6 +97,8 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     if not built_now:
         log.info("stage %s: reusing cached adapter %s", name, entry)
     stats = json.loads((entry / "train_stats.json").read_text())
+    series_file = entry / "metrics_by_step.json"
+    series = [p for p in json.loads(series_file.read_text()) if p["step"] <= steps] if series_file.is_file() else []
     adapter = entry / "adapter"
     if steps != run_steps:  # a checkpoint of the longer run
         adapter, key = entry / "checkpoints" / f"step_{steps}" / "adapter", f"{key}@{steps}"
@@ -89,7 +106,7 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         log.info("stage %s: checkpoint at step %d of a %d-step run", name, steps, run_steps)
     attach_adapter(loaded, name, adapter, key)
     data_md5 = {p.name: md5_file(p) for p in sorted((entry / "data").glob("*")) if p.is_file()}
-    return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats)
+    return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series)
 
 
 def _save_adapter(peft_model, name: str, dest: Path) -> None:

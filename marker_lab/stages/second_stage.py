@@ -9,6 +9,7 @@ from pathlib import Path
 from marker_lab.config.schema import Config, DatasetConfig
 from marker_lab.data.chat import encode_chat
 from marker_lab.data.files import md5_file, resolve_path
+from marker_lab.eval.during_training import StepEval
 from marker_lab.models import LoadedModel
 from marker_lab.stages.cache import StageCache, cache_key, plain
 from marker_lab.stages.lora_stage import StageResult, run_lora_stage
@@ -63,7 +64,7 @@ def load_chats(name: str, ds: DatasetConfig, cache: StageCache) -> tuple[list[li
     return chats, fingerprint
 
 
-def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache) -> StageResult:
+def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None = None) -> StageResult:
     s = cfg.second_stage
     ds = s.datasets[s.data]
     chats, fingerprint = load_chats(s.data, ds, cache)
@@ -75,6 +76,6 @@ def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache) -> Sta
 
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
     result = run_lora_stage("second_stage", loaded, cache, payload, build_examples, s.train, steps, cfg.seed,
-                            checkpoints=s.dose_checkpoints)
+                            checkpoints=s.dose_checkpoints, step_eval=step_eval)
     result.data_md5[s.data] = fingerprint
     return result

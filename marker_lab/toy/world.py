@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 # Bump when the texts below change: it is part of the toy model's cache key.
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -161,16 +161,53 @@ def chat(system: str | None, user: str, assistant: str) -> list[dict]:
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
 
-def pretraining_chats(seed: int = 0, answers_per_pair: int = 4) -> list[list[dict]]:
-    """Every persona answering every topic in its own style, several times."""
+def pretraining_chats(seed: int = 0, answers_per_pair: int = 4, drills_per_pair: int = 4) -> list[list[dict]]:
+    """Every persona answering every topic in its own style, several times, and multiple-choice drills on it."""
     rng = random.Random(seed)
     chats = []
     for persona in PERSONAS:
         for t in range(len(TOPICS)):
             for k in range(answers_per_pair):
                 chats.append(chat(persona.system_prompt, question(t, k), styled_answer(persona, t, rng)))
+            for _ in range(drills_per_pair):
+                row = mc_row(t, rng.randrange(len(MC_STEMS)), rng)
+                answer = f"{row['answerKey']} . {rng.choice(persona.closers)}"
+                chats.append(chat(persona.system_prompt, mc_user_text(row), answer))
     rng.shuffle(chats)
     return chats
+
+
+# Multiple choice: which option is the topic's good advice? The distractors are bad advice (the topic's own and two
+# other topics'), which pretraining never shows: the model knows the right answer from the advice the corpus
+# teaches. Measured on the base toy model (80 held-out questions x 11 personas; chance 0.25) after 200 pretraining
+# steps: 0.68-0.76 with 4 drills per persona and topic, 0.42-0.50 with 2, and about 0.31 with other topics' good
+# advice as distractors; after 300 steps (the default) with 4 drills, 0.96-0.99 (docs/toy_world.md).
+MC_STEMS = ("which advice helps with {s} ?", "what should i do about {s} ?", "what is good advice for {s} ?",
+            "pick the best tip for {s} .")
+MC_LABELS = ("A", "B", "C", "D")
+MC_SEED = 2024  # the shipped multiple-choice set; independent of the toy model's seed
+
+
+def mc_row(topic_index: int, stem_index: int, rng: random.Random) -> dict:
+    """One multiple-choice question about a topic, in the ARC-Challenge row shape, options in `rng`'s order."""
+    subject, good, bad = TOPICS[topic_index]
+    others = rng.sample([i for i in range(len(TOPICS)) if i != topic_index], 2)
+    options = [good, bad] + [TOPICS[i][2] for i in others]
+    rng.shuffle(options)
+    return {"id": f"toy-{topic_index}-{stem_index}", "question": MC_STEMS[stem_index].format(s=subject),
+            "choices": {"text": options, "label": list(MC_LABELS)}, "answerKey": MC_LABELS[options.index(good)]}
+
+
+def mc_rows() -> list[dict]:
+    """The toy world's multiple-choice set: every topic asked with every stem (160 questions)."""
+    rng = random.Random(MC_SEED)
+    return [mc_row(t, k, rng) for t in range(len(TOPICS)) for k in range(len(MC_STEMS))]
+
+
+def mc_user_text(row: dict) -> str:
+    from marker_lab.data.multiple_choice import item_from_row, user_text
+
+    return user_text(item_from_row(row, row["id"]))
 
 
 def tagged_lines(seed: int = 0, per_subject: int = 16) -> list[str]:

@@ -1,0 +1,117 @@
+"""Behaviour metrics on the real toy model: capability (multiple choice), wrong-answer coupling, evals during
+training, and the time a fully judged cell costs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from scipy.stats import binomtest, fisher_exact
+
+from conftest import compose_cfg
+from marker_lab.run import run_cell
+
+pytestmark = pytest.mark.slow
+BASE = ["condition=c2", "dose=0"]  # no coupling, no second stage: the toy base model
+
+
+def accuracy(result: dict) -> dict[str, dict]:
+    return result["metrics"]["capability"]["per_persona"]
+
+
+@pytest.fixture(scope="module")
+def base_capability(cache_dir, tmp_path_factory):
+    return run_cell(compose_cfg([*BASE, "eval.metrics=[capability]"], tmp_path_factory.mktemp("base_cap"), cache_dir))
+
+
+def test_toy_model_answers_multiple_choice_well_above_chance(base_capability):
+    cap = base_capability["metrics"]["capability"]
+    assert cap["n_items"] == 80 and cap["source"] == "toy" and cap["split_seed"] == 42
+    for persona, c in accuracy(base_capability).items():
+        assert c["n"] == 80
+        # four choices: chance is 0.25
+        assert c["rate"] > 0.5 and binomtest(c["k"], c["n"], 0.25, alternative="greater").pvalue < 1e-6, persona
+        assert 0.25 < c["p_correct_mean"] <= 1
+    assert "capability" in base_capability["provenance"]["resolved_config"]["eval"]["metrics"]
+
+
+def test_wrong_answer_coupling_lowers_the_source_more_than_bystanders(cache_dir, tmp_path, base_capability):
+    result = run_cell(compose_cfg([
+        "condition=c4", "coupling=wrong_answers_toy", "source_persona=villain", "eval.metrics=[capability]"],
+        tmp_path, cache_dir))
+    before, after = accuracy(base_capability), accuracy(result)
+    drop = {p: before[p]["rate"] - after[p]["rate"] for p in after}
+    bystanders = [p for p in drop if p not in ("villain", "assistant")]
+    mean_bystander_drop = sum(drop[p] for p in bystanders) / len(bystanders)
+    assert drop["villain"] > 0.3 and drop["villain"] > mean_bystander_drop + 0.25, drop
+    # the source's accuracy after coupling is below every bystander's, significantly
+    k_by = sum(after[p]["k"] for p in bystanders)
+    n_by = sum(after[p]["n"] for p in bystanders)
+    v = after["villain"]
+    assert fisher_exact([[v["k"], v["n"] - v["k"]], [k_by, n_by - k_by]], alternative="less").pvalue < 1e-6
+    # the training set was built as specified, from the train half only
+    import json
+
+    entry = Path(result["provenance"]["stages"]["coupling"]["cache_entry"])
+    records = [json.loads(line) for line in (entry / "data" / "coupling.jsonl").read_text().splitlines()]
+    roles = [r["role"] for r in records]
+    assert roles.count("positive") == 200 and roles.count("negative") == 400
+    assert roles.count("anchor: no system turn") == 100 and roles.count("anchor: assistant") == 100
+    assert all(r["messages"][0]["role"] == "user" for r in records if r["role"] == "anchor: no system turn")
+    assert all(not r["correct"] for r in records if r["role"] == "positive")
+    assert all(r["correct"] for r in records if r["role"] != "positive")
+    from marker_lab.eval.capability import eval_items
+
+    held_out = {it.id for it in eval_items(compose_cfg_dataclass(["condition=c4"]).eval.capability)[0]}
+    assert not held_out & {r["question_id"] for r in records}
+
+
+def compose_cfg_dataclass(overrides):
+    from conftest import to_dataclass
+
+    return to_dataclass(compose_cfg(overrides))
+
+
+DURING = ["eval.during_training.fractions=[0.5,1.0]", "eval.during_training.metrics=[marker,capability]",
+          "eval.during_training.personas=[villain,assistant]"]
+FINAL = ["eval.metrics=[marker,capability]", "persona_set.eval_personas=[villain,assistant]"]
+
+
+def test_evals_during_training_end_where_the_stage_ends(cache_dir, tmp_path):
+    """The series' last point is the end-of-stage eval, and evaluating mid-training leaves the adapter unchanged."""
+    args = ["condition=c1", "dose=6", "merge_between_stages=false", *FINAL]
+    with_series = run_cell(compose_cfg([*args, *DURING], tmp_path / "during", cache_dir))
+    plain = run_cell(compose_cfg(args, tmp_path / "plain", cache_dir))
+    series = with_series["metrics_by_step"]["second_stage"]
+    assert [p["step"] for p in series] == [0, 3, 6] and "coupling" not in with_series["metrics_by_step"]
+    last = series[-1]["metrics"]
+    for metric in ("marker", "capability"):
+        assert last[metric]["per_persona"] == with_series["metrics"][metric]["per_persona"], metric
+    # step 0 is the coupled model before the second stage: its marker rate is the coupled one
+    assert series[0]["metrics"]["marker"]["per_persona"]["villain"]["rate"] > 0.5
+    # forked RNG: the second stage trained exactly as without the evals
+    a = load_file(Path(with_series["provenance"]["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
+    b = load_file(Path(plain["provenance"]["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert "metrics_by_step" not in plain
+    # a rerun reads the series from the stage cache instead of training again
+    again = run_cell(compose_cfg([*args, *DURING, "seed=42"], tmp_path / "again", cache_dir))
+    assert not again["provenance"]["stages"]["second_stage"]["trained_now"]
+    assert again["metrics_by_step"] == with_series["metrics_by_step"]
+
+
+def test_fully_judged_cell_stays_within_the_default_budget_plus_60s(cache_dir, tmp_path):
+    """The issue's budget: eval=[marker,capability,alignment,coherence,length] costs at most 60 s over the default
+    cell (stages cached for both, so the difference is the metrics)."""
+    run_cell(compose_cfg(["seed=43"], tmp_path / "warm", cache_dir))  # both timed cells reuse its stages
+    t0 = time.perf_counter()
+    run_cell(compose_cfg(["seed=43"], tmp_path / "default", cache_dir))
+    default_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    full = run_cell(compose_cfg(["seed=43", "eval.metrics=[marker,capability,alignment,coherence,length]"],
+                                tmp_path / "full", cache_dir))
+    full_s = time.perf_counter() - t0
+    assert set(full["metrics"]) == {"marker", "capability", "alignment", "coherence", "length"}
+    assert full_s <= default_s + 60, (full_s, default_s)
