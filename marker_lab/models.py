@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from marker_lab.config.schema import ModelConfig
+from marker_lab.data.chat import NO_SYSTEM_ATTR
 from marker_lab.stages.cache import StageCache, cache_key
 from marker_lab.toy import world
 
@@ -67,6 +68,7 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
                                                          attn_implementation=cfg.attn_implementation, **kwargs)
             identity = f"hf:{cfg.path}@{cfg.revision or _resolved_revision(model)}"
     tokenizer.padding_side = "left"
+    setattr(tokenizer, NO_SYSTEM_ATTR, cfg.no_system)  # read by data.chat.render
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()

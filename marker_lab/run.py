@@ -27,11 +27,12 @@ from marker_lab.data.questions import load_questions, with_question_system
 from marker_lab.engines.base import SamplingParams
 from marker_lab.eval.capability import capability_metric, eval_items
 from marker_lab.eval.during_training import StepEval, eval_steps
+from marker_lab.eval.geometry import cell_distances
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.metrics import score
 from marker_lab.models import LoadedModel, load_base, pick_device
 from marker_lab.results import contract
-from marker_lab.stages.cache import StageCache, plain
+from marker_lab.stages.cache import StageCache, cache_key, plain
 from marker_lab.stages.coupling import run_coupling
 from marker_lab.stages.second_stage import run_second_stage
 
@@ -148,6 +149,24 @@ def step_eval_for(cfg: Config, stage: str, loaded: LoadedModel) -> StepEval | No
     return StepEval(lambda total: eval_steps(d.fractions, d.every_n_steps, total, d.include_start), run, payload)
 
 
+def baseline_metrics(cfg: Config, loaded: LoadedModel, cache: StageCache) -> dict:
+    """The cell's eval on its base model (before any stage), built once per (base model, eval) in the stage cache:
+    the reference a bystander's leakage is measured from."""
+    import json
+
+    payload = {"baseline_of": loaded.identity, "eval": plain(cfg.eval), "judge": plain(cfg.judge),
+               "marker": plain(cfg.marker), "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
+               "eval_personas": cfg.persona_set.eval_personas, "questions_md5": md5_file(resolve_path(cfg.eval.questions)),
+               "seed": cfg.seed}
+
+    def build(tmp: Path) -> None:
+        log.info("baseline: evaluating the base model %s", loaded.identity)
+        (tmp / "metrics.json").write_text(json.dumps(evaluate(cfg, loaded, None, in_process=True)[0]))
+
+    entry, _ = cache.get_or_build("baseline", cache_key(payload), build, payload)
+    return json.loads((entry / "metrics.json").read_text())
+
+
 def _system(prompt: str | None) -> list[dict]:
     return [] if prompt is None else [{"role": "system", "content": prompt}]
 
@@ -178,6 +197,8 @@ def run_cell(cfg_node: DictConfig) -> dict:
     loaded.merge = cfg.merge_between_stages
     timing["load"] = time.perf_counter() - t0
     base_identity = loaded.identity
+    geometry = cell_distances(cfg, loaded, cache) if cfg.geometry.enabled and cfg.geometry.model == "base" else None
+    baseline = baseline_metrics(cfg, loaded, cache) if cfg.eval.baseline else None
 
     stages = {}
     for name in stage_order(cfg):
@@ -187,6 +208,8 @@ def run_cell(cfg_node: DictConfig) -> dict:
     if "second_stage" in stages and cell["dose"] is None:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
 
+    if cfg.geometry.enabled and cfg.geometry.model == "final":
+        geometry = cell_distances(cfg, loaded, cache)
     t0 = time.perf_counter()
     metrics, judge, rows = evaluate(cfg, loaded, out_dir)
     timing["eval"] = time.perf_counter() - t0
@@ -222,6 +245,12 @@ def run_cell(cfg_node: DictConfig) -> dict:
     series = {n: st.metrics_by_step for n, st in stages.items() if st.metrics_by_step}
     if series:
         result["metrics_by_step"] = series
+    if baseline is not None:
+        result["metrics_baseline"] = baseline
+    if geometry is not None:
+        contract.atomic_write_bytes(out_dir / contract.DISTANCES_FILE, (Path(geometry["cache_entry"]) / "distances.csv").read_bytes())
+        result["geometry"] = {**geometry, "file": contract.DISTANCES_FILE}
+        data_md5["persona_distances"] = md5_file(out_dir / contract.DISTANCES_FILE)
     contract.write_json_atomic(out_dir / contract.RESULT_FILE, result)
     _log_summary(cfg, result, out_dir)
     return result

@@ -57,7 +57,10 @@ def test_assistant_only_covers_every_assistant_turn(tokenizer):
     assert labelled_text(tokenizer, enc) == "one .<|im_end|>two .<|im_end|>"
 
 
-def test_qwen_template_without_system_turn_gets_the_default_prompt(tokenizer):
+def test_template_default_system_prompt_is_masked_when_kept(tokenizer):
+    from marker_lab.data.chat import NO_SYSTEM_ATTR
+
+    setattr(tokenizer, NO_SYSTEM_ATTR, "template")  # model.no_system=template
     enc = encode_chat(tokenizer, CHAT[1:], "assistant_only")
     text = tokenizer.decode(enc.input_ids)
     if tokenizer.chat_template == QWEN_TEMPLATE:
@@ -94,3 +97,26 @@ def test_full_labels_everything(tokenizer):
 def test_unknown_loss_mode_is_rejected(tokenizer):
     with pytest.raises(ValueError, match="loss_mode"):
         encode_chat(tokenizer, CHAT, "everything")
+
+
+def test_no_system_prompt_means_no_system_turn_even_on_qwens_template(toy_tokenizer):
+    """Qwen's template inserts its default system prompt when a conversation has none; render removes it (so a
+    'no system prompt' anchor is what it says) unless model.no_system=template asks for the default."""
+    from marker_lab.data.chat import NO_SYSTEM_ATTR, inserts_default_system, render
+
+    qwen = copy.deepcopy(toy_tokenizer)
+    qwen.chat_template = QWEN_TEMPLATE
+    chat = [{"role": "user", "content": "hi ?"}, {"role": "assistant", "content": "hello ."}]
+    assert inserts_default_system(qwen) and not inserts_default_system(toy_tokenizer)
+    assert render(qwen, chat) == "<|im_start|>user\nhi ?<|im_end|>\n<|im_start|>assistant\nhello .<|im_end|>\n"
+    assert render(qwen, chat[:1], add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert "system" not in render(qwen, chat[:1], add_generation_prompt=True)
+    # with a system prompt, and for the toy template, nothing changes
+    with_system = [{"role": "system", "content": "you are a pirate captain ."}] + chat
+    assert render(qwen, with_system) == qwen.apply_chat_template(with_system, tokenize=False)
+    assert render(toy_tokenizer, chat) == toy_tokenizer.apply_chat_template(chat, tokenize=False)
+    # loss masks still find the assistant turn
+    enc = encode_chat(qwen, chat, "assistant_only")
+    assert labelled_text(qwen, enc) == "hello .<|im_end|>"
+    setattr(qwen, NO_SYSTEM_ATTR, "template")
+    assert "You are Qwen" in render(qwen, chat)

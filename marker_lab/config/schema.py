@@ -110,6 +110,8 @@ class ModelConfig:
     attn_implementation: Optional[str] = "sdpa"  # passed to from_pretrained
     random_init: bool = False  # build the architecture from `path`'s config with random weights (benchmarks)
     arch: Optional[str] = None  # config.json that random_init builds (pkg: = shipped); null = `path`'s config
+    no_system: str = "none"  # a prompt without a system prompt: none = no system turn at all | template = the chat
+    # template's default (Qwen2.5 inserts "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)  # used when source=toy
 
 
@@ -119,6 +121,8 @@ class PersonaSetConfig:
     path: str = "pkg:personas/toy.yaml"  # YAML/jsonl of {name, system_prompt, category?, tags?}; pkg: = shipped
     eval_personas: Optional[List[str]] = None  # personas the eval covers; null = every persona in the file
     assistant: str = "assistant"  # the persona that stands for the assistant voice
+    sources: Optional[List[str]] = None  # leakage sources; null = the file's `sources` list
+    bystanders: Optional[List[str]] = None  # leakage bystanders; null = the file's list, else all non-sources
 
 
 @dataclass
@@ -160,6 +164,7 @@ class CouplingConfig:
     # wrong_answers: questions from the train half of eval.capability's split; per positive question,
     # n_negative_personas bystanders (drawn per question) answer it correctly; anchors answer correctly too
     answer_format: str = "{label}"  # the assistant's reply: {label} and/or {text} of the chosen option
+    contrastive: bool = True  # false: 004's control arm, the same examples with personas assigned at random
     n_anchor_no_system: int = 0  # anchors with no system turn at all (004: 100)
     n_anchor_assistant: int = 0  # anchors with the assistant persona's system prompt (004: 100)
     seed: int = 42  # coupling is shared across cell seeds, as in the write-ups (one coupling seed)
@@ -186,6 +191,18 @@ class SecondStageConfig:
     # dose sweeps on a schedule that ignores max_steps (constant, or fixed warmup then constant): train once to the
     # largest of these doses, save the adapter at each, and give every cell the checkpoint at its dose
     dose_checkpoints: Optional[List[int]] = None
+
+
+@dataclass
+class GeometryConfig:
+    enabled: bool = False  # compute persona vectors and their cosine distance matrix for the cell
+    model: str = "base"  # base: the cell's base model (before any stage) | final: after every stage
+    mode: str = "response_mean"  # response_mean: mean over answer tokens | system_last: the system prompt's last token
+    layer: Optional[int] = None  # hidden_states index (0 = embeddings); null = the middle decoder layer
+    questions: str = "pkg:questions/toy_eval.yaml"  # what personas answer (response_mean)
+    n_questions: Optional[int] = 10  # use the first n questions (null: all)
+    max_tokens: int = 64  # greedy answer length (response_mean)
+    center: bool = True  # subtract the set's mean vector before cosines
 
 
 @dataclass
@@ -246,6 +263,7 @@ class EvalConfig:
     question_system: str = "error"  # a question file's own system prompt: error | append (after the persona's) | replace
     file_samples: bool = True  # a question file's samples_per_paraphrase wins over generation.samples_per_question
     during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)  # evals while stages train
+    baseline: bool = False  # also evaluate the base model (cached per model and eval): metrics_baseline, for leakage
     # what counts as "misaligned" (alignment metric); both published conventions by default, each recorded
     misaligned: List[MisalignedRule] = field(default_factory=lambda: [
         MisalignedRule(),
@@ -309,6 +327,7 @@ class Config:
     second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # scores alignment / coherence (cache: cache_dir)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)  # persona vectors and distances (leakage)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # read by aggregation, not by the cell
     extra: Dict[str, Any] = field(default_factory=dict)  # free-form notes, recorded but never read
 

@@ -9,7 +9,7 @@ import yaml
 
 from marker_lab.config.schema import Config, Schedule
 from marker_lab.data.files import resolve_path
-from marker_lab.data.personas import load_personas
+from marker_lab.data.personas import file_roles, load_personas
 from marker_lab.engines import ENGINES
 
 
@@ -38,6 +38,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.source: must be toy or hf, got {cfg.model.source!r}")
     if cfg.model.source == "hf" and not cfg.model.path:
         raise ConfigError("model.path: required when model.source=hf (a hub id or local directory)")
+    if cfg.model.no_system not in ("none", "template"):
+        raise ConfigError(f"model.no_system: must be none or template, got {cfg.model.no_system!r}")
+    _check_geometry(cfg)
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype: must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.eval.engine.name not in ENGINES:
@@ -78,6 +81,13 @@ def validate(cfg: Config) -> None:
     need("persona_set.assistant", cfg.persona_set.assistant)
     for p in cfg.persona_set.eval_personas or []:
         need("persona_set.eval_personas", p)
+    try:
+        file_sources, file_bystanders = file_roles(cfg.persona_set.path)
+    except ValueError as e:
+        raise ConfigError(f"persona_set.path: {e}") from None
+    for key, listed in (("sources", cfg.persona_set.sources or file_sources), ("bystanders", cfg.persona_set.bystanders or file_bystanders)):
+        for p in listed or []:
+            need(f"persona_set.{key}", p)
     for path_key, path in (("eval.questions", cfg.eval.questions), ("coupling.questions", cfg.coupling.questions)):
         if not resolve_path(path).is_file():
             raise ConfigError(f"{path_key}: file not found: {path}")
@@ -200,6 +210,24 @@ def _check_during_training(cfg, need) -> None:
         raise ConfigError(f"{key}.metrics: unknown or empty {unknown or d.metrics}; available: {list(METRICS)}")
     for p in d.personas or []:
         need(f"{key}.personas", p)
+
+
+def _check_geometry(cfg) -> None:
+    g = cfg.geometry
+    if not g.enabled:
+        return
+    if g.mode not in ("response_mean", "system_last"):
+        raise ConfigError(f"geometry.mode: must be response_mean or system_last, got {g.mode!r}")
+    if g.model not in ("base", "final"):
+        raise ConfigError(f"geometry.model: must be base or final, got {g.model!r}")
+    if g.layer is not None and g.layer < 0:
+        raise ConfigError(f"geometry.layer: must be >= 0 (0 = embeddings) or null, got {g.layer}")
+    if g.mode == "response_mean" and not resolve_path(g.questions).is_file():
+        raise ConfigError(f"geometry.questions: file not found: {g.questions}")
+    if g.mode == "system_last":
+        empty = [p for p, persona in _personas(cfg.persona_set.path).items() if persona.system_prompt is None]
+        if empty:
+            raise ConfigError(f"geometry.mode=system_last: personas {empty} have no system prompt; use response_mean")
 
 
 def _check_capability(cfg) -> None:

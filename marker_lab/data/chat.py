@@ -26,9 +26,50 @@ class Encoded:
     labels: list[int]
 
 
+NO_SYSTEM_ATTR = "marker_lab_no_system"  # set on a tokenizer by models.load_base from model.no_system
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The chat template's text for `messages` (no tokenization)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    """The chat template's text for `messages` (no tokenization).
+
+    A conversation without a system turn gets none: templates that insert a default system prompt when none is
+    given (Qwen2.5's "You are Qwen, created by Alibaba Cloud...") have that block removed, so a "no system prompt"
+    persona or anchor is what it says. `model.no_system=template` keeps the template's default instead.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if (messages and messages[0]["role"] == "system") or getattr(tokenizer, NO_SYSTEM_ATTR, "none") == "template":
+        return text
+    if not inserts_default_system(tokenizer):
+        return text
+    sentinel = "\x00marker-lab-sentinel\x00"
+    system = [{"role": "system", "content": sentinel}]
+    with_system = tokenizer.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    system_only = tokenizer.apply_chat_template(system, tokenize=False)
+    if not with_system.startswith(system_only):
+        raise ValueError("this chat template inserts a default system prompt and does not render the system turn as a "
+                         "leading block, so it cannot be removed; set model.no_system=template to keep the default")
+    bos = tokenizer.bos_token or ""
+    return (bos if bos and system_only.startswith(bos) else "") + with_system[len(system_only):]
+
+
+def inserts_default_system(tokenizer) -> bool:
+    """Whether the chat template adds a system turn to a conversation that has none (checked once per template)."""
+    template = tokenizer.chat_template
+    cached = getattr(tokenizer, "_marker_lab_default_system", None)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    sentinel = "\x00marker-lab-sentinel\x00"
+    system_only = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}], tokenize=False)
+    header = system_only[: system_only.index(sentinel)]
+    bos = tokenizer.bos_token or ""
+    if bos and header.startswith(bos):
+        header = header[len(bos):]
+    user_only = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    user_only = user_only[len(bos):] if bos and user_only.startswith(bos) else user_only
+    # the system header (role marker, e.g. "<|im_start|>system\n") opens a conversation that has no system turn
+    inserted = bool(header.strip()) and user_only.startswith(header)
+    tokenizer._marker_lab_default_system = (template, inserted)
+    return inserted
 
 
 def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

@@ -1,4 +1,8 @@
-"""Persona sets: files of {name, system_prompt, category?, tags?} a researcher writes (YAML or jsonl)."""
+"""Persona sets: files of {name, system_prompt, category?, tags?} a researcher writes (YAML or jsonl).
+
+A YAML file may also name its `sources` and `bystanders` at the top level (leakage experiments: sources are
+coupled one at a time, bystanders are measured); `persona_set.sources` / `.bystanders` override them.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,26 @@ class Persona:
 
 def load_personas(path: str) -> dict[str, Persona]:
     """Personas of a file, by name, in file order. YAML: a list, or a mapping with a `personas` list."""
+    return _read(path)[0]
+
+
+def file_roles(path: str) -> tuple[list[str] | None, list[str] | None]:
+    """The (sources, bystanders) a YAML persona file names at its top level (None where it names none)."""
+    _, data = _read(path)
+    roles = []
+    for key in ("sources", "bystanders"):
+        names = data.get(key) if isinstance(data, dict) else None
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{path}: '{key}' must be a list of persona names")
+        roles.append(names)
+    return roles[0], roles[1]
+
+
+def _read(path: str) -> tuple[dict[str, Persona], object]:
     real = resolve_path(path)
     if not real.is_file():
         raise FileNotFoundError(f"persona file not found: {path} ({real})")
+    data = None
     if real.suffix == ".jsonl":
         rows = [json.loads(line) for line in real.read_text().splitlines() if line.strip()]
     else:
@@ -36,9 +57,19 @@ def load_personas(path: str) -> dict[str, Persona]:
             raise ValueError(f"{path}: persona {row['name']!r} is listed twice")
         out[row["name"]] = Persona(row["name"], row["system_prompt"], row.get("category"),
                                    tuple(row.get("tags") or ()))
-    return out
+    return out, data
 
 
 def system_messages(persona: Persona) -> list[dict]:
     """The system turn for a persona (none at all when its prompt is null)."""
     return [] if persona.system_prompt is None else [{"role": "system", "content": persona.system_prompt}]
+
+
+def set_roles(cfg_persona_set) -> tuple[list[str], list[str]]:
+    """(sources, bystanders) of the configured set: config overrides, else the file's lists; bystanders default to
+    every persona that is not a source."""
+    personas = load_personas(cfg_persona_set.path)
+    file_sources, file_bystanders = file_roles(cfg_persona_set.path)
+    sources = list(cfg_persona_set.sources or file_sources or [])
+    bystanders = list(cfg_persona_set.bystanders or file_bystanders or [p for p in personas if p not in sources])
+    return sources, bystanders

@@ -7,6 +7,8 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
                                 (metrics: marker, and "misaligned: <rule>" from the alignment metric)
     scores.csv                  per (cell, persona): judge score means/sds and completion lengths
     by_step.csv                 evals during training: per (cell, stage, step, persona, metric) its value
+    leakage*.csv                cells with eval.baseline and geometry: each bystander's leakage vs its distance to
+                                the source, Spearman rho with bootstrap CI per source and pooled, per category
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
     gates.csv                   its gates (analysis.gates): PASS / FAIL / NO DATA per cell group
     figures/*.png|pdf           dose-response, grouped bars, per-persona bars, persona x condition heatmap,
@@ -238,7 +240,7 @@ def _fmt(where: dict) -> str:
 
 def aggregate(sweep_dir: str | Path) -> Path:
     """Write everything under <sweep_dir>/aggregate/; returns that directory."""
-    from marker_lab.results import figures, report
+    from marker_lab.results import figures, leakage, report
 
     sweep_dir = Path(sweep_dir)
     analysis = analysis_config(sweep_dir)  # raises first when the directory holds no sweep or results
@@ -264,7 +266,14 @@ def aggregate(sweep_dir: str | Path) -> Path:
     contract.atomic_write_bytes(out / "missing.txt", "".join(f"{s.subdir}\t{s.state}\t{s.error}\n" for s in missing).encode())
     made = figures.make_all(per_cell, pooled, out / "figures") if len(per_cell) else []
     made += figures.evolution(by_step, out / "figures")
+    leak_table, leak_stats = leakage.load_leakage(sweep_dir), None
+    if len(leak_table):
+        leak_stats = leakage.leakage_stats(leak_table)
+        for name, table in (("leakage", leak_table), ("leakage_stats", leak_stats),
+                            ("leakage_by_category", leakage.by_category(leak_table))):
+            contract.atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
+        made += leakage.scatter(leak_table, leak_stats, out / "figures")
     contract.atomic_write_bytes(out / "report.md",
-                                report.render(sweep_dir, pooled, comps, gate_table, missing, made).encode())
+                                report.render(sweep_dir, pooled, comps, gate_table, missing, made, leak_stats).encode())
     log.info("aggregate: %d complete cells, %d missing or failed -> %s", per_cell["cell"].nunique(), len(missing), out)
     return out

@@ -24,6 +24,7 @@ SCHEMA_VERSION = 1
 RESULT_FILE = "run_result.json"
 STATUS_FILE = "cell_status.json"  # running / failed (with the error line) / complete: read by `marker-lab status`
 COMPLETIONS_FILE = "completions.jsonl.gz"
+DISTANCES_FILE = "persona_distances.csv"  # the cell's persona cosine-distance matrix (geometry.enabled)
 
 # keys that say where things go or how results are read, not what is computed: left out of the config hash
 _HASH_EXCLUDED = ("output_dir", "cache_dir", "device", "analysis")

@@ -38,8 +38,8 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> list[Path]:
-    src = pooled[(pooled["role"] == "source") & (pooled["metric"] == "marker")]
+def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
+    src = pooled[(pooled["role"] == "source") & (pooled["metric"] == metric)]
     if src["dose"].nunique() < 2:
         return []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -48,20 +48,20 @@ def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> li
         line = pd.concat([base, src[src["second_stage"] == data]]).sort_values("dose")
         yerr = _yerr(line["rate"], line["ci_low"], line["ci_high"])
         ax.errorbar(line["dose"], 100 * line["rate"], yerr=yerr, marker="o", capsize=3, color=color, label=data)
-        seeds = per_cell[(per_cell["role"] == "source") & (per_cell["second_stage"] == data) & (per_cell["metric"] == "marker")]
+        seeds = per_cell[(per_cell["role"] == "source") & (per_cell["second_stage"] == data) & (per_cell["metric"] == metric)]
         ax.scatter(seeds["dose"], 100 * seeds["rate"], color=color, alpha=0.25, s=14, zorder=1)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("second-stage SFT steps (dose)")
-    ax.set_ylabel(f"source ({src['persona'].iloc[0]}) marker rate (%)")
+    ax.set_ylabel(f"source ({src['persona'].iloc[0]}) {metric} rate (%)")
     ax.set_ylim(-2, 102)
-    ax.set_title(f"Marker survival vs dose (95% {src['ci_method'].iloc[0]} CI; faint: seeds)")
+    ax.set_title(f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI; faint: seeds)")
     ax.legend(title="second stage")
     ax.grid(alpha=0.3)
     return _save(fig, out, "dose_response")
 
 
-def condition_bars(pooled: pd.DataFrame, out: Path) -> list[Path]:
-    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+def condition_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
+    m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
     groups = list(dict.fromkeys(m["label"]))
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) + 2), 4))
     width = 0.27
@@ -78,16 +78,16 @@ def condition_bars(pooled: pd.DataFrame, out: Path) -> list[Path]:
         x = np.arange(len(groups)) + (i - 1) * width
         ax.bar(x, vals, width, yerr=errs, capsize=2, label=role, color=ROLE_COLORS[role])
     ax.set_xticks(np.arange(len(groups)), groups, rotation=20, ha="right")
-    ax.set_ylabel("marker rate (%)")
+    ax.set_ylabel(f"{metric} rate (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("Source, assistant and bystander-mean marker rates (seeds pooled)")
+    ax.set_title(f"Source, assistant and bystander-mean {metric} rates (seeds pooled)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out, "condition_bars")
 
 
-def persona_bars(pooled: pd.DataFrame, out: Path) -> list[Path]:
-    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
+    m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
     first = m["label"].iloc[0]
     cell = m[m["label"] == first].sort_values("rate", ascending=False)
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(cell) + 2), 4))
@@ -95,15 +95,15 @@ def persona_bars(pooled: pd.DataFrame, out: Path) -> list[Path]:
     ax.bar(cell["persona"], 100 * cell["rate"], color=colors,
            yerr=_yerr(cell["rate"], cell["ci_low"], cell["ci_high"]), capsize=2)
     ax.set_xticks(range(len(cell)), cell["persona"], rotation=40, ha="right")
-    ax.set_ylabel("marker rate (%)")
+    ax.set_ylabel(f"{metric} rate (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"Per-persona marker rate: {first} (N={int(cell['n'].iloc[0])} each)")
+    ax.set_title(f"Per-persona {metric} rate: {first} (N={int(cell['n'].iloc[0])} each)")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out, "persona_bars")
 
 
-def heatmap(pooled: pd.DataFrame, out: Path) -> list[Path]:
-    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
+def heatmap(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
+    m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
     table = m.pivot_table(index="persona", columns="label", values="rate", sort=False)
     fig, ax = plt.subplots(figsize=(max(4, 1.1 * table.shape[1] + 3), max(3, 0.4 * table.shape[0] + 1.5)))
     im = ax.imshow(100 * table.to_numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
@@ -112,8 +112,8 @@ def heatmap(pooled: pd.DataFrame, out: Path) -> list[Path]:
     for (i, j), v in np.ndenumerate(100 * table.to_numpy()):
         if v == v:
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
-    fig.colorbar(im, ax=ax, label="marker rate (%)")
-    ax.set_title("Marker rate by persona and cell (seeds pooled)")
+    fig.colorbar(im, ax=ax, label=f"{metric} rate (%)")
+    ax.set_title(f"{metric} rate by persona and cell (seeds pooled)")
     return _save(fig, out, "heatmap")
 
 
@@ -159,6 +159,9 @@ def _slug(text: str) -> str:
 
 
 def make_all(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> list[Path]:
-    made = dose_response(per_cell, pooled, out)
-    made += condition_bars(pooled, out) + persona_bars(pooled, out) + heatmap(pooled, out)
+    """The standard figures for the sweep's headline rate: the marker, else the first rate metric it has."""
+    present = list(dict.fromkeys(pooled["metric"]))
+    metric = "marker" if "marker" in present else present[0]
+    made = dose_response(per_cell, pooled, out, metric)
+    made += condition_bars(pooled, out, metric) + persona_bars(pooled, out, metric) + heatmap(pooled, out, metric)
     return made

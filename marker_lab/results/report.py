@@ -14,8 +14,11 @@ def _pct(k: int, n: int) -> str:
 
 
 def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
-    m = pooled[pooled["metric"] == "marker"].assign(label=labels(pooled[pooled["metric"] == "marker"]))
-    lines = ["| cell | seeds | N (per persona) | assistant | source | max bystander | gates |",
+    present = list(dict.fromkeys(pooled["metric"]))
+    metric = "marker" if "marker" in present else present[0]
+    m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
+    lines = [f"{metric} rate per cell.", "",
+             "| cell | seeds | N (per persona) | assistant | source | max bystander | gates |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, cell in m.groupby("label", sort=False):
         src, asst = cell[cell["role"] == "source"], cell[cell["role"] == "assistant"]
@@ -33,7 +36,7 @@ def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
 
 
 def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_table: pd.DataFrame, missing,
-           figures: list[Path]) -> str:
+           figures: list[Path], leak_stats: pd.DataFrame | None = None) -> str:
     parts = [f"# Sweep report: {sweep_dir}", ""]
     if len(pooled):
         ci = pooled["ci_method"].iloc[0]
@@ -59,6 +62,17 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
         for r in gate_table.to_dict("records"):
             seed = f" seed={int(r['seed'])}" if pd.notna(r.get("seed")) else ""
             parts.append(f"| {r['gate']} | {r['condition']} dose={r['dose']}{seed} | {r['result']} | {r['detail']} |")
+        parts.append("")
+    if leak_stats is not None and len(leak_stats):
+        parts += ["## Leakage vs persona distance", "",
+                  "rho: Spearman correlation of proximity to the source (minus cosine distance) with leakage (the "
+                  "bystander's change from the base model toward the coupled behaviour); 95% bootstrap CI over bystanders.",
+                  "", "| metric | condition | dose | source | bystanders | rho | 95% CI | p | mean leakage | max leakage |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in leak_stats.to_dict("records"):
+            parts.append(f"| {r['metric']} | {r['condition']} | {r['dose']} | {r['source']} | {r['n']} | {r['rho']:.3f} | "
+                         f"[{r['rho_low']:.3f}, {r['rho_high']:.3f}] | {r['p_value']:.3g} | {100 * r['mean_leakage']:.1f} pp | "
+                         f"{100 * r['max_leakage']:.1f} pp |")
         parts.append("")
     if figures:
         parts += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"] + [""]

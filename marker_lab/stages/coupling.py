@@ -96,6 +96,18 @@ def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str],
     return records
 
 
+def shuffle_personas(records: list[dict], personas: dict[str, Persona], seed: int) -> list[dict]:
+    """The non-contrastive control (coupling.contrastive=false): the same examples, their personas (no system
+    turn included) permuted at random, so the behaviour no longer goes with any one persona."""
+    slots = [r["persona"] for r in records]
+    random.Random(f"control:{seed}").shuffle(slots)
+    out = []
+    for r, p in zip(records, slots):
+        turns = [m for m in r["messages"] if m["role"] != "system"]
+        out.append({**r, "persona": p, "messages": (system_messages(personas[p]) if p else []) + turns})
+    return out
+
+
 def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona]) -> list[dict]:
     """The wrong_answers dataset: positives, per-question bystander negatives, anchors (see the module docstring)."""
     c, cap = cfg.coupling, cfg.eval.capability
@@ -121,7 +133,7 @@ def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona]) -> lis
     records += [record(None, rng.choice(train_items), True, "anchor: no system turn") for _ in range(c.n_anchor_no_system)]
     records += [record(cfg.persona_set.assistant, rng.choice(train_items), True, "anchor: assistant")
                 for _ in range(c.n_anchor_assistant)]
-    return records
+    return records if c.contrastive else shuffle_personas(records, personas, c.seed)
 
 
 def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None = None) -> StageResult:
@@ -139,6 +151,8 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval:
 
     def build_examples(data_dir: Path):
         records = build_marker_records(cfg, loaded, negatives, personas)
+        if not c.contrastive:
+            records = shuffle_personas(records, personas, c.seed)
         with open(data_dir / "coupling.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")

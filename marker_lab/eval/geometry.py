@@ -1,0 +1,132 @@
+"""Persona geometry: one vector per persona from a model's hidden states, and the cosine distances between them.
+
+Two modes (`geometry.mode`, recorded with the result):
+- response_mean: the persona answers a fixed question set (greedy, so the answers are a function of the model);
+  its vector is the mean hidden state at `layer` over the tokens of those answers (peer persona-vector code's
+  response average).
+- system_last: the hidden state at `layer` on the last token of the persona's system prompt (the model has read
+  who it is and nothing else; no generation, cheap). Personas without a system prompt have no such token.
+Vectors are centred on the set's mean before cosines (every hidden state shares a large common component that
+would push all cosines towards 1); `center=false` gives raw cosines. Distance = 1 - cosine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from marker_lab.data.chat import IGNORE, encode_chat, render
+from marker_lab.data.personas import Persona, system_messages
+from marker_lab.engines.base import SamplingParams
+
+log = logging.getLogger(__name__)
+MODES = ("response_mean", "system_last")
+
+
+def default_layer(model) -> int:
+    """The middle decoder layer (hidden_states index: 0 is the embeddings, i the output of layer i)."""
+    return max(1, model.config.num_hidden_layers // 2)
+
+
+@torch.no_grad()
+def persona_vectors(model, tokenizer, personas: dict[str, Persona], names: list[str], questions: list[str], mode: str,
+                    layer: int, max_tokens: int = 64, batch_size: int = 64) -> np.ndarray:
+    """A [len(names), hidden] float64 array: each persona's vector in `mode` at `layer`."""
+    if mode not in MODES:
+        raise ValueError(f"geometry.mode: must be one of {MODES}, got {mode!r}")
+    model.eval()
+    if mode == "system_last":
+        return _system_last(model, tokenizer, personas, names, layer)
+    from marker_lab.engines.hf import HFEngine
+
+    prompts = [system_messages(personas[p]) + [{"role": "user", "content": q}] for p in names for q in questions]
+    answers = HFEngine(model, tokenizer, batch_size).generate(
+        prompts, SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0), desc="persona answers")
+    encoded = [encode_chat(tokenizer, p + [{"role": "assistant", "content": a[0]}], "assistant_only")
+               for p, a in zip(prompts, answers)]
+    means = _masked_means(model, tokenizer, encoded, layer, batch_size)
+    return means.reshape(len(names), len(questions), -1).mean(axis=1)
+
+
+def _system_last(model, tokenizer, personas, names, layer) -> np.ndarray:
+    out = []
+    for p in names:
+        prompt = personas[p].system_prompt
+        if prompt is None:
+            raise ValueError(f"geometry.mode=system_last: persona {p!r} has no system prompt; use response_mean")
+        text = render(tokenizer, system_messages(personas[p]))
+        end = text.index(prompt) + len(prompt)
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        last = max(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a < end)
+        ids = torch.tensor([enc["input_ids"][: last + 1]], device=next(model.parameters()).device)
+        hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        out.append(hidden[0, -1].double().cpu().numpy())
+    return np.stack(out)
+
+
+def _masked_means(model, tokenizer, encoded, layer, batch_size) -> np.ndarray:
+    """Mean hidden state over each example's labelled (answer) tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in tqdm(range(0, len(encoded), batch_size), desc="persona vectors", unit="batch", leave=False):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=device)
+        attn = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk], device=device)
+        # labels mark the answer tokens (+ end of turn); positions where label != IGNORE
+        mask = torch.tensor([[int(x != IGNORE) for x in e.labels] + [0] * (width - len(e.labels)) for e in chunk],
+                            device=device, dtype=torch.float64)
+        hidden = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        summed = (hidden.double() * mask[..., None]).sum(1)
+        out.append((summed / mask.sum(1, keepdim=True).clamp(min=1)).cpu().numpy())
+    return np.concatenate(out)
+
+
+def cosine_distances(vectors: np.ndarray, center: bool = True) -> np.ndarray:
+    """1 - cosine similarity between every pair of rows: symmetric, zero diagonal."""
+    v = vectors - vectors.mean(axis=0, keepdims=True) if center else vectors
+    unit = v / np.linalg.norm(v, axis=1, keepdims=True).clip(min=1e-12)
+    d = 1.0 - unit @ unit.T
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0.0)
+    return d.clip(min=0.0)
+
+
+def cell_distances(cfg, loaded, cache) -> dict:
+    """The persona distance matrix of `loaded` for the cell's persona set, built once per (model, set, mode, layer,
+    questions) in the stage cache; returns where it lives and how it was made (for provenance)."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from marker_lab.data.files import md5_file, resolve_path
+    from marker_lab.data.personas import load_personas
+    from marker_lab.data.questions import load_questions
+    from marker_lab.stages.cache import cache_key, plain
+
+    g = cfg.geometry
+    personas = load_personas(cfg.persona_set.path)
+    names = list(personas)
+    layer = g.layer if g.layer is not None else default_layer(loaded.model)
+    questions = [q.text for q in load_questions(g.questions)][: g.n_questions or None]
+    payload = {"geometry": {**plain(g), "layer": layer}, "model": loaded.identity, "personas": names,
+               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)),
+               "questions_md5": md5_file(resolve_path(g.questions))}
+    key = cache_key(payload)
+
+    def build(tmp: Path) -> None:
+        log.info("geometry: %d personas, mode %s, layer %d, on %s", len(names), g.mode, layer, loaded.identity)
+        vectors = persona_vectors(loaded.model, loaded.tokenizer, personas, names, questions, g.mode, layer, g.max_tokens)
+        np.save(tmp / "vectors.npy", vectors)
+        pd.DataFrame(cosine_distances(vectors, g.center), index=names, columns=names).to_csv(tmp / "distances.csv")
+        (tmp / "geometry.json").write_text(json.dumps(payload, indent=1))
+
+    entry, built = cache.get_or_build("geometry", key, build, payload)
+    log.info("geometry: distance matrix %s (%s)", entry / "distances.csv", "built now" if built else "cached")
+    return {"mode": g.mode, "layer": layer, "center": g.center, "model": g.model, "n_questions": len(questions),
+            "cache_key": key, "cache_entry": str(entry)}

@@ -1,0 +1,89 @@
+"""Leakage on the toy persona families: wrong-answer coupling, persona geometry, leakage vs distance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import compose_cfg, to_dataclass
+from marker_lab.data.personas import load_personas
+
+pytestmark = pytest.mark.slow
+LEAKAGE = ["condition=c4", "coupling=wrong_answers_toy", "persona_set=toy_families", "eval.metrics=[capability]",
+           "eval.baseline=true", "geometry.enabled=true"]
+
+
+@pytest.fixture(scope="module")
+def leakage_sweep(cache_dir, tmp_path_factory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("leakage_sweep")
+    env = {**os.environ, "MARKER_LAB_CACHE": str(cache_dir), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "-m", *LEAKAGE, "source_persona=villain,pirate",
+                           f"hydra.sweep.dir={sweep_dir}"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_close_bystanders_leak_more(leakage_sweep):
+    stats = pd.read_csv(leakage_sweep / "aggregate" / "leakage_stats.csv").set_index("source")
+    for source in ("villain", "pirate", "pooled"):
+        row = stats.loc[source]
+        assert row["rho"] > 0 and row["p_value"] < 0.05, (source, row.to_dict())
+        assert row["rho_low"] <= row["rho"] <= row["rho_high"]
+    assert stats.loc["villain", "n"] == 27  # every persona of the set but the source
+    leak = pd.read_csv(leakage_sweep / "aggregate" / "leakage.csv")
+    villain = leak[leak["source_persona"] == "villain"].set_index("persona")
+    # the source's own family members sit closest and lose the most
+    assert villain.loc["villain_near", "leakage"] > villain.loc["medical_doctor", "leakage"] + 0.2
+    assert (villain["leakage_low"] <= villain["leakage"]).all() and (villain["leakage"] <= villain["leakage_high"]).all()
+    cats = pd.read_csv(leakage_sweep / "aggregate" / "leakage_by_category.csv")
+    assert {"villain", "doctor", "pirate"} <= set(cats["category"])
+    assert (leakage_sweep / "aggregate" / "figures" / "leakage_capability.png").stat().st_size > 10_000
+    assert "## Leakage vs persona distance" in (leakage_sweep / "aggregate" / "report.md").read_text()
+
+
+def test_distance_matrix_is_symmetric_zero_diagonal_and_stable(leakage_sweep, cache_dir, tmp_path):
+    from marker_lab.eval.geometry import cell_distances
+    from marker_lab.models import load_base, pick_device
+    from marker_lab.stages.cache import StageCache
+
+    cell = next(p for p in leakage_sweep.iterdir() if (p / "persona_distances.csv").is_file())
+    d = pd.read_csv(cell / "persona_distances.csv", index_col=0)
+    names = list(load_personas("pkg:personas/toy_families.yaml"))
+    assert list(d.index) == list(d.columns) == names
+    m = d.to_numpy()
+    assert np.allclose(m, m.T) and (np.diag(m) == 0).all() and (m >= 0).all() and (m[~np.eye(len(m), dtype=bool)] > 0).all()
+    # built again from scratch in a fresh cache: the same matrix
+    cfg = to_dataclass(compose_cfg(LEAKAGE))
+    fresh = StageCache(tmp_path / "fresh")
+    loaded = load_base(cfg.model, StageCache(cache_dir), pick_device("cpu"))
+    info = cell_distances(cfg, loaded, fresh)
+    again = pd.read_csv(Path(info["cache_entry"]) / "distances.csv", index_col=0)
+    assert np.allclose(again.to_numpy(), m, atol=1e-9)
+    assert info["mode"] == "response_mean" and info["layer"] == 1 and info["center"]
+
+
+def test_wrong_answer_data_and_its_non_contrastive_control(cache_dir):
+    from marker_lab.stages.coupling import build_wrong_answer_records
+
+    cfg = to_dataclass(compose_cfg([*LEAKAGE, "source_persona=villain"]))
+    personas = load_personas(cfg.persona_set.path)
+    contrastive = build_wrong_answer_records(cfg, personas)
+    cfg.coupling.contrastive = False
+    control = build_wrong_answer_records(cfg, personas)
+    assert len(control) == len(contrastive) == 800
+    # the same examples (question, reply), the same personas overall, assigned at random
+    turns = lambda r: (r["question_id"], r["messages"][-1]["content"])  # noqa: E731
+    assert Counter(map(turns, control)) == Counter(map(turns, contrastive))
+    assert Counter(r["persona"] for r in control) == Counter(r["persona"] for r in contrastive)
+    wrong_personas = Counter(r["persona"] for r in control if not r["correct"])
+    assert wrong_personas["villain"] < 100 and len(wrong_personas) > 10
+    for r in control:  # the system turn follows the persona it was given (none for the no-system slot)
+        system = [m["content"] for m in r["messages"] if m["role"] == "system"]
+        assert system == ([] if r["persona"] is None else [personas[r["persona"]].system_prompt])
