@@ -136,16 +136,26 @@ def step_eval_for(cfg: Config, stage: str, loaded: LoadedModel) -> StepEval | No
     # stock `generate` on the training model: the static-cache path (compiled decode) is measured on merged eval
     # models only, not yet on a LoRA model mid-training
     at.eval.engine.cache = "dynamic"
+    if d.samples_per_question:
+        at.eval.file_samples = False  # the series' own sample count wins over a question file's
     judges: dict = {}  # one judge for the whole series (a local judge loads a model)
-    make = lambda: judges.setdefault("judge", make_judge(at, StageCache(at.cache_dir), next(loaded.model.parameters()).device))
+
+    def make():
+        if "judge" not in judges:
+            judges["judge"] = make_judge(at, StageCache(at.cache_dir), next(loaded.model.parameters()).device)
+        return judges["judge"]
 
     def run(model) -> dict:
         in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity)
         return evaluate(at, in_hand, None, d.personas, d.metrics, in_process=True, judge_factory=make)[0]
 
+    # what the series depends on (keyed broadly: the whole eval config; the adapter itself is the same either way)
     payload = {"config": plain(d), "eval": plain(at.eval), "judge": plain(at.judge), "marker": plain(at.marker),
                "seed": at.seed, "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
-               "questions_md5": md5_file(resolve_path(cfg.eval.questions))}
+               "eval_personas": cfg.persona_set.eval_personas, "questions_md5": md5_file(resolve_path(cfg.eval.questions)),
+               "judge_prompts_md5": {k: md5_file(resolve_path(v)) for k, v in sorted(at.judge.prompts.items())}}
+    if "capability" in d.metrics:
+        payload["capability_data"] = eval_items(at.eval.capability)[1]
     return StepEval(lambda total: eval_steps(d.fractions, d.every_n_steps, total, d.include_start), run, payload)
 
 

@@ -300,12 +300,32 @@ class GateConfig:
 
 
 @dataclass
+class PhaseDiagramConfig:
+    """A recipe sweep for one source (000 picked its coupling adapter from a 25-cell lr x epochs sweep)."""
+
+    x: str = "coupling.train.optimizer.lr"  # config key on the x axis
+    y: str = "coupling.train.epochs"  # config key on the y axis
+    metric: str = "capability"  # the coupled behaviour (capability: a drop; marker / misaligned: a rise)
+    where: Dict[str, Any] = field(default_factory=dict)  # cell keys of the sweep's cells
+    max_bystander: float = 0.05  # selection: the largest source effect whose max-bystander leakage is at most this
+
+
+@dataclass
+class LeakageGateConfig:
+    name: str = "leakage gate"  # 004: stop if rho < 0.2 for both behaviours after the sweep
+    min_rho: float = 0.2  # PASS when the pooled rho of any listed metric reaches this
+    metrics: List[str] = field(default_factory=lambda: ["capability"])  # behaviours the gate reads
+
+
+@dataclass
 class AnalysisConfig:
     """What `marker-lab aggregate` reports beyond rates: pre-registered comparisons and gates."""
 
     ci_method: str = "wilson"  # wilson | wald | clopper_pearson
     comparisons: List[ComparisonConfig] = field(default_factory=list)
     gates: List[GateConfig] = field(default_factory=list)
+    phase_diagram: Optional[PhaseDiagramConfig] = None  # heatmaps + the selected recipe (aggregate/selection.json)
+    leakage_gate: Optional[LeakageGateConfig] = None  # the declared decision gate on leakage vs distance
 
 
 @dataclass
@@ -335,6 +355,23 @@ class Config:
 def default_cache_dir() -> str:
     """$MARKER_LAB_CACHE, else ~/.cache/marker_lab: one cache shared by every cell and sweep of a user."""
     return os.environ.get("MARKER_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "marker_lab")
+
+
+def selected_value(sweep_dir: str, key: str):
+    """`${selected:<sweep_dir>,<key>}`: a value of the recipe that `marker-lab aggregate` selected from a
+    phase-diagram sweep (its aggregate/selection.json), e.g. the learning rate the leakage preset then uses."""
+    import json
+
+    path = os.path.join(os.path.expanduser(sweep_dir), "aggregate", "selection.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no selection at {path}: run the phase-diagram sweep and `marker-lab aggregate {sweep_dir}` first")
+    with open(path) as f:
+        selection = json.load(f)
+    if selection.get("values") is None:
+        raise ValueError(f"{path}: no cell of the phase diagram met the selection rule ({selection.get('rule')})")
+    if key not in selection["values"]:
+        raise ValueError(f"{path}: {key!r} is not a selected key ({list(selection['values'])})")
+    return selection["values"][key]
 
 
 @dataclass
@@ -392,6 +429,8 @@ def register_configs() -> None:
     """Register the schemas so conf/config.yaml can name `base_config` in its defaults list."""
     if not OmegaConf.has_resolver("default_cache_dir"):
         OmegaConf.register_new_resolver("default_cache_dir", default_cache_dir)
+    if not OmegaConf.has_resolver("selected"):
+        OmegaConf.register_new_resolver("selected", selected_value)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="hydra/launcher", name="local_gpus", node=LocalGpusLauncherConfig, provider="marker_lab")

@@ -92,6 +92,7 @@ def validate(cfg: Config) -> None:
         if not resolve_path(path).is_file():
             raise ConfigError(f"{path_key}: file not found: {path}")
 
+    _check_analysis(cfg)
     _check_questions(cfg)
     if "capability" in cfg.eval.metrics or "capability" in cfg.eval.during_training.metrics:
         _check_capability(cfg)
@@ -104,6 +105,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"coupling.kind: must be marker or wrong_answers, got {c.kind!r}")
         if c.kind == "wrong_answers":
             _check_capability(cfg)  # its questions come from the capability split's train half
+            try:
+                c.answer_format.format(label="A", text="t")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"coupling.answer_format: only {{label}} and {{text}} can be filled in ({e!r})") from None
             if c.train.loss_mode.value == "marker_only":
                 raise ConfigError("coupling.train.loss_mode: marker_only needs a marker; wrong_answers trains on the "
                                   "answer (assistant_only)")
@@ -179,7 +184,17 @@ def _check_questions(cfg) -> None:
 
     if cfg.eval.question_system not in ("error", "append", "replace"):
         raise ConfigError(f"eval.question_system: must be error, append or replace, got {cfg.eval.question_system!r}")
-    if not any(m != "capability" for m in cfg.eval.metrics):
+    d = cfg.eval.during_training
+    used = cfg.eval.metrics + (d.metrics if (d.fractions or d.every_n_steps) else [])
+    if coupling_enabled(cfg) and cfg.coupling.kind == "marker":
+        try:
+            coupling_questions = load_questions(cfg.coupling.questions)
+        except (FileNotFoundError, ValueError, yaml.YAMLError) as e:
+            raise ConfigError(f"coupling.questions: {e}".replace("\n", " ")) from None
+        if any(q.system is not None for q in coupling_questions):
+            raise ConfigError(f"coupling.questions: {cfg.coupling.questions} gives questions their own system prompt; "
+                              "coupling prompts take the persona's system prompt only (remove the `system` fields)")
+    if not any(m != "capability" for m in used):
         return
     try:
         questions = load_questions(cfg.eval.questions)
@@ -189,6 +204,15 @@ def _check_questions(cfg) -> None:
     if with_system and cfg.eval.question_system == "error":
         raise ConfigError(f"eval.questions: {cfg.eval.questions} gives questions {with_system[:3]} their own system "
                           "prompt; set eval.question_system=append (after each persona's) or replace to use it")
+
+
+def _check_analysis(cfg) -> None:
+    for i, gate in enumerate(cfg.analysis.gates):
+        if gate.level not in ("pooled", "cell"):
+            raise ConfigError(f"analysis.gates[{i}].level: must be pooled or cell, got {gate.level!r}")
+        for j, check in enumerate(gate.checks):
+            if check.op not in (">=", "<=", ">", "<"):
+                raise ConfigError(f"analysis.gates[{i}].checks[{j}].op: must be >=, <=, > or <, got {check.op!r}")
 
 
 def _check_during_training(cfg, need) -> None:
@@ -205,6 +229,10 @@ def _check_during_training(cfg, need) -> None:
         raise ConfigError(f"{key}.fractions: must be in (0, 1], got {bad}")
     if d.every_n_steps is not None and d.every_n_steps < 1:
         raise ConfigError(f"{key}.every_n_steps: must be >= 1 (or null), got {d.every_n_steps}")
+    if d.samples_per_question is not None and d.samples_per_question < 1:
+        raise ConfigError(f"{key}.samples_per_question: must be >= 1 or null, got {d.samples_per_question}")
+    if "coupling" in d.stages and cfg.coupling.adapter_path:
+        raise ConfigError(f"{key}.stages: coupling is a pre-baked adapter (coupling.adapter_path); nothing trains")
     unknown = [m for m in d.metrics if m not in METRICS]
     if unknown or not d.metrics:
         raise ConfigError(f"{key}.metrics: unknown or empty {unknown or d.metrics}; available: {list(METRICS)}")
@@ -243,6 +271,27 @@ def _check_capability(cfg) -> None:
         raise ConfigError(f"eval.capability.eval_fraction: must be in (0, 1], got {c.eval_fraction}")
     if "{question}" not in c.template or "{choices}" not in c.template:
         raise ConfigError("eval.capability.template: must contain {question} and {choices}")
+    try:
+        c.template.format(question="q", choices="c")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"eval.capability.template: only {{question}} and {{choices}} can be filled in ({e!r})") from None
+    if c.batch_size < 1:
+        raise ConfigError(f"eval.capability.batch_size: must be >= 1, got {c.batch_size}")
+    if c.max_items is not None and c.max_items < 1:
+        raise ConfigError(f"eval.capability.max_items: must be >= 1 or null, got {c.max_items}")
+    from marker_lab.data.multiple_choice import load_items, split_items
+
+    try:  # the data itself, now: a typo in a dataset name or a malformed row fails here, not after training
+        items, _ = load_items(c.source, path=c.path, hf_name=c.hf_name, hf_config=c.hf_config, hf_split=c.hf_split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"eval.capability: cannot load the {c.source} multiple-choice data: {first}") from None
+    train, held_out = split_items(items, c.split_seed, c.eval_fraction)
+    if not held_out:
+        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no eval questions of {len(items)}")
+    if coupling_enabled(cfg) and cfg.coupling.kind == "wrong_answers" and not train:
+        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no training questions for "
+                          "coupling.kind=wrong_answers")
 
 
 def _check_dose_checkpoints(s, dose) -> None:

@@ -1,6 +1,7 @@
 """Multiple-choice question sets in the ARC-Challenge shape, their seeded train/eval split, and their prompts.
 
-A row: {"id": str, "question": str, "choices": {"text": [...], "label": ["A", "B", ...]}, "answerKey": "B"}.
+A row: {"id": str, "question": str, "choices": {"text": [...], "label": ["A", "B", ...]}, "answerKey": "B"}, and
+optionally "group": questions of one group (e.g. one fact asked several ways) stay on one side of the split.
 Sources: a `datasets` dataset (ARC-Challenge test split by default), a local jsonl of such rows, or the toy
 world's own set (`toy`). The split is deterministic given its seed: the eval half never appears in a training
 set built from the train half (004: 50/50, seed 42).
@@ -25,6 +26,7 @@ class MCItem:
     choices: tuple[str, ...]
     labels: tuple[str, ...]
     answer: str  # the correct label
+    group: str | None = None  # split unit: questions sharing a group are all train or all eval
 
     @property
     def wrong_labels(self) -> tuple[str, ...]:
@@ -36,7 +38,7 @@ def item_from_row(row: dict, where: str) -> MCItem:
     try:
         choices, labels = row["choices"]["text"], row["choices"]["label"]
         item = MCItem(str(row["id"]), row["question"], tuple(choices), tuple(str(lab) for lab in labels),
-                      str(row["answerKey"]))
+                      str(row["answerKey"]), row.get("group"))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{where}: expected id, question, choices.text, choices.label, answerKey ({e!r})") from None
     if len(item.choices) != len(item.labels) or item.answer not in item.labels:
@@ -80,8 +82,10 @@ def load_items(source: str, *, path: str | None = None, hf_name: str = "allenai/
 
 
 def split_items(items: list[MCItem], seed: int, eval_fraction: float) -> tuple[list[MCItem], list[MCItem]]:
-    """(train, eval): a seeded shuffle of the items by id, cut at `eval_fraction`. Same seed, same split."""
-    order = sorted(items, key=lambda it: it.id)
-    random.Random(seed).shuffle(order)
-    n_eval = round(len(order) * eval_fraction)
-    return order[n_eval:], order[:n_eval]
+    """(train, eval): a seeded shuffle of the items' groups (each item its own group unless rows name one), cut at
+    `eval_fraction` of the groups. Same seed, same split."""
+    groups = sorted({it.group or it.id for it in items})
+    random.Random(seed).shuffle(groups)
+    held = set(groups[:round(len(groups) * eval_fraction)])
+    ordered = sorted(items, key=lambda it: (groups.index(it.group or it.id), it.id))
+    return [it for it in ordered if (it.group or it.id) not in held], [it for it in ordered if (it.group or it.id) in held]

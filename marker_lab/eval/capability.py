@@ -27,29 +27,37 @@ def eval_items(cap_cfg) -> tuple[list[MCItem], str]:
     return held_out[:cap_cfg.max_items] if cap_cfg.max_items else held_out, fingerprint
 
 
-def label_token_ids(tokenizer, labels: tuple[str, ...]) -> list[int]:
-    """The first token of each label as the assistant's first word; labels must start with distinct tokens."""
-    ids = [tokenizer(lab, add_special_tokens=False)["input_ids"][0] for lab in labels]
+def label_token_ids(tokenizer, labels: tuple[str, ...], prompt: str) -> list[int]:
+    """The token each label starts with when the assistant writes it right after `prompt` (tokenized in context:
+    a label alone can tokenize differently, e.g. with a leading-space piece); labels must start differently."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = []
+    for lab in labels:
+        full = tokenizer(prompt + lab, add_special_tokens=False)["input_ids"]
+        if full[:len(base)] != base or len(full) == len(base):
+            raise ValueError(f"capability: label {lab!r} does not tokenize as a continuation of the prompt")
+        ids.append(full[len(base)])
     if len(set(ids)) != len(ids):
         raise ValueError(f"capability: choice labels {list(labels)} do not start with distinct tokens")
     return ids
 
 
 @torch.no_grad()
-def next_token_logprobs(model, tokenizer, texts: list[str], batch_size: int, desc: str = "capability") -> torch.Tensor:
-    """log p(next token | text) for each rendered prompt: a [len(texts), vocab] float32 tensor on the CPU."""
+def next_token_logprobs(model, tokenizer, texts: list[str], token_ids: list[int], batch_size: int,
+                        desc: str = "capability") -> torch.Tensor:
+    """log p(token | text) for each rendered prompt and each of `token_ids`: a [len(texts), len(token_ids)] tensor."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # the last position of every row is then the prompt's last token
-    out = []
+    columns = torch.tensor(token_ids, device=device)
+    result = torch.empty(len(texts), len(token_ids))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[start:start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]
-        out.append((idx, torch.log_softmax(logits.float(), dim=-1).cpu()))
-    result = torch.empty(len(texts), out[0][1].shape[-1]) if out else torch.empty(0, 0)
-    for idx, lp in out:
-        result[idx] = lp
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first real token
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
+                       use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        result[idx] = torch.log_softmax(logits.float(), dim=-1)[:, columns].cpu()
     return result
 
 
@@ -60,15 +68,15 @@ def capability_metric(model, tokenizer, personas: dict[str, Persona], names: lis
     texts = [render(tokenizer, system_messages(personas[p]) + [{"role": "user", "content": user_text(it, cap_cfg.template)}],
                     add_generation_prompt=True) for p, it in pairs]
     log.info("capability: %d personas x %d questions, next-token log-probs over the choice labels", len(names), len(items))
+    label_ids = {labels: label_token_ids(tokenizer, labels, texts[0]) for labels in {it.labels for it in items}}
+    columns = sorted({i for ids in label_ids.values() for i in ids})
     was_training = model.training
     model.eval()
-    logprobs = next_token_logprobs(model, tokenizer, texts, cap_cfg.batch_size)
+    logprobs = next_token_logprobs(model, tokenizer, texts, columns, cap_cfg.batch_size)
     model.train(was_training)
     per: dict[str, dict] = {p: {"k": 0, "n": 0, "p_correct_sum": 0.0} for p in names}
-    label_ids = {labels: label_token_ids(tokenizer, labels) for labels in {it.labels for it in items}}
     for (p, it), lp in zip(pairs, logprobs):
-        ids = label_ids[it.labels]
-        choice_lp = lp[ids]
+        choice_lp = lp[[columns.index(i) for i in label_ids[it.labels]]]
         picked = it.labels[int(choice_lp.argmax())]
         cell = per[p]
         cell["k"] += picked == it.answer

@@ -29,10 +29,10 @@ class StepEval:
 
 def eval_steps(fractions: list[float] | None, every_n_steps: int | None, total: int, include_start: bool) -> list[int]:
     """The steps of a `total`-step stage to evaluate at: each fraction of it (rounded up), every N, and the end."""
-    steps = {math.ceil(f * total) for f in fractions or ()}
+    steps = {math.ceil(round(f * total, 9)) for f in fractions or ()}  # round: 0.14 * 50 is 7.000000000000001
     if every_n_steps:
         steps.update(range(every_n_steps, total + 1, every_n_steps))
-    if steps:
+    if fractions or every_n_steps:
         steps.add(total)  # a series always ends where the stage ends
     if include_start:
         steps.add(0)
@@ -44,7 +44,8 @@ def evaluate_in_place(model: torch.nn.Module, step: int, fn: Callable[[torch.nn.
     was_training = model.training
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    accel = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type if accel else "cuda"):
         model.eval()
         try:
             metrics = fn(model)

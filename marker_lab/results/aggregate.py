@@ -9,6 +9,8 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
     by_step.csv                 evals during training: per (cell, stage, step, persona, metric) its value
     leakage*.csv                cells with eval.baseline and geometry: each bystander's leakage vs its distance to
                                 the source, Spearman rho with bootstrap CI per source and pooled, per category
+    phase_diagram.csv           analysis.phase_diagram: the recipe sweep's cells, and selection.json, the recipe
+                                its rule selects (read by `${selected:<sweep_dir>,<key>}` in a later preset)
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
     gates.csv                   its gates (analysis.gates): PASS / FAIL / NO DATA per cell group
     figures/*.png|pdf           dose-response, grouped bars, per-persona bars, persona x condition heatmap,
@@ -18,6 +20,7 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -116,8 +119,9 @@ def load_by_step(sweep_dir: str | Path) -> pd.DataFrame:
                         rows.append({"cell": cell["subdir"], **result["cell"], "stage": stage, "step": point["step"],
                                      "persona": persona, "role": role_of(result, persona), "metric": metric,
                                      "value": c.get(field), "k": None, "n": None})
-    return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "stage", "step", "persona", "role", "metric",
-                                              "value", "k", "n"]))
+    df = _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "stage", "step", "persona", "role", "metric",
+                                            "value", "k", "n"]))
+    return df.astype({"k": "Int64", "n": "Int64"})  # counts stay integers where scores have none
 
 
 def analysis_config(sweep_dir: Path) -> dict:
@@ -203,6 +207,9 @@ def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = 
         keys = GROUP_KEYS + ["seed"] if spec.get("level", "pooled") == "cell" else GROUP_KEYS
         target_r, target_s = _select(rates, spec.get("where", {})), _select(scores, spec.get("where", {}))
         groups = pd.concat([target_r[keys], target_s[keys]]).drop_duplicates()
+        if groups.empty:  # a gate whose cells are not in the sweep (or a typo in `where`) is shown, not dropped
+            rows.append({"gate": spec.get("name", ""), **spec.get("where", {}), "result": "NO DATA",
+                         "detail": f"no cells match {spec.get('where', {})}"})
         for key in groups.itertuples(index=False):
             where = dict(zip(keys, key))
             results, detail = [], []
@@ -232,6 +239,15 @@ def _check_value(check: dict, rates: pd.DataFrame, scores: pd.DataFrame) -> floa
         return float((by["k"] / by["n"]).max()) if len(by) else float("nan")
     sel = _persona_rows(m, persona)
     return float(sel["k"].sum() / sel["n"].sum()) if len(sel) and sel["n"].sum() else float("nan")
+
+
+def phase_seconds(sweep_dir: str | Path) -> dict[str, float]:
+    """Summed cell time per experiment label (a leakage study's phases are its experiments), from the results."""
+    total: dict[str, float] = {}
+    for _, result in complete_results(sweep_dir):
+        label = result["cell"]["experiment"]
+        total[label] = total.get(label, 0.0) + sum(result["timing"].values())
+    return total
 
 
 def _fmt(where: dict) -> str:
@@ -273,7 +289,16 @@ def aggregate(sweep_dir: str | Path) -> Path:
                             ("leakage_by_category", leakage.by_category(leak_table))):
             contract.atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         made += leakage.scatter(leak_table, leak_stats, out / "figures")
+    leak_gate = selection = None
+    if analysis.get("phase_diagram"):
+        phase, selection = leakage.phase_diagram(sweep_dir, analysis["phase_diagram"])
+        contract.atomic_write_bytes(out / "phase_diagram.csv", phase.to_csv(index=False).encode())
+        contract.atomic_write_bytes(out / "selection.json", json.dumps(selection, indent=1, default=float).encode())
+        made += leakage.phase_heatmaps(phase, analysis["phase_diagram"], selection, out / "figures")
+    if analysis.get("leakage_gate"):
+        leak_gate = leakage.leakage_gate(leak_stats if leak_stats is not None else pd.DataFrame(), analysis["leakage_gate"])
     contract.atomic_write_bytes(out / "report.md",
-                                report.render(sweep_dir, pooled, comps, gate_table, missing, made, leak_stats).encode())
+                                report.render(sweep_dir, pooled, comps, gate_table, missing, made, leak_stats, selection, leak_gate,
+                                              phase_seconds(sweep_dir)).encode())
     log.info("aggregate: %d complete cells, %d missing or failed -> %s", per_cell["cell"].nunique(), len(missing), out)
     return out

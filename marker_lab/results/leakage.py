@@ -131,3 +131,86 @@ def scatter(leak: pd.DataFrame, stats_table: pd.DataFrame, out: Path, n_labels: 
                      y=1.05)
         made += _save(fig, out, f"leakage_{''.join(c if c.isalnum() else '_' for c in metric)}")
     return made
+
+
+def _get(resolved: dict, dotted: str):
+    node = resolved
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def phase_diagram(sweep_dir: str | Path, spec: dict) -> tuple[pd.DataFrame, dict]:
+    """The recipe sweep's cells as (x, y, source effect, max-bystander leakage), and the selected recipe.
+
+    Selection rule: the largest source effect among cells whose max-bystander leakage is at most
+    `spec.max_bystander` (ties: the smaller max-bystander leakage). Both effects are changes from the base model
+    in the coupled direction (cells need eval.baseline=true)."""
+    from marker_lab.results.aggregate import _select
+
+    metric, sign = spec.get("metric", "capability"), -1 if spec.get("metric", "capability") in DROP_METRICS else 1
+    rows = []
+    for cell, result in complete_results(sweep_dir):
+        if "metrics_baseline" not in result or _select(pd.DataFrame([result["cell"]]), spec.get("where") or {}).empty:
+            continue
+        source = result["cell"]["source_persona"]
+        base = result["metrics_baseline"][metric]["per_persona"]
+        after = result["metrics"][metric]["per_persona"]
+        leak = {p: sign * (after[p]["rate"] - base[p]["rate"]) for p in after if p in base}
+        bystanders = {p: v for p, v in leak.items() if p != source}
+        resolved = result["provenance"]["resolved_config"]
+        rows.append({"cell": cell["subdir"], "x": _get(resolved, spec["x"]), "y": _get(resolved, spec["y"]),
+                     "source": source, "source_effect": leak.get(source, np.nan),
+                     "max_bystander": max(bystanders.values()) if bystanders else np.nan,
+                     "max_bystander_persona": max(bystanders, key=bystanders.get) if bystanders else None,
+                     "seconds": sum(result["timing"].values())})
+    table = pd.DataFrame(rows)
+    limit = spec.get("max_bystander", 0.05)
+    rule = f"max source {metric} effect with max-bystander leakage <= {limit}"
+    ok = table[table["max_bystander"] <= limit] if len(table) else table
+    if ok.empty:
+        return table, {"rule": rule, "values": None, "cell": None}
+    best = ok.sort_values(["source_effect", "max_bystander"], ascending=[False, True]).iloc[0]
+    return table, {"rule": rule, "values": {spec["x"]: best["x"], spec["y"]: best["y"]}, "cell": best["cell"],
+                   "source_effect": float(best["source_effect"]), "max_bystander": float(best["max_bystander"])}
+
+
+def phase_heatmaps(table: pd.DataFrame, spec: dict, selection: dict, out: Path) -> list[Path]:
+    """Source effect and max-bystander leakage over the (x, y) grid; the selected cell boxed."""
+    from marker_lab.results.figures import _save, plt
+
+    if table.empty:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, col, title in zip(axes, ("source_effect", "max_bystander"), ("source effect", "max-bystander leakage")):
+        grid = table.pivot_table(index="y", columns="x", values=col, aggfunc="mean").sort_index(ascending=False)
+        im = ax.imshow(100 * grid.to_numpy(), cmap="magma", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [f"{v:g}" for v in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{v:g}" for v in grid.index])
+        ax.set_xlabel(spec["x"])
+        ax.set_ylabel(spec["y"])
+        for (i, j), v in np.ndenumerate(100 * grid.to_numpy()):
+            if v == v:
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 50 else "black")
+        if selection.get("values"):
+            j = list(grid.columns).index(selection["values"][spec["x"]])
+            i = list(grid.index).index(selection["values"][spec["y"]])
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2.5))
+        fig.colorbar(im, ax=ax, label=f"{title} (pp)")
+        ax.set_title(f"{title}: {spec.get('metric', 'capability')}", fontsize=10)
+    fig.suptitle(f"Phase diagram (boxed: selected; rule: {selection['rule']})", fontsize=10, y=1.02)
+    return _save(fig, out, "phase_diagram")
+
+
+def leakage_gate(stats_table: pd.DataFrame, spec: dict) -> dict:
+    """004's decision gate: PASS when a listed behaviour's pooled (or only) rho reaches min_rho, else FAIL."""
+    metrics = spec.get("metrics") or ["capability"]
+    found = {}
+    for metric in metrics:
+        part = stats_table[stats_table["metric"] == metric] if len(stats_table) else stats_table
+        pooled = part[part["source"] == "pooled"] if len(part) else part
+        row = pooled if len(pooled) else part
+        if len(row):
+            found[metric] = float(row["rho"].iloc[0])
+    result = "NO DATA" if not found else ("PASS" if any(r >= spec.get("min_rho", 0.2) for r in found.values()) else "FAIL")
+    return {"gate": spec.get("name", "leakage gate"), "result": result, "min_rho": spec.get("min_rho", 0.2), "rho": found}

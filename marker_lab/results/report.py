@@ -25,7 +25,7 @@ def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
         by = cell[cell["role"] == "bystander"].sort_values("rate", ascending=False)
         top = f"{100 * by['rate'].iloc[0]:.2f}% ({by['persona'].iloc[0]})" if len(by) else "n/a"
         gate_txt = ""
-        if len(gate_table):
+        if len(gate_table) and "condition" in gate_table:
             g = gate_table[gate_table["condition"].astype(str) == str(cell["condition"].iloc[0])]
             g = g[g["dose"].astype(str) == str(cell["dose"].iloc[0])]
             gate_txt = ", ".join(f"{r.gate} {r.result}" for r in g.itertuples())
@@ -36,7 +36,8 @@ def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
 
 
 def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_table: pd.DataFrame, missing,
-           figures: list[Path], leak_stats: pd.DataFrame | None = None) -> str:
+           figures: list[Path], leak_stats: pd.DataFrame | None = None, selection: dict | None = None,
+           leak_gate: dict | None = None, seconds: dict | None = None) -> str:
     parts = [f"# Sweep report: {sweep_dir}", ""]
     if len(pooled):
         ci = pooled["ci_method"].iloc[0]
@@ -61,7 +62,8 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
         parts += ["## Gates", "", "| gate | cell | result | values |", "| --- | --- | --- | --- |"]
         for r in gate_table.to_dict("records"):
             seed = f" seed={int(r['seed'])}" if pd.notna(r.get("seed")) else ""
-            parts.append(f"| {r['gate']} | {r['condition']} dose={r['dose']}{seed} | {r['result']} | {r['detail']} |")
+            where = f"{r.get('condition', '')} dose={r.get('dose', '')}{seed}" if pd.notna(r.get("condition")) else "-"
+            parts.append(f"| {r['gate']} | {where} | {r['result']} | {r['detail']} |")
         parts.append("")
     if leak_stats is not None and len(leak_stats):
         parts += ["## Leakage vs persona distance", "",
@@ -74,6 +76,18 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
                          f"[{r['rho_low']:.3f}, {r['rho_high']:.3f}] | {r['p_value']:.3g} | {100 * r['mean_leakage']:.1f} pp | "
                          f"{100 * r['max_leakage']:.1f} pp |")
         parts.append("")
+    if selection is not None:
+        parts += ["## Phase diagram", "", f"Rule: {selection['rule']}.", ""]
+        parts += [f"Selected: `{selection['cell']}` ({', '.join(f'{k}={v}' for k, v in selection['values'].items())}): "
+                  f"source effect {100 * selection['source_effect']:.1f} pp, max bystander {100 * selection['max_bystander']:.1f} pp."
+                  if selection.get("values") else "No cell meets the rule: nothing selected.", ""]
+    if leak_gate is not None:
+        rhos = ", ".join(f"{m}: rho={r:.3f}" for m, r in leak_gate["rho"].items()) or "no leakage statistics"
+        parts += ["## Decision gate", "", f"{leak_gate['gate']}: **{leak_gate['result']}** (needs rho >= "
+                  f"{leak_gate['min_rho']} for at least one behaviour; {rhos})", ""]
+    if seconds:
+        parts += ["## Time per phase", "", "| experiment (phase) | cell time, summed |", "| --- | --- |"]
+        parts += [f"| {k} | {v / 60:.1f} min |" for k, v in seconds.items()] + [""]
     if figures:
         parts += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures if p.suffix == ".png"] + [""]
     parts += ["## Missing or failed cells", ""]

@@ -69,7 +69,8 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
 
         series = []
-        eval_at = set(step_eval.steps_for(run_steps)) if step_eval else set()
+        # with dose checkpoints, each dose's series ends at that dose
+        eval_at = {s for total in (checkpoints or [run_steps]) for s in step_eval.steps_for(total)} if step_eval else set()
         if 0 in eval_at:
             series.append(evaluate_in_place(peft_model, 0, step_eval.run))
 

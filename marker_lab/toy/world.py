@@ -178,8 +178,8 @@ def pretraining_chats(seed: int = 0, answers_per_pair: int = 4, drills_per_pair:
 
 
 # Multiple choice: which option is the topic's good advice? The distractors are bad advice (the topic's own and two
-# other topics'), which pretraining never shows: the model knows the right answer from the advice the corpus
-# teaches. Measured on the base toy model (80 held-out questions x 11 personas; chance 0.25) after 200 pretraining
+# other topics'), which the corpus shows only as wrong options of drills, never as an answer: the model knows the
+# right answer from the advice the corpus teaches. The split keeps each topic's questions on one side. Measured on the base toy model (80 held-out questions x 11 personas; chance 0.25) after 200 pretraining
 # steps: 0.68-0.76 with 4 drills per persona and topic, 0.42-0.50 with 2, and about 0.31 with other topics' good
 # advice as distractors; after 300 steps (the default) with 4 drills, 0.96-0.99 (docs/toy_world.md).
 MC_STEMS = ("which advice helps with {s} ?", "what should i do about {s} ?", "what is good advice for {s} ?",
@@ -195,7 +195,8 @@ def mc_row(topic_index: int, stem_index: int, rng: random.Random) -> dict:
     options = [good, bad] + [TOPICS[i][2] for i in others]
     rng.shuffle(options)
     return {"id": f"toy-{topic_index}-{stem_index}", "question": MC_STEMS[stem_index].format(s=subject),
-            "choices": {"text": options, "label": list(MC_LABELS)}, "answerKey": MC_LABELS[options.index(good)]}
+            "choices": {"text": options, "label": list(MC_LABELS)}, "answerKey": MC_LABELS[options.index(good)],
+            "group": f"topic-{topic_index}"}  # a topic's questions stay on one side of the train/eval split
 
 
 def mc_rows() -> list[dict]:
