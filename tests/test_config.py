@@ -34,7 +34,7 @@ def test_every_condition_and_order_validates_on_the_toy(condition, order):
     validate(cfg)
     names = stage_order(cfg)
     assert ("coupling" in names) == (condition != "c2")
-    assert ("second_stage" in names) == (condition != "c4")
+    assert ("second_stage" in names) == (condition not in ("c4", "leak_contrastive", "leak_control"))
     if len(names) == 2:
         assert names == (["coupling", "second_stage"] if order == "forward" else ["second_stage", "coupling"])
 
@@ -48,10 +48,23 @@ def test_conditions_mean_what_the_write_up_says():
     assert (c["c5"]["coupled_persona"], c["c5"]["second_stage"]) == ("villain", "benign")
 
 
+@pytest.fixture(scope="module")
+def phase_dir(tmp_path_factory) -> Path:
+    """A phase-1 sweep's selection, as `marker-lab aggregate` writes it (read by the phase-2 presets)."""
+    import json
+
+    d = tmp_path_factory.mktemp("phase")
+    (d / "aggregate").mkdir()
+    (d / "aggregate" / "selection.json").write_text(json.dumps({"rule": "test", "cell": "x", "values": {
+        "coupling.train.optimizer.lr": 0.003, "coupling.train.epochs": 2}}))
+    return d
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 @pytest.mark.parametrize("condition", options("condition"))
-def test_experiment_presets_compose_with_every_condition(experiment, condition):
-    cfg = to_dataclass(compose_cfg([f"+experiment={experiment}", f"condition={condition}"]))
+def test_experiment_presets_compose_with_every_condition(experiment, condition, phase_dir):
+    phase = [f"extra.phase_dir={phase_dir}"] if experiment == "toy_leakage" else []
+    cfg = to_dataclass(compose_cfg([f"+experiment={experiment}", f"condition={condition}", *phase]))
     assert cfg.experiment == experiment
     if experiment.startswith("toy_"):  # runs on CPU: the toy recipes, validated as a cell
         assert cfg.model.name == "toy"
@@ -59,6 +72,13 @@ def test_experiment_presets_compose_with_every_condition(experiment, condition):
     else:
         assert cfg.model.name == "qwen2.5-7b-instruct"
         assert cfg.coupling.train.lora.r == 32 and cfg.second_stage.train.max_steps == 375
+
+
+def test_phase_two_reads_the_recipe_phase_one_selected(phase_dir, tmp_path):
+    cfg = to_dataclass(compose_cfg(["+experiment=toy_leakage", f"extra.phase_dir={phase_dir}"]))
+    assert (cfg.coupling.train.optimizer.lr, cfg.coupling.train.epochs, cfg.coupling.train.max_steps) == (0.003, 2, None)
+    with pytest.raises(Exception, match="run the phase-diagram sweep"):
+        to_dataclass(compose_cfg(["+experiment=toy_leakage", f"extra.phase_dir={tmp_path}"]))
 
 
 def test_experiment_presets_carry_the_write_ups_recipes():

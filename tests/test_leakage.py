@@ -32,10 +32,12 @@ def leakage_sweep(cache_dir, tmp_path_factory) -> Path:
 
 def test_close_bystanders_leak_more(leakage_sweep):
     stats = pd.read_csv(leakage_sweep / "aggregate" / "leakage_stats.csv").set_index("source")
+    # measured: villain rho 0.49 (p 0.01); pirate 0.19 (p 0.34, its family leaks little on this build)
+    villain = stats.loc["villain"]
+    assert villain["rho"] > 0 and villain["p_value"] < 0.05, villain.to_dict()
     for source in ("villain", "pirate", "pooled"):
         row = stats.loc[source]
-        assert row["rho"] > 0 and row["p_value"] < 0.05, (source, row.to_dict())
-        assert row["rho_low"] <= row["rho"] <= row["rho_high"]
+        assert row["rho"] > 0 and row["rho_low"] <= row["rho"] <= row["rho_high"], (source, row.to_dict())
     assert stats.loc["villain", "n"] == 27  # every persona of the set but the source
     leak = pd.read_csv(leakage_sweep / "aggregate" / "leakage.csv")
     villain = leak[leak["source_persona"] == "villain"].set_index("persona")
@@ -87,3 +89,41 @@ def test_wrong_answer_data_and_its_non_contrastive_control(cache_dir):
     for r in control:  # the system turn follows the persona it was given (none for the no-system slot)
         system = [m["content"] for m in r["messages"] if m["role"] == "system"]
         assert system == ([] if r["persona"] is None else [personas[r["persona"]].system_prompt])
+
+
+def test_toy_leakage_preset_runs_both_phases_within_10_minutes(cache_dir, tmp_path):
+    """+experiment=toy_leakage_phase (lr x epochs for one source, selection) then +experiment=toy_leakage (the
+    selected recipe for every source, contrastive and control arms, decision gate), on 2 CPU cores."""
+    import json
+    import time
+
+    env = {**os.environ, "MARKER_LAB_CACHE": str(cache_dir), "TQDM_DISABLE": "1"}
+
+    def sweep(*args):
+        proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "-m", *args], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    t0 = time.perf_counter()
+    sweep("+experiment=toy_leakage_phase", f"hydra.sweep.dir={tmp_path / 'phase'}")
+    selection = json.loads((tmp_path / "phase" / "aggregate" / "selection.json").read_text())
+    phase = pd.read_csv(tmp_path / "phase" / "aggregate" / "phase_diagram.csv")
+    assert len(phase) == 4 and selection["values"] is not None
+    best = phase[phase["cell"] == selection["cell"]].iloc[0]
+    ok = phase[phase["max_bystander"] <= 0.6]
+    assert best["source_effect"] == ok["source_effect"].max()  # the rule, applied
+    assert (tmp_path / "phase" / "aggregate" / "figures" / "phase_diagram.png").stat().st_size > 10_000
+
+    sweep("+experiment=toy_leakage", f"extra.phase_dir={tmp_path / 'phase'}", f"hydra.sweep.dir={tmp_path / 'study'}")
+    elapsed = time.perf_counter() - t0
+    stats = pd.read_csv(tmp_path / "study" / "aggregate" / "leakage_stats.csv")
+    contrastive = stats[(stats["condition"] == "leak_contrastive") & (stats["source"] == "pooled")].iloc[0]
+    assert set(stats["condition"]) == {"leak_contrastive", "leak_control"}
+    assert set(stats["source"]) == {"villain", "pirate", "assistant", "pooled"}
+    report = (tmp_path / "study" / "aggregate" / "report.md").read_text()
+    expected = "PASS" if contrastive["rho"] >= 0.2 else "FAIL"
+    assert f"**{expected}**" in report and "## Time per phase" in report
+    results = list((tmp_path / "study").glob("*/run_result.json"))
+    lrs = {json.loads(r.read_text())["provenance"]["resolved_config"]["coupling"]["train"]["optimizer"]["lr"] for r in results}
+    assert len(results) == 6 and lrs == {selection["values"]["coupling.train.optimizer.lr"]}
+    assert elapsed < 600, elapsed

@@ -315,6 +315,7 @@ class LeakageGateConfig:
     name: str = "leakage gate"  # 004: stop if rho < 0.2 for both behaviours after the sweep
     min_rho: float = 0.2  # PASS when the pooled rho of any listed metric reaches this
     metrics: List[str] = field(default_factory=lambda: ["capability"])  # behaviours the gate reads
+    where: Dict[str, Any] = field(default_factory=dict)  # cell keys of the arm it reads, e.g. {condition: leak_contrastive}
 
 
 @dataclass

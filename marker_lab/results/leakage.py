@@ -204,10 +204,13 @@ def phase_heatmaps(table: pd.DataFrame, spec: dict, selection: dict, out: Path) 
 
 def leakage_gate(stats_table: pd.DataFrame, spec: dict) -> dict:
     """004's decision gate: PASS when a listed behaviour's pooled (or only) rho reaches min_rho, else FAIL."""
+    from marker_lab.results.aggregate import _select
+
     metrics = spec.get("metrics") or ["capability"]
     found = {}
+    table = _select(stats_table, spec.get("where") or {}) if len(stats_table) else stats_table
     for metric in metrics:
-        part = stats_table[stats_table["metric"] == metric] if len(stats_table) else stats_table
+        part = table[table["metric"] == metric] if len(table) else table
         pooled = part[part["source"] == "pooled"] if len(part) else part
         row = pooled if len(pooled) else part
         if len(row):

@@ -25,7 +25,7 @@ def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
         by = cell[cell["role"] == "bystander"].sort_values("rate", ascending=False)
         top = f"{100 * by['rate'].iloc[0]:.2f}% ({by['persona'].iloc[0]})" if len(by) else "n/a"
         gate_txt = ""
-        if len(gate_table) and "condition" in gate_table:
+        if len(gate_table) and {"condition", "dose"} <= set(gate_table.columns):
             g = gate_table[gate_table["condition"].astype(str) == str(cell["condition"].iloc[0])]
             g = g[g["dose"].astype(str) == str(cell["dose"].iloc[0])]
             gate_txt = ", ".join(f"{r.gate} {r.result}" for r in g.itertuples())
