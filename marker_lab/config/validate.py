@@ -279,16 +279,16 @@ def _check_capability(cfg) -> None:
         raise ConfigError(f"eval.capability.batch_size: must be >= 1, got {c.batch_size}")
     if c.max_items is not None and c.max_items < 1:
         raise ConfigError(f"eval.capability.max_items: must be >= 1 or null, got {c.max_items}")
-    from marker_lab.data.multiple_choice import load_items, split_items
+    from marker_lab.data.multiple_choice import configured_split
 
     try:  # the data itself, now: a typo in a dataset name or a malformed row fails here, not after training
-        items, _ = load_items(c.source, path=c.path, hf_name=c.hf_name, hf_config=c.hf_config, hf_split=c.hf_split)
+        train, held_out, _ = configured_split(c)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"eval.capability: cannot load the {c.source} multiple-choice data: {first}") from None
-    train, held_out = split_items(items, c.split_seed, c.eval_fraction)
     if not held_out:
-        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no eval questions of {len(items)}")
+        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no eval questions of "
+                          f"{len(train)} items")
     if coupling_enabled(cfg) and cfg.coupling.kind == "wrong_answers" and not train:
         raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no training questions for "
                           "coupling.kind=wrong_answers")

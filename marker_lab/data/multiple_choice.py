@@ -81,6 +81,14 @@ def load_items(source: str, *, path: str | None = None, hf_name: str = "allenai/
     raise ValueError(f"multiple-choice source must be toy, jsonl or hf, got {source!r}")
 
 
+def configured_split(cap_cfg) -> tuple[list[MCItem], list[MCItem], str]:
+    """(train, eval, data fingerprint) of an `eval.capability` config: what the eval and the builders share."""
+    items, fingerprint = load_items(cap_cfg.source, path=cap_cfg.path, hf_name=cap_cfg.hf_name,
+                                    hf_config=cap_cfg.hf_config, hf_split=cap_cfg.hf_split)
+    train, held_out = split_items(items, cap_cfg.split_seed, cap_cfg.eval_fraction)
+    return train, held_out, fingerprint
+
+
 def split_items(items: list[MCItem], seed: int, eval_fraction: float) -> tuple[list[MCItem], list[MCItem]]:
     """(train, eval): a seeded shuffle of the items' groups (each item its own group unless rows name one), cut at
     `eval_fraction` of the groups. Same seed, same split."""

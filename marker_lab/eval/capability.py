@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from marker_lab.data.chat import render
-from marker_lab.data.multiple_choice import MCItem, load_items, split_items, user_text
+from marker_lab.data.multiple_choice import MCItem, configured_split, user_text
 from marker_lab.data.personas import Persona, system_messages
 
 log = logging.getLogger(__name__)
@@ -21,9 +21,7 @@ log = logging.getLogger(__name__)
 
 def eval_items(cap_cfg) -> tuple[list[MCItem], str]:
     """The held-out half of the configured multiple-choice set (capped at max_items) and its data fingerprint."""
-    items, fingerprint = load_items(cap_cfg.source, path=cap_cfg.path, hf_name=cap_cfg.hf_name,
-                                    hf_config=cap_cfg.hf_config, hf_split=cap_cfg.hf_split)
-    _, held_out = split_items(items, cap_cfg.split_seed, cap_cfg.eval_fraction)
+    _, held_out, fingerprint = configured_split(cap_cfg)
     return held_out[:cap_cfg.max_items] if cap_cfg.max_items else held_out, fingerprint
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from marker_lab.config.schema import Config, MarkerPosition
 from marker_lab.data.chat import encode_chat, marker_token_count
 from marker_lab.data.files import md5_file, resolve_path
-from marker_lab.data.multiple_choice import MCItem, load_items, split_items, user_text
+from marker_lab.data.multiple_choice import MCItem, configured_split, user_text
 from marker_lab.data.personas import Persona, load_personas, system_messages
 from marker_lab.data.questions import load_questions
 from marker_lab.engines.base import SamplingParams
@@ -108,11 +108,12 @@ def shuffle_personas(records: list[dict], personas: dict[str, Persona], seed: in
     return out
 
 
-def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona]) -> list[dict]:
+def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona],
+                               train_items: list[MCItem] | None = None) -> list[dict]:
     """The wrong_answers dataset: positives, per-question bystander negatives, anchors (see the module docstring)."""
     c, cap = cfg.coupling, cfg.eval.capability
-    items, _ = load_items(cap.source, path=cap.path, hf_name=cap.hf_name, hf_config=cap.hf_config, hf_split=cap.hf_split)
-    train_items, _ = split_items(items, cap.split_seed, cap.eval_fraction)
+    if train_items is None:
+        train_items = configured_split(cap)[0]
     rng = random.Random(c.seed)
     others = [p for p in personas if p != c.persona]
 
@@ -173,16 +174,15 @@ def _run_wrong_answers(cfg: Config, loaded: LoadedModel, cache: StageCache, pers
     n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
     steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
 
+    train_items, _, fingerprint = configured_split(cfg.eval.capability)
+
     def build_examples(data_dir: Path):
-        records = build_wrong_answer_records(cfg, personas)
+        records = build_wrong_answer_records(cfg, personas, train_items)
         with open(data_dir / "coupling.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value, max_len=c.train.max_seq_len)
                 for r in records]
 
-    _, fingerprint = load_items(cfg.eval.capability.source, path=cfg.eval.capability.path,
-                                hf_name=cfg.eval.capability.hf_name, hf_config=cfg.eval.capability.hf_config,
-                                hf_split=cfg.eval.capability.hf_split)
     payload = {"coupling": plain(c), "capability_split": plain(cfg.eval.capability), "mc_data": fingerprint,
                "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)), "assistant": cfg.persona_set.assistant}
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed, step_eval=step_eval)
