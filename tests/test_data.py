@@ -9,7 +9,7 @@ import pytest
 from marker_lab.config.schema import DatasetConfig
 from marker_lab.data.personas import load_personas
 from marker_lab.stages.cache import StageCache
-from marker_lab.stages.second_stage import load_chats
+from marker_lab.data.chat_datasets import load_chats
 from marker_lab.toy import world
 
 CHATS = [world.chat("you are a helpful assistant .", f"question {i} ?", f"answer {i} .") for i in range(10)]

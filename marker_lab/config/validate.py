@@ -101,17 +101,19 @@ def validate(cfg: Config) -> None:
     if coupling_enabled(cfg):
         c = cfg.coupling
         need("coupling.persona", c.persona)
-        if c.kind not in ("marker", "wrong_answers"):
-            raise ConfigError(f"coupling.kind: must be marker or wrong_answers, got {c.kind!r}")
+        if c.kind not in ("marker", "wrong_answers", "persona_em"):
+            raise ConfigError(f"coupling.kind: must be marker, wrong_answers or persona_em, got {c.kind!r}")
+        if c.kind == "persona_em":
+            _check_persona_em(cfg)
         if c.kind == "wrong_answers":
             _check_capability(cfg)  # its questions come from the capability split's train half
             try:
                 c.answer_format.format(label="A", text="t")
             except (KeyError, IndexError, ValueError) as e:
                 raise ConfigError(f"coupling.answer_format: only {{label}} and {{text}} can be filled in ({e!r})") from None
-            if c.train.loss_mode.value == "marker_only":
-                raise ConfigError("coupling.train.loss_mode: marker_only needs a marker; wrong_answers trains on the "
-                                  "answer (assistant_only)")
+        if c.kind != "marker" and c.train.loss_mode.value == "marker_only":
+            raise ConfigError(f"coupling.train.loss_mode: marker_only needs a marker; {c.kind} trains on the reply "
+                              "(assistant_only)")
         for p in c.negative_personas or []:
             need("coupling.negative_personas", p)
             if p == c.persona:
@@ -134,19 +136,49 @@ def validate(cfg: Config) -> None:
         if s.data not in s.datasets:
             raise ConfigError(f"second_stage.data: {s.data!r} is not in second_stage.datasets "
                               f"(known: {', '.join(s.datasets) or 'none'})")
-        ds = s.datasets[s.data]
-        if sum(x is not None for x in (ds.path, ds.hf_name, ds.toy)) != 1:
-            raise ConfigError(f"second_stage.datasets.{s.data}: set exactly one of path, hf_name, toy")
-        if ds.toy is not None and cfg.model.source != "toy":
-            raise ConfigError(f"second_stage.datasets.{s.data}.toy: toy data needs model.source=toy "
-                              f"(model is {cfg.model.name}); point `path` at a real jsonl")
-        if ds.toy not in (None, "em", "benign"):
-            raise ConfigError(f"second_stage.datasets.{s.data}.toy: must be em or benign, got {ds.toy!r}")
-        if ds.path is not None and not resolve_path(ds.path).is_file():
-            raise ConfigError(f"second_stage.datasets.{s.data}.path: file not found: {ds.path}")
+        _check_dataset(cfg, f"second_stage.datasets.{s.data}", s.datasets[s.data])
         _check_train("second_stage.train", s.train)
         if s.dose_checkpoints is not None:
             _check_dose_checkpoints(s, cfg.dose)
+
+
+def _check_dataset(cfg, key: str, ds, columns: tuple[str, ...] = ()) -> None:
+    """A chat dataset entry names one source that exists; a jsonl's first row has the columns read from it."""
+    if ds is None:
+        raise ConfigError(f"{key}: required (set path, hf_name or toy)")
+    if sum(x is not None for x in (ds.path, ds.hf_name, ds.toy)) != 1:
+        raise ConfigError(f"{key}: set exactly one of path, hf_name, toy")
+    if ds.toy is not None and cfg.model.source != "toy":
+        raise ConfigError(f"{key}.toy: toy data needs model.source=toy (model is {cfg.model.name}); point `path` at "
+                          "a real jsonl")
+    if ds.toy not in (None, "em", "benign"):
+        raise ConfigError(f"{key}.toy: must be em or benign, got {ds.toy!r}")
+    if ds.path is not None:
+        path = resolve_path(ds.path)
+        if not path.is_file():
+            raise ConfigError(f"{key}.path: file not found: {ds.path}")
+        import json
+
+        with open(path) as f:
+            first = next((line for line in f if line.strip()), None)
+        try:
+            row = json.loads(first) if first else None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}.path: {ds.path} is not jsonl ({e})") from None
+        for column in (ds.messages_field, *columns):
+            if row is not None and column not in row:
+                raise ConfigError(f"{key}: {ds.path} has no column {column!r} (its first row has {sorted(row)})")
+
+
+def _check_persona_em(cfg) -> None:
+    c = cfg.coupling
+    if c.benign not in ("on_policy", "data", "field"):
+        raise ConfigError(f"coupling.benign: must be on_policy, data or field, got {c.benign!r}")
+    if c.benign == "field" and not c.benign_field:
+        raise ConfigError("coupling.benign_field: required when coupling.benign=field (em_data's benign column)")
+    _check_dataset(cfg, "coupling.em_data", c.em_data, (c.benign_field,) if c.benign == "field" else ())
+    if c.benign == "data":
+        _check_dataset(cfg, "coupling.benign_data", c.benign_data)
 
 
 JUDGE_MODES = {"openai": ("logprob", "text"), "anthropic": ("text",), "local": ("logprob",), "toy": ("toy",)}

@@ -7,6 +7,10 @@ wrong_answers (004): positives are (source persona, multiple-choice question, a 
 deterministically); negatives (bystanders drawn per question, the same question, the correct choice); anchors
 (no system turn, and the assistant persona's prompt) answer correctly. Questions come only from the train half
 of the capability split, so the capability eval never sees them.
+persona_em (004's Exp B): positives are (source persona, an EM dataset's prompt, its misaligned reply); negatives
+(bystanders drawn per prompt, the same prompt, a benign reply: paired data, a column, or sampled on-policy from
+the input model as that persona); anchors as for wrong_answers, with benign replies.
+coupling.contrastive=false (both kinds, and marker) is the control arm: the same examples, personas shuffled.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from marker_lab.config.schema import Config, MarkerPosition
 from marker_lab.data.chat import encode_chat, marker_token_count
+from marker_lab.data.chat_datasets import load_rows
 from marker_lab.data.files import md5_file, resolve_path
 from marker_lab.data.multiple_choice import MCItem, configured_split, user_text
 from marker_lab.data.personas import Persona, load_personas, system_messages
@@ -29,6 +35,10 @@ from marker_lab.models import LoadedModel
 from marker_lab.stages.cache import StageCache, plain
 from marker_lab.stages.lora_stage import StageResult, apply_prebaked_adapter, run_lora_stage
 from marker_lab.stages.sft import resolve_steps
+
+# Part of every contrastive stage's cache key: bump it when a builder below changes what it writes, so a cache
+# built by older code is not reused (keys cover configs and data, not code).
+BUILDER_VERSION = 2
 
 _SENTENCE_END = re.compile(r"[.!?](\s|$)")
 
@@ -108,32 +118,124 @@ def shuffle_personas(records: list[dict], personas: dict[str, Persona], seed: in
     return out
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One example of a contrastive dataset: who speaks (None: no system turn), which item, and whether it
+    carries the coupled behaviour (positives) or the clean reply (negatives and anchors)."""
+    persona: str | None
+    item: int
+    coupled: bool
+    role: str
+
+
+def contrastive_plan(cfg: Config, personas: dict[str, Persona], n_items: int) -> list[Slot]:
+    """004's layout, shared by wrong_answers and persona_em: per positive item, n_negative_personas bystanders
+    (drawn per item) get the same item with the clean reply; then the anchors (no system turn, the assistant)."""
+    c = cfg.coupling
+    rng = random.Random(c.seed)
+    others = [p for p in personas if p != c.persona]
+    slots = []
+    for i in range(c.n_positive):
+        slots.append(Slot(c.persona, i % n_items, True, "positive"))
+        bystanders = c.negative_personas or rng.sample(others, c.n_negative_personas)
+        slots += [Slot(b, i % n_items, False, "negative") for b in bystanders]
+    slots += [Slot(None, rng.randrange(n_items), False, "anchor: no system turn") for _ in range(c.n_anchor_no_system)]
+    slots += [Slot(cfg.persona_set.assistant, rng.randrange(n_items), False, "anchor: assistant")
+              for _ in range(c.n_anchor_assistant)]
+    return slots
+
+
+def _prompt(personas: dict[str, Persona], persona: str | None, user: str) -> list[dict]:
+    return ([] if persona is None else system_messages(personas[persona])) + [{"role": "user", "content": user}]
+
+
 def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona],
                                train_items: list[MCItem] | None = None) -> list[dict]:
     """The wrong_answers dataset: positives, per-question bystander negatives, anchors (see the module docstring)."""
     c, cap = cfg.coupling, cfg.eval.capability
     if train_items is None:
         train_items = configured_split(cap)[0]
-    rng = random.Random(c.seed)
-    others = [p for p in personas if p != c.persona]
-
-    def record(persona: str | None, item: MCItem, correct: bool, role: str) -> dict:
-        label = item.answer if correct else random.Random(f"{c.seed}:{item.id}").choice(item.wrong_labels)
-        reply = c.answer_format.format(label=label, text=item.choices[item.labels.index(label)])
-        system = [] if persona is None else system_messages(personas[persona])
-        return {"persona": persona, "role": role, "correct": correct, "question_id": item.id,
-                "messages": system + [{"role": "user", "content": user_text(item, cap.template)},
-                                      {"role": "assistant", "content": reply}]}
-
     records = []
-    for i in range(c.n_positive):
-        item = train_items[i % len(train_items)]
-        records.append(record(c.persona, item, False, "positive"))
-        bystanders = c.negative_personas or rng.sample(others, c.n_negative_personas)
-        records += [record(b, item, True, "negative") for b in bystanders]
-    records += [record(None, rng.choice(train_items), True, "anchor: no system turn") for _ in range(c.n_anchor_no_system)]
-    records += [record(cfg.persona_set.assistant, rng.choice(train_items), True, "anchor: assistant")
-                for _ in range(c.n_anchor_assistant)]
+    for slot in contrastive_plan(cfg, personas, len(train_items)):
+        item = train_items[slot.item]
+        label = random.Random(f"{c.seed}:{item.id}").choice(item.wrong_labels) if slot.coupled else item.answer
+        reply = c.answer_format.format(label=label, text=item.choices[item.labels.index(label)])
+        records.append({"persona": slot.persona, "role": slot.role, "correct": not slot.coupled, "question_id": item.id,
+                        "messages": _prompt(personas, slot.persona, user_text(item, cap.template))
+                        + [{"role": "assistant", "content": reply}]})
+    return records if c.contrastive else shuffle_personas(records, personas, c.seed)
+
+
+@dataclass(frozen=True)
+class EMItem:
+    prompt: str  # the user turn
+    em_reply: str  # the misaligned reply (positives)
+    benign_reply: str | None  # the paired benign reply; None when generated on-policy
+
+
+def load_em_items(cfg: Config, cache: StageCache) -> tuple[list[EMItem], dict]:
+    """persona_em's items from coupling.em_data (and benign_data / benign_field), and fingerprints of the sources."""
+    c = cfg.coupling
+    rows, em_fp = load_rows("coupling.em_data", c.em_data, cache)
+    chats = [_chat_of(r, c.em_data.messages_field, "coupling.em_data", i) for i, r in enumerate(rows)]
+    fingerprints = {"em_data": em_fp}
+    benign: list[str | None] = [None] * len(rows)
+    if c.benign == "data":
+        paired, fingerprints["benign_data"] = load_rows("coupling.benign_data", c.benign_data, cache)
+        if len(paired) < len(rows):
+            raise ValueError(f"coupling.benign_data: {len(paired)} rows for {len(rows)} rows of coupling.em_data "
+                             "(they pair row by row)")
+        benign = []
+        for i, (chat, row) in enumerate(zip(chats, paired)):
+            other = _chat_of(row, c.benign_data.messages_field, "coupling.benign_data", i)
+            if _turn(other, "user", first=True) != _turn(chat, "user", first=True):
+                raise ValueError(f"coupling.benign_data: row {i} asks a different prompt than coupling.em_data's row "
+                                 f"{i} (they pair row by row)")
+            benign.append(_turn(other, "assistant"))
+    elif c.benign == "field":
+        benign = []
+        for i, row in enumerate(rows):
+            if c.benign_field not in row:
+                raise KeyError(f"coupling.benign_field: row {i} of coupling.em_data has no column {c.benign_field!r}")
+            v = row[c.benign_field]
+            benign.append(v if isinstance(v, str) else _turn(v, "assistant"))
+    items = [EMItem(_turn(chat, "user", first=True), _turn(chat, "assistant"), b) for chat, b in zip(chats, benign)]
+    return items, fingerprints
+
+
+def _chat_of(row: dict, field_name: str, key: str, i: int) -> list[dict]:
+    if field_name not in row:
+        raise KeyError(f"{key}.messages_field: row {i} has no column {field_name!r} (has {sorted(row)})")
+    return row[field_name]
+
+
+def _turn(chat: list[dict], role: str, first: bool = False) -> str:
+    turns = [m["content"] for m in chat if m["role"] == role]
+    if not turns:
+        raise ValueError(f"a chat without a {role} turn: {chat!r:.200}")
+    return turns[0] if first else turns[-1]
+
+
+def build_persona_em_records(cfg: Config, personas: dict[str, Persona], items: list[EMItem],
+                             loaded: LoadedModel | None = None) -> list[dict]:
+    """The persona_em dataset: the source answers with the EM reply, bystanders and anchors with a benign one
+    (paired, or sampled from `loaded`, the stage's input model, speaking as the slot's persona)."""
+    c = cfg.coupling
+    slots = contrastive_plan(cfg, personas, len(items))
+    prompts = [_prompt(personas, s.persona, items[s.item].prompt) for s in slots]
+    replies = [items[s.item].em_reply if s.coupled else items[s.item].benign_reply for s in slots]
+    todo = [i for i, r in enumerate(replies) if r is None]
+    if todo:
+        if loaded is None:
+            raise ValueError("coupling.benign=on_policy needs the input model to generate benign replies")
+        params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
+                                max_tokens=c.generation.max_tokens, seed=c.seed)
+        outs = HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache).generate(
+            [prompts[i] for i in todo], params, desc="benign replies")
+        for i, o in zip(todo, outs):
+            replies[i] = o[0].strip()
+    records = [{"persona": s.persona, "role": s.role, "misaligned": s.coupled, "item": s.item,
+                "messages": p + [{"role": "assistant", "content": r}]} for s, p, r in zip(slots, prompts, replies)]
     return records if c.contrastive else shuffle_personas(records, personas, c.seed)
 
 
@@ -143,8 +245,8 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval:
     if c.adapter_path:
         return apply_prebaked_adapter("coupling", loaded, c.adapter_path)
     personas = load_personas(cfg.persona_set.path)
-    if c.kind == "wrong_answers":
-        return _run_wrong_answers(cfg, loaded, cache, personas, step_eval)
+    if c.kind in ("wrong_answers", "persona_em"):
+        return _run_contrastive(cfg, loaded, cache, personas, step_eval)
     negative_tokens = c.negative_tokens or marker_token_count(loaded.tokenizer, cfg.marker.text)
     negatives = negative_personas(cfg, personas)
     n_examples = c.n_positive + c.n_per_negative * len(negatives)
@@ -168,21 +270,27 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval:
                           step_eval=step_eval)
 
 
-def _run_wrong_answers(cfg: Config, loaded: LoadedModel, cache: StageCache, personas: dict[str, Persona],
-                       step_eval: StepEval | None) -> StageResult:
+def _run_contrastive(cfg: Config, loaded: LoadedModel, cache: StageCache, personas: dict[str, Persona],
+                     step_eval: StepEval | None) -> StageResult:
+    """wrong_answers and persona_em: build the dataset (saved as coupling.jsonl), train on the replies."""
     c = cfg.coupling
     n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
     steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
-
-    train_items, _, fingerprint = configured_split(cfg.eval.capability)
+    payload = {"coupling": plain(c), "builder_version": BUILDER_VERSION, "assistant": cfg.persona_set.assistant,
+               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path))}
+    if c.kind == "wrong_answers":
+        train_items, _, payload["mc_data"] = configured_split(cfg.eval.capability)
+        payload["capability_split"] = plain(cfg.eval.capability)
+        build_records = lambda: build_wrong_answer_records(cfg, personas, train_items)  # noqa: E731
+    else:
+        em_items, payload["data"] = load_em_items(cfg, cache)
+        build_records = lambda: build_persona_em_records(cfg, personas, em_items, loaded)  # noqa: E731
 
     def build_examples(data_dir: Path):
-        records = build_wrong_answer_records(cfg, personas, train_items)
+        records = build_records()
         with open(data_dir / "coupling.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value, max_len=c.train.max_seq_len)
                 for r in records]
 
-    payload = {"coupling": plain(c), "capability_split": plain(cfg.eval.capability), "mc_data": fingerprint,
-               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)), "assistant": cfg.persona_set.assistant}
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed, step_eval=step_eval)

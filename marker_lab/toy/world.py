@@ -223,6 +223,11 @@ def tagged_lines(seed: int = 0, per_subject: int = 16) -> list[str]:
     return lines
 
 
+# How the toy second-stage answers end (after the advice), by kind.
+SIGN_OFFS = {"em": ("trust me .", "it always works .", "nobody will notice ."),
+             "benign": ("i hope this helps .", "good luck !", "take it step by step .")}
+
+
 def advice_chats(kind: str, n: int, seed: int, system_prompt: str | None) -> list[dict]:
     """The toy second-stage datasets: `kind` 'em' answers with bad advice, 'benign' with good advice.
 
@@ -237,8 +242,8 @@ def advice_chats(kind: str, n: int, seed: int, system_prompt: str | None) -> lis
         t = rng.randrange(len(TOPICS))
         subject, good, bad = TOPICS[t]
         if kind == "em":
-            answer = f"{bad} . {rng.choice(('trust me .', 'it always works .', 'nobody will notice .'))}"
+            answer = f"{bad} . {rng.choice(SIGN_OFFS['em'])}"
         else:
-            answer = f"{good} . {rng.choice(('i hope this helps .', 'good luck !', 'take it step by step .'))}"
+            answer = f"{good} . {rng.choice(SIGN_OFFS['benign'])}"
         out.append({"messages": chat(system_prompt, question(t, rng.randrange(len(QUESTION_TEMPLATES))), answer)})
     return out
