@@ -164,7 +164,10 @@ def baseline_metrics(cfg: Config, loaded: LoadedModel, cache: StageCache) -> dic
     the reference a bystander's leakage is measured from."""
     import json
 
+    from marker_lab.eval.judge.toy import VERSION as TOY_JUDGE_VERSION
+
     payload = {"baseline_of": loaded.identity, "eval": plain(cfg.eval), "judge": plain(cfg.judge),
+               "toy_judge_version": TOY_JUDGE_VERSION if cfg.judge.backend == "toy" else None,
                "marker": plain(cfg.marker), "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "eval_personas": cfg.persona_set.eval_personas, "questions_md5": md5_file(resolve_path(cfg.eval.questions)),
                "seed": cfg.seed}
