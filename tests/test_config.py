@@ -11,6 +11,7 @@ import pytest
 from conftest import compose_cfg, to_dataclass
 from marker_lab.cli import check_config
 from marker_lab.config.validate import ConfigError, validate
+from marker_lab.data.personas import file_roles, load_personas
 from marker_lab.run import CONF_DIR, cell_keys, stage_order
 
 CONF = Path(CONF_DIR)
@@ -63,7 +64,7 @@ def phase_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("experiment", options("experiment"))
 @pytest.mark.parametrize("condition", options("condition"))
 def test_experiment_presets_compose_with_every_condition(experiment, condition, phase_dir):
-    phase = [f"extra.phase_dir={phase_dir}"] if experiment == "toy_leakage" else []
+    phase = [f"extra.phase_dir={phase_dir}"] if experiment in ("toy_leakage", "leakage") else []
     cfg = to_dataclass(compose_cfg([f"+experiment={experiment}", f"condition={condition}", *phase]))
     assert cfg.experiment == experiment
     if experiment.startswith("toy_"):  # runs on CPU: the toy recipes, validated as a cell
@@ -154,3 +155,19 @@ def test_cli_rejects_bad_input_before_loading_anything(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "marker-lab: config error: dose: must be >= 0 optimizer steps (0 skips the second stage), got -5")
     assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_leakage_presets_carry_004s_design(phase_dir):
+    phase = to_dataclass(compose_cfg(["+experiment=leakage_phase"]))
+    assert phase.coupling.kind == "wrong_answers" and phase.persona_set.name == "leakage_111"
+    assert (phase.coupling.n_positive, phase.coupling.n_anchor_no_system, phase.coupling.n_anchor_assistant) == (200, 100, 100)
+    assert phase.eval.baseline and phase.geometry.enabled and phase.analysis.phase_diagram.metric == "capability"
+    personas = load_personas(phase.persona_set.path)
+    sources, _ = file_roles(phase.persona_set.path)
+    assert len(personas) == 111 and sources == ["villain", "comedian", "assistant", "software_engineer",
+                                                "kindergarten_teacher"]
+    study = to_dataclass(compose_cfg(["+experiment=leakage", f"extra.phase_dir={phase_dir}"]))
+    assert (study.coupling.train.optimizer.lr, study.coupling.train.epochs) == (0.003, 2)
+    assert study.analysis.leakage_gate.min_rho == 0.2
+    em = to_dataclass(compose_cfg(["+experiment=leakage_phase", "coupling=persona_em", "coupling.em_data.path=x.jsonl"]))
+    assert em.coupling.kind == "persona_em" and em.coupling.benign == "on_policy"
