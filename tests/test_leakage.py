@@ -42,6 +42,10 @@ def test_close_bystanders_leak_more(leakage_sweep):
     leak = pd.read_csv(leakage_sweep / "aggregate" / "leakage.csv")
     villain = leak[leak["source_persona"] == "villain"].set_index("persona")
     assert (villain["leakage_low"] <= villain["leakage"]).all() and (villain["leakage"] <= villain["leakage_high"]).all()
+    per = pd.read_csv(leakage_sweep / "aggregate" / "leakage_by_bystander.csv")
+    per = per[per["source_persona"] == "villain"].set_index("persona")
+    assert len(per) == 35 and (per["n_seeds"] == 1).all()  # one seed: pooled = the cell; no t interval
+    assert np.allclose(per.loc[villain.index, "leakage"], villain["leakage"]) and per["seed_sd"].isna().all()
     cats = pd.read_csv(leakage_sweep / "aggregate" / "leakage_by_category.csv")
     assert {"villain", "doctor", "pirate"} <= set(cats["category"])
     assert (leakage_sweep / "aggregate" / "figures" / "leakage_capability.png").stat().st_size > 10_000

@@ -8,7 +8,8 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
     scores.csv                  per (cell, persona): judge score means/sds and completion lengths
     by_step.csv                 evals during training: per (cell, stage, step, persona, metric) its value
     leakage*.csv                cells with eval.baseline and geometry: each bystander's leakage vs its distance to
-                                the source, Spearman rho with bootstrap CI per source and pooled, per category
+                                the source, Spearman rho with bootstrap CI per source and pooled, per bystander
+                                across seeds (pooled Newcombe CI and per-seed t interval), per category
     phase_diagram.csv           analysis.phase_diagram: the recipe sweep's cells, and selection.json, the recipe
                                 its rule selects (read by `${selected:<sweep_dir>,<key>}` in a later preset)
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
@@ -286,6 +287,7 @@ def aggregate(sweep_dir: str | Path) -> Path:
     if len(leak_table):
         leak_stats = leakage.leakage_stats(leak_table)
         for name, table in (("leakage", leak_table), ("leakage_stats", leak_stats),
+                            ("leakage_by_bystander", leakage.by_bystander(leak_table)),
                             ("leakage_by_category", leakage.by_category(leak_table))):
             contract.atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         made += leakage.scatter(leak_table, leak_stats, out / "figures")

@@ -87,6 +87,28 @@ def leakage_stats(leak: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def by_bystander(leak: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell group, metric, source, bystander) across seeds: pooled counts with a Newcombe 95% CI on
+    the pooled change, and the per-seed mean, sd and t interval (Student, n_seeds - 1 df; needs 2+ seeds)."""
+    if leak.empty:
+        return pd.DataFrame()
+    keys = GROUP_KEYS + ["metric", "persona"]
+    rows = []
+    for key, part in leak.groupby(keys, dropna=False, sort=False):
+        sign = -1 if key[keys.index("metric")] in DROP_METRICS else 1
+        k, n, bk, bn = (int(part[c].sum()) for c in ("k", "n", "base_k", "base_n"))
+        low, high = sorted(sign * x for x in confint_proportions_2indep(k, n, bk, bn, method="newcomb"))
+        per_seed = part["leakage"].to_numpy(float)
+        sd = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else np.nan
+        half = float(sps.t.ppf(0.975, len(per_seed) - 1) * sd / np.sqrt(len(per_seed))) if len(per_seed) > 1 else np.nan
+        rows.append({**dict(zip(keys, key)), "category": part["category"].iloc[0], "distance": part["distance"].mean(),
+                     "n_seeds": len(part), "k": k, "n": n, "base_k": bk, "base_n": bn,
+                     "leakage": sign * (k / n - bk / bn), "leakage_low": low, "leakage_high": high,
+                     "seed_mean": per_seed.mean(), "seed_sd": sd, "seed_low": per_seed.mean() - half,
+                     "seed_high": per_seed.mean() + half})
+    return pd.DataFrame(rows)
+
+
 def by_category(leak: pd.DataFrame) -> pd.DataFrame:
     """Mean leakage and distance per persona category, per source and metric (when personas carry categories)."""
     if leak.empty or leak["category"].isna().all():
