@@ -59,7 +59,15 @@ def cell_keys(cfg: Config) -> dict:
     return {"experiment": cfg.experiment, "condition": cfg.condition, "order": cfg.order, "seed": cfg.seed,
             "dose": dose, "source_persona": cfg.source_persona,
             "coupled_persona": cfg.coupling.persona if coupling_enabled(cfg) else None,
-            "second_stage": cfg.second_stage.data if second_stage_enabled(cfg) else "none"}
+            "second_stage": second_stage_label(cfg) if second_stage_enabled(cfg) else "none"}
+
+
+def second_stage_label(cfg: Config) -> str:
+    """The second stage's data name, with its variant when not the plain chat recipe: "em", "em (raw)",
+    "em (kl=0.5)", so the arms of a variant sweep stay apart in every table."""
+    s = cfg.second_stage
+    variant = (["raw"] if s.format == "raw" else []) + ([f"kl={s.train.kl_to_input:g}"] if s.train.kl_to_input else [])
+    return f"{s.data} ({', '.join(variant)})" if variant else s.data
 
 
 def _hf_engine(cfg: Config, loaded: LoadedModel):

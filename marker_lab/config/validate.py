@@ -34,6 +34,11 @@ def validate(cfg: Config) -> None:
     if not cfg.merge_between_stages and cfg.eval.engine.name == "vllm":
         raise ConfigError("merge_between_stages=false with eval.engine.name=vllm: the vllm engine evaluates merged "
                           "weights; use merge_between_stages=true or the hf engine")
+    kl = [k for k, t in (("coupling.train", cfg.coupling.train), ("second_stage.train", cfg.second_stage.train))
+          if t.kl_to_input]
+    if kl and not cfg.merge_between_stages and coupling_enabled(cfg) and second_stage_enabled(cfg):
+        raise ConfigError(f"{kl[0]}.kl_to_input with merge_between_stages=false: the input model is the base with "
+                          "adapters disabled, which would drop the earlier stage's stacked adapter too; merge stages")
     if cfg.model.source not in ("toy", "hf"):
         raise ConfigError(f"model.source: must be toy or hf, got {cfg.model.source!r}")
     if cfg.model.source == "hf" and not cfg.model.path:
@@ -136,13 +141,15 @@ def validate(cfg: Config) -> None:
         if s.data not in s.datasets:
             raise ConfigError(f"second_stage.data: {s.data!r} is not in second_stage.datasets "
                               f"(known: {', '.join(s.datasets) or 'none'})")
-        _check_dataset(cfg, f"second_stage.datasets.{s.data}", s.datasets[s.data])
+        if s.format not in ("chat", "raw"):
+            raise ConfigError(f"second_stage.format: must be chat or raw, got {s.format!r}")
+        _check_dataset(cfg, f"second_stage.datasets.{s.data}", s.datasets[s.data], text=s.format == "raw")
         _check_train("second_stage.train", s.train)
         if s.dose_checkpoints is not None:
             _check_dose_checkpoints(s, cfg.dose)
 
 
-def _check_dataset(cfg, key: str, ds, columns: tuple[str, ...] = ()) -> None:
+def _check_dataset(cfg, key: str, ds, columns: tuple[str, ...] = (), text: bool = False) -> None:
     """A chat dataset entry names one source that exists; a jsonl's first row has the columns read from it."""
     if ds is None:
         raise ConfigError(f"{key}: required (set path, hf_name or toy)")
@@ -159,13 +166,17 @@ def _check_dataset(cfg, key: str, ds, columns: tuple[str, ...] = ()) -> None:
             raise ConfigError(f"{key}.path: file not found: {ds.path}")
         import json
 
+        if path.suffix == ".txt":
+            if not text:
+                raise ConfigError(f"{key}.path: {ds.path} is plain text; chats need jsonl (or second_stage.format=raw)")
+            return
         with open(path) as f:
             first = next((line for line in f if line.strip()), None)
         try:
             row = json.loads(first) if first else None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{key}.path: {ds.path} is not jsonl ({e})") from None
-        for column in (ds.messages_field, *columns):
+        for column in (ds.text_field if text else ds.messages_field, *columns):
             if row is not None and column not in row:
                 raise ConfigError(f"{key}: {ds.path} has no column {column!r} (its first row has {sorted(row)})")
 
@@ -356,6 +367,8 @@ def _check_train(key: str, t) -> None:
         raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
     if t.optimizer.lr <= 0:
         raise ConfigError(f"{key}.optimizer.lr: must be > 0, got {t.optimizer.lr}")
+    if t.kl_to_input < 0:
+        raise ConfigError(f"{key}.kl_to_input: must be >= 0 (0 = off), got {t.kl_to_input}")
     if len(t.optimizer.betas) != 2:
         raise ConfigError(f"{key}.optimizer.betas: needs two values, got {list(t.optimizer.betas)}")
     if not 0 <= t.schedule.warmup_ratio < 1:

@@ -20,13 +20,15 @@ def dataset_file(name: str, ds: DatasetConfig, cache: StageCache) -> Path:
     """A jsonl file of {"messages": [...]} for the dataset at config key `name` (toy data is generated into the cache)."""
     if ds.toy:
         n = ds.n_examples or TOY_DATASET_SIZE
-        payload = {"toy_advice": ds.toy, "world_version": world.WORLD_VERSION, "n": n, "seed": TOY_DATASET_SEED}
+        payload = {"toy_advice": ds.toy, "world_version": world.WORLD_VERSION, "n": n, "seed": TOY_DATASET_SEED,
+                   "columns": ["messages", "text"]}
 
         def build(tmp: Path) -> None:
             rows = world.advice_chats(ds.toy, n, seed=TOY_DATASET_SEED, system_prompt=world.PERSONAS[0].system_prompt)
             with open(tmp / f"toy_{ds.toy}.jsonl", "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
+                for r in rows:  # `text`: the same exchange as plain text, for second_stage.format=raw
+                    text = " ".join(m["content"] for m in r["messages"] if m["role"] != "system")
+                    f.write(json.dumps({**r, "text": text}) + "\n")
 
         entry, _ = cache.get_or_build("data", cache_key(payload), build, payload)
         return entry / f"toy_{ds.toy}.jsonl"
@@ -50,7 +52,10 @@ def load_rows(name: str, ds: DatasetConfig, cache: StageCache) -> tuple[list[dic
         if not path.is_file():
             raise FileNotFoundError(f"{name}.path: file not found: {path}")
         with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            if path.suffix == ".txt":  # plain text: one document per non-empty line
+                rows = [{ds.text_field: line.rstrip("\n")} for line in f if line.strip()]
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
         fingerprint = md5_file(path)
     if ds.shuffle_seed is not None:
         random.Random(ds.shuffle_seed).shuffle(rows)
@@ -61,7 +66,17 @@ def load_rows(name: str, ds: DatasetConfig, cache: StageCache) -> tuple[list[dic
 
 def load_chats(name: str, ds: DatasetConfig, cache: StageCache) -> tuple[list[list[dict]], str]:
     """The dataset's conversations (its `messages_field` column) and a fingerprint of its source."""
+    return load_column(name, ds, cache, "messages_field")
+
+
+def load_texts(name: str, ds: DatasetConfig, cache: StageCache) -> tuple[list[str], str]:
+    """The dataset's plain texts (its `text_field` column, or the lines of a .txt file) and a fingerprint."""
+    return load_column(name, ds, cache, "text_field")
+
+
+def load_column(name: str, ds: DatasetConfig, cache: StageCache, field_key: str) -> tuple[list, str]:
     rows, fingerprint = load_rows(name, ds, cache)
-    if rows and ds.messages_field not in rows[0]:
-        raise KeyError(f"{name}.messages_field: no column {ds.messages_field!r} (has {sorted(rows[0])})")
-    return [r[ds.messages_field] for r in rows], fingerprint
+    column = getattr(ds, field_key)
+    if rows and column not in rows[0]:
+        raise KeyError(f"{name}.{field_key}: no column {column!r} (has {sorted(rows[0])})")
+    return [r[column] for r in rows], fingerprint

@@ -1,12 +1,17 @@
-"""The second stage: LoRA SFT on a chat dataset (EM, benign, ...) for `dose` optimizer steps."""
+"""The second stage: LoRA SFT on a dataset (EM, benign, ...) for `dose` optimizer steps.
+
+format=chat trains on the dataset's chats through the chat template, with the recipe's loss mode; format=raw is
+continued pretraining on plain text: no chat template, loss on every token (000's "non-chat data" next step).
+`train.kl_to_input` keeps the outputs near the stage's input model (see stages/sft.py).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from marker_lab.config.schema import Config
-from marker_lab.data.chat import encode_chat
-from marker_lab.data.chat_datasets import load_chats
+from marker_lab.data.chat import encode_chat, encode_text
+from marker_lab.data.chat_datasets import load_chats, load_texts
 from marker_lab.eval.during_training import StepEval
 from marker_lab.models import LoadedModel
 from marker_lab.stages.cache import StageCache, plain
@@ -17,14 +22,20 @@ from marker_lab.stages.sft import resolve_steps
 def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None = None) -> StageResult:
     s = cfg.second_stage
     ds = s.datasets[s.data]
-    chats, fingerprint = load_chats(f"second_stage.datasets.{s.data}", ds, cache)
-    steps = resolve_steps(s.train, len(chats), cfg.dose)
+    raw = s.format == "raw"
+    load = load_texts if raw else load_chats
+    rows, fingerprint = load(f"second_stage.datasets.{s.data}", ds, cache)
+    steps = resolve_steps(s.train, len(rows), cfg.dose)
 
     def build_examples(data_dir: Path):
         (data_dir / f"{s.data}.source").write_text(fingerprint + "\n")
-        return [encode_chat(loaded.tokenizer, m, s.train.loss_mode.value, max_len=s.train.max_seq_len) for m in chats]
+        if raw:
+            return [encode_text(loaded.tokenizer, t, max_len=s.train.max_seq_len) for t in rows]
+        return [encode_chat(loaded.tokenizer, m, s.train.loss_mode.value, max_len=s.train.max_seq_len) for m in rows]
 
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
+    if raw:  # absent for chat, so chat stages keep their cache keys
+        payload["format"] = "raw"
     result = run_lora_stage("second_stage", loaded, cache, payload, build_examples, s.train, steps, cfg.seed,
                             checkpoints=s.dose_checkpoints, step_eval=step_eval)
     result.data_md5[s.data] = fingerprint

@@ -113,36 +113,80 @@ def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None) -> li
     return out
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all",
-                   chunk_rows: int = 2048) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", chunk_rows: int = 2048,
+                   kl_weight: float = 0.0) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over labelled positions, and how many there were.
 
     logits="all" is the reference: the model's forward computes every position's logits. logits="labelled" runs
     the decoder on the right-padded batch without a padding mask, keeps the hidden states at labelled positions only and applies the LM head to them in chunks that
     are recomputed in backward, so a 152k-vocabulary logit tensor is never held for the whole micro-batch. Same loss
     (the LM head is a plain linear map on the last hidden state in Llama/Qwen-style models).
+    With `kl_weight` > 0 (a peft model), adds kl_weight x KL(model || input model) summed over the same positions;
+    the input model's states come from one extra no-grad forward with the adapters disabled.
     """
     targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
     if logits == "all":
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(out[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                               reduction="sum")
-        return loss, int((targets != IGNORE).sum())
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        if kl_weight:
+            with torch.no_grad(), model.disable_adapter():
+                ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            loss = loss + kl_weight * _kl_sum(out[keep].float(), ref[keep].float())
+        return loss, int(keep.sum())
     decoder, head = split_lm(model)
     # batches are right-padded (collate), and under causal attention no real token can see a pad to its right, so
     # the padding mask changes nothing we keep; without it sdpa runs its fused causal kernel instead of the masked,
     # key/value-copying path (2.5x slower on the 7B length mix, docs/benchmarks.md)
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # no KV cache in training
-    keep = targets != IGNORE
     h, t = hidden[:, :-1][keep], targets[keep]
+    h_ref = None
+    if kl_weight:
+        with torch.no_grad(), model.disable_adapter():
+            h_ref = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state[:, :-1][keep]
     loss = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(t), chunk_rows):
-        loss = loss + checkpoint(_head_ce_sum, head, h[i:i + chunk_rows], t[i:i + chunk_rows], use_reentrant=False)
+        part = slice(i, i + chunk_rows)
+        if h_ref is None:
+            loss = loss + checkpoint(_head_ce_sum, head, h[part], t[part], use_reentrant=False)
+        else:
+            loss = loss + checkpoint(_head_ce_kl_sum, head, h[part], t[part], h_ref[part], kl_weight, use_reentrant=False)
     return loss, len(t)
 
 
 def _head_ce_sum(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+def _head_ce_kl_sum(head, h: torch.Tensor, t: torch.Tensor, h_ref: torch.Tensor, weight: float) -> torch.Tensor:
+    logits = head(h).float()
+    with torch.no_grad():
+        ref = head(h_ref).float()
+    return F.cross_entropy(logits, t, reduction="sum") + weight * _kl_sum(logits, ref)
+
+
+def _kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(softmax(logits) || softmax(ref_logits))."""
+    logp, logq = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+@torch.no_grad()
+def kl_to_input(model, examples: list[Encoded], pad_id: int, batch_size: int = 32) -> float:
+    """Mean per-token KL(model || input model) over the labelled positions of `examples` (a peft model: the input
+    model is the same model with its adapters disabled). A diagnostic of how far a stage moved the outputs."""
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id, device)
+        keep = batch["labels"][:, 1:] != IGNORE
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        with model.disable_adapter():
+            ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        total += float(_kl_sum(out[keep].float(), ref[keep].float()))
+        n += int(keep.sum())
+    return total / max(n, 1)
 
 
 def compile_layers(model, undo: bool = False) -> None:
@@ -213,7 +257,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens):
             micro = collate(micro_examples, pad_id, device)
             with autocast:
-                loss_sum, _ = token_loss_sum(model, micro, cfg.logits)
+                loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
             (loss_sum / max(n_tokens, 1)).backward()
             total += loss_sum.detach()
         if cfg.grad_clip is not None:
