@@ -218,7 +218,10 @@ def run_cell(cfg_node: DictConfig) -> dict:
     loaded.merge = cfg.merge_between_stages
     timing["load"] = time.perf_counter() - t0
     base_identity = loaded.identity
-    geometry = cell_distances(cfg, loaded, cache) if cfg.geometry.enabled and cfg.geometry.model == "base" else None
+    drift = cfg.geometry.enabled and cfg.geometry.drift
+    models = {}  # persona geometry of each model read: base, after_<stage>
+    if cfg.geometry.enabled and (cfg.geometry.model == "base" or drift):
+        models["base"] = cell_distances(cfg, loaded, cache)
     baseline = baseline_metrics(cfg, loaded, cache) if cfg.eval.baseline else None
 
     stages = {}
@@ -226,11 +229,16 @@ def run_cell(cfg_node: DictConfig) -> dict:
         log.info("stage %s: starting (input model %s)", name, loaded.identity)
         stages[name] = STAGES[name](cfg, loaded, cache, step_eval_for(cfg, name, loaded))
         timing[name] = stages[name].seconds
+        if drift:
+            models[f"after_{name}"] = cell_distances(cfg, loaded, cache)
     if "second_stage" in stages and cell["dose"] is None:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
 
-    if cfg.geometry.enabled and cfg.geometry.model == "final":
-        geometry = cell_distances(cfg, loaded, cache)
+    geometry = None
+    if cfg.geometry.enabled:
+        final = list(models.values())[-1] if drift else None
+        geometry = models["base"] if cfg.geometry.model == "base" else final or cell_distances(cfg, loaded, cache)
+        geometry = {**geometry, "model": cfg.geometry.model}
     t0 = time.perf_counter()
     metrics, judge, rows = evaluate(cfg, loaded, out_dir)
     timing["eval"] = time.perf_counter() - t0
@@ -272,9 +280,31 @@ def run_cell(cfg_node: DictConfig) -> dict:
         contract.atomic_write_bytes(out_dir / contract.DISTANCES_FILE, (Path(geometry["cache_entry"]) / "distances.csv").read_bytes())
         result["geometry"] = {**geometry, "file": contract.DISTANCES_FILE}
         data_md5["persona_distances"] = md5_file(out_dir / contract.DISTANCES_FILE)
+    if drift:
+        result["drift"] = _drift(cfg, models, out_dir, data_md5)
     contract.write_json_atomic(out_dir / contract.RESULT_FILE, result)
     _log_summary(cfg, result, out_dir)
     return result
+
+
+def _drift(cfg: Config, models: dict, out_dir: Path, data_md5: dict) -> dict:
+    """Each model's distance matrix next to the result (persona_distances_<model>.csv) and its drift summary, with
+    the change from the base model."""
+    from marker_lab.eval.geometry import drift_summary
+
+    names = list(load_personas(cfg.persona_set.path))
+    out = {}
+    for model, info in models.items():
+        file = f"persona_distances_{model}.csv"
+        contract.atomic_write_bytes(out_dir / file, (Path(info["cache_entry"]) / "distances.csv").read_bytes())
+        data_md5[file] = md5_file(out_dir / file)
+        out[model] = {"file": file, "cache_key": info["cache_key"],
+                      **drift_summary(info["cache_entry"], names, cfg.source_persona, cfg.persona_set.assistant)}
+    for summary in out.values():
+        for k in ("mean_distance", "relative_spread", "source_assistant"):
+            if k in summary:
+                summary[f"{k}_change"] = summary[k] - out["base"][k]
+    return out
 
 
 def _log_summary(cfg: Config, result: dict, out_dir: Path) -> None:

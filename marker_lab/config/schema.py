@@ -215,6 +215,7 @@ class GeometryConfig:
     n_questions: Optional[int] = 10  # use the first n questions (null: all)
     max_tokens: int = 64  # greedy answer length (response_mean)
     center: bool = True  # subtract the set's mean vector before cosines
+    drift: bool = False  # also after every stage: one matrix per model of the cell and a drift summary (003)
 
 
 @dataclass

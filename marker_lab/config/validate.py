@@ -285,6 +285,8 @@ def _check_during_training(cfg, need) -> None:
 
 def _check_geometry(cfg) -> None:
     g = cfg.geometry
+    if g.drift and not g.enabled:
+        raise ConfigError("geometry.drift=true needs geometry.enabled=true (drift is the geometry of every model)")
     if not g.enabled:
         return
     if g.mode not in ("response_mean", "system_last"):

@@ -114,7 +114,9 @@ def cell_distances(cfg, loaded, cache) -> dict:
     names = list(personas)
     layer = g.layer if g.layer is not None else default_layer(loaded.model)
     questions = [q.text for q in load_questions(g.questions)][: g.n_questions or None]
-    payload = {"geometry": {**plain(g), "layer": layer}, "model": loaded.identity, "personas": names,
+    # which of the cell's models is read (geometry.model, drift) is in loaded.identity already
+    how = {k: v for k, v in plain(g).items() if k not in ("enabled", "model", "drift")}
+    payload = {"geometry": {**how, "layer": layer}, "model": loaded.identity, "personas": names,
                "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "questions_md5": md5_file(resolve_path(g.questions))}
     key = cache_key(payload)
@@ -130,3 +132,22 @@ def cell_distances(cfg, loaded, cache) -> dict:
     log.info("geometry: distance matrix %s (%s)", entry / "distances.csv", "built now" if built else "cached")
     return {"mode": g.mode, "layer": layer, "center": g.center, "model": g.model, "n_questions": len(questions),
             "cache_key": key, "cache_entry": str(entry)}
+
+
+def drift_summary(entry, names: list[str], source: str, assistant: str) -> dict:
+    """How spread out the personas are in one model: the mean cosine distance over persona pairs, the source's
+    distance to the assistant, and the relative spread (mean Euclidean distance between raw persona vectors over
+    their mean norm), which, unlike cosines of centred vectors, shows a uniform shrinking of the manifold."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    d = pd.read_csv(Path(entry) / "distances.csv", index_col=0).loc[names, names].to_numpy()
+    vectors = np.load(Path(entry) / "vectors.npy")
+    off = ~np.eye(len(names), dtype=bool)
+    pairwise = np.linalg.norm(vectors[:, None, :] - vectors[None, :, :], axis=-1)
+    out = {"mean_distance": float(d[off].mean()),
+           "relative_spread": float(pairwise[off].mean() / np.linalg.norm(vectors, axis=1).mean())}
+    if source in names and assistant in names and source != assistant:
+        out["source_assistant"] = float(d[names.index(source), names.index(assistant)])
+    return out

@@ -10,6 +10,8 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
     leakage*.csv                cells with eval.baseline and geometry: each bystander's leakage vs its distance to
                                 the source, Spearman rho with bootstrap CI per source and pooled, per bystander
                                 across seeds (pooled Newcombe CI and per-seed t interval), per category
+    drift.csv                   cells with geometry.drift: per (cell, model) the persona geometry's summary and
+                                its change from the base model (figures/drift.png)
     phase_diagram.csv           analysis.phase_diagram: the recipe sweep's cells, and selection.json, the recipe
                                 its rule selects (read by `${selected:<sweep_dir>,<key>}` in a later preset)
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
@@ -257,7 +259,7 @@ def _fmt(where: dict) -> str:
 
 def aggregate(sweep_dir: str | Path) -> Path:
     """Write everything under <sweep_dir>/aggregate/; returns that directory."""
-    from marker_lab.results import figures, leakage, report
+    from marker_lab.results import drift, figures, leakage, report
 
     sweep_dir = Path(sweep_dir)
     analysis = analysis_config(sweep_dir)  # raises first when the directory holds no sweep or results
@@ -291,6 +293,10 @@ def aggregate(sweep_dir: str | Path) -> Path:
                             ("leakage_by_category", leakage.by_category(leak_table))):
             contract.atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         made += leakage.scatter(leak_table, leak_stats, out / "figures")
+    drift_table = drift.load_drift(sweep_dir)
+    if len(drift_table):
+        contract.atomic_write_bytes(out / "drift.csv", drift_table.to_csv(index=False).encode())
+        made += drift.drift_figure(drift_table, out / "figures")
     leak_gate = selection = None
     if analysis.get("phase_diagram"):
         phase, selection = leakage.phase_diagram(sweep_dir, analysis["phase_diagram"])
