@@ -29,7 +29,8 @@ from marker_lab.eval.capability import capability_metric, eval_items
 from marker_lab.eval.during_training import StepEval, eval_steps
 from marker_lab.eval.geometry import cell_distances
 from marker_lab.eval.judged import make_judge
-from marker_lab.eval.metrics import score
+from marker_lab.eval.metrics import CELL_METRICS, MODEL_METRICS, score
+from marker_lab.eval.probe import CellProbe
 from marker_lab.models import LoadedModel, load_base, pick_device
 from marker_lab.results import contract
 from marker_lab.stages.cache import StageCache, cache_key, plain
@@ -107,7 +108,7 @@ def evaluate(cfg: Config, loaded: LoadedModel, out_dir: Path | None, personas_su
         items, fingerprint = eval_items(cfg.eval.capability)
         results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
                                                   cfg.eval.capability, fingerprint)
-    sampled = [m for m in metrics if m != "capability"]
+    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
     if not sampled:
         return results, None, []
     questions = load_questions(cfg.eval.questions)
@@ -223,6 +224,9 @@ def run_cell(cfg_node: DictConfig) -> dict:
     if cfg.geometry.enabled and (cfg.geometry.model == "base" or drift):
         models["base"] = cell_distances(cfg, loaded, cache)
     baseline = baseline_metrics(cfg, loaded, cache) if cfg.eval.baseline else None
+    probe = CellProbe(cfg, cache) if "probe" in cfg.eval.metrics else None  # reads every model of the cell
+    if probe:
+        probe.read("base", loaded)
 
     stages = {}
     for name in stage_order(cfg):
@@ -231,6 +235,8 @@ def run_cell(cfg_node: DictConfig) -> dict:
         timing[name] = stages[name].seconds
         if drift:
             models[f"after_{name}"] = cell_distances(cfg, loaded, cache)
+        if probe:
+            probe.read(f"after_{name}", loaded)
     if "second_stage" in stages and cell["dose"] is None:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
 
@@ -242,6 +248,8 @@ def run_cell(cfg_node: DictConfig) -> dict:
     t0 = time.perf_counter()
     metrics, judge, rows = evaluate(cfg, loaded, out_dir)
     timing["eval"] = time.perf_counter() - t0
+    if probe:
+        metrics["probe"] = probe.result()
     if cfg.eval.save_completions:
         contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
 
@@ -249,6 +257,8 @@ def run_cell(cfg_node: DictConfig) -> dict:
                 "eval_questions": md5_file(resolve_path(cfg.eval.questions))}
     for name, st in stages.items():
         data_md5.update({f"{name}/{k}": v for k, v in st.data_md5.items()})
+    if probe:
+        data_md5.update({f"probe/{k}": v for k, v in probe.fit["md5"].items()})
     result = {
         "schema_version": contract.SCHEMA_VERSION,
         "status": "complete",

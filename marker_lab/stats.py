@@ -3,6 +3,7 @@
     rate_ci(k, n, method="wilson")            -> (low, high)
     compare(k1, n1, k2, n2, test="fisher")    -> Comparison(diff, p_value, test, alternative)
     compare_seed_rates(rates_a, rates_b)      -> Comparison over per-seed rates (Welch's t-test)
+    auc_ci(pos, neg)                          -> (auc, low, high): ROC AUC of two score samples, bootstrap CI
 
 Counts are often 0 (0/840 vs 0/840): every test returns a p-value, never NaN (identical arms give p = 1).
 """
@@ -81,3 +82,21 @@ def compare_seed_rates(rates_1: list[float], rates_2: list[float], alternative: 
         alt = {"two-sided": "two-sided", "larger": "greater", "smaller": "less"}[alternative]
         p = float(sps.ttest_ind(a, b, equal_var=False, alternative=alt).pvalue)
     return Comparison(m1, m2, m1 - m2, p, "welch_t_seeds", alternative)
+
+
+def auc(pos, neg, axis: int = -1):
+    """ROC AUC of scores `pos` (positives) against `neg`: P(pos > neg) + P(tie) / 2 (Mann-Whitney U / n1 n2)."""
+    pos, neg = np.asarray(pos), np.asarray(neg)
+    return sps.mannwhitneyu(pos, neg, axis=axis).statistic / (pos.shape[axis] * neg.shape[axis])
+
+
+def auc_ci(pos, neg, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(AUC, low, high): the AUC with a percentile bootstrap CI, positives and negatives resampled separately
+    (stratified; percentile, not BCa, because a separable pair gives every resample AUC = 1). NaN when either
+    sample is empty."""
+    pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    if not len(pos) or not len(neg):
+        return (math.nan, math.nan, math.nan)
+    res = sps.bootstrap((pos, neg), auc, n_resamples=n_resamples, vectorized=True, paired=False,
+                        confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(seed))
+    return (float(auc(pos, neg)), float(res.confidence_interval.low), float(res.confidence_interval.high))

@@ -69,6 +69,10 @@ def test_experiment_presets_compose_with_every_condition(experiment, condition, 
     assert cfg.experiment == experiment
     if experiment.startswith("toy_"):  # runs on CPU: the toy recipes, validated as a cell
         assert cfg.model.name == "toy"
+        if "probe" in cfg.eval.metrics and cfg.coupling.persona is None:  # c2: no coupled model to fit the probe on
+            with pytest.raises(ConfigError, match="eval.probe.fit_on=coupling: this cell runs no coupling stage"):
+                validate(cfg)
+            return
         validate(cfg)
     else:
         assert cfg.model.name == "qwen2.5-7b-instruct"

@@ -266,6 +266,23 @@ class DuringTrainingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    target: str = "source"  # what the probe reads: source (the source persona vs the rest) | marker (the fit model's marker rate per prompt)
+    fit_on: str = "coupling"  # the model that defines the trait: after this stage (coupling | second_stage), or base
+    position: str = "prompt_last"  # prompt_last: the prompt's last token, turn opened | response_mean: mean over greedy answers
+    layer: Optional[int] = None  # hidden_states index (0 = embeddings); null = the middle decoder layer
+    C: float = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
+    questions: Optional[str] = None  # question file; null = eval.questions
+    personas: Optional[List[str]] = None  # personas read; null = every persona of the set
+    heldout_fraction: float = 0.5  # share of the questions held out: the probe is scored only on these
+    seed: int = 0  # the question split and the sampling of marker labels (fixed, so one probe serves every cell)
+    samples: int = 8  # target=marker: completions per training prompt (at eval.generation's settings) that label it
+    max_tokens: int = 64  # response_mean: greedy answer length
+    batch_size: int = 64  # prompts per forward pass
+    n_bootstrap: int = 1000  # resamples for the AUC's percentile CI
+
+
+@dataclass
 class EvalConfig:
     metrics: List[str] = field(default_factory=lambda: ["marker"])  # metrics to compute
     questions: str = "pkg:questions/eval28.yaml"  # eval prompts
@@ -276,6 +293,7 @@ class EvalConfig:
     question_system: str = "error"  # a question file's own system prompt: error | append (after the persona's) | replace
     file_samples: bool = True  # a question file's samples_per_paraphrase wins over generation.samples_per_question
     during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)  # evals while stages train
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # the latent probe metric (`probe` in metrics)
     baseline: bool = False  # also evaluate the base model (cached per model and eval): metrics_baseline, for leakage
     # what counts as "misaligned" (alignment metric); both published conventions by default, each recorded
     misaligned: List[MisalignedRule] = field(default_factory=lambda: [

@@ -10,6 +10,7 @@ import yaml
 from marker_lab.config.schema import Config, Schedule
 from marker_lab.data.files import resolve_path
 from marker_lab.data.personas import file_roles, load_personas
+from marker_lab.data.questions import load_questions
 from marker_lab.engines import ENGINES
 
 
@@ -102,6 +103,8 @@ def validate(cfg: Config) -> None:
     if "capability" in cfg.eval.metrics or "capability" in cfg.eval.during_training.metrics:
         _check_capability(cfg)
     _check_during_training(cfg, need)
+    if "probe" in cfg.eval.metrics:
+        _check_probe(cfg, need)
 
     if coupling_enabled(cfg):
         c = cfg.coupling
@@ -223,7 +226,6 @@ def _check_judge(cfg) -> None:
 
 def _check_questions(cfg) -> None:
     """The eval question file parses, and a question's own system prompt is either used or refused, never dropped."""
-    from marker_lab.data.questions import load_questions
 
     if cfg.eval.question_system not in ("error", "append", "replace"):
         raise ConfigError(f"eval.question_system: must be error, append or replace, got {cfg.eval.question_system!r}")
@@ -276,6 +278,8 @@ def _check_during_training(cfg, need) -> None:
         raise ConfigError(f"{key}.samples_per_question: must be >= 1 or null, got {d.samples_per_question}")
     if "coupling" in d.stages and cfg.coupling.adapter_path:
         raise ConfigError(f"{key}.stages: coupling is a pre-baked adapter (coupling.adapter_path); nothing trains")
+    if "probe" in d.metrics:
+        raise ConfigError(f"{key}.metrics: probe reads every model of the cell, not a model mid-training; remove it")
     unknown = [m for m in d.metrics if m not in METRICS]
     if unknown or not d.metrics:
         raise ConfigError(f"{key}.metrics: unknown or empty {unknown or d.metrics}; available: {list(METRICS)}")
@@ -301,6 +305,39 @@ def _check_geometry(cfg) -> None:
         empty = [p for p, persona in _personas(cfg.persona_set.path).items() if persona.system_prompt is None]
         if empty:
             raise ConfigError(f"geometry.mode=system_last: personas {empty} have no system prompt; use response_mean")
+
+
+def _check_probe(cfg, need) -> None:
+    from marker_lab.eval.probe import FIT_ON, POSITIONS, TARGETS
+
+    p, key = cfg.eval.probe, "eval.probe"
+    for name, value, allowed in (("target", p.target, TARGETS), ("position", p.position, POSITIONS),
+                                 ("fit_on", p.fit_on, FIT_ON)):
+        if value not in allowed:
+            raise ConfigError(f"{key}.{name}: must be one of {list(allowed)}, got {value!r}")
+    if p.fit_on != "base" and not {"coupling": coupling_enabled, "second_stage": second_stage_enabled}[p.fit_on](cfg):
+        raise ConfigError(f"{key}.fit_on={p.fit_on}: this cell runs no {p.fit_on} stage (condition {cfg.condition}); "
+                          "fit on a stage the cell runs, or on base")
+    if p.layer is not None and p.layer < 0:
+        raise ConfigError(f"{key}.layer: must be >= 0 (0 = embeddings) or null, got {p.layer}")
+    if not 0 < p.heldout_fraction < 1:
+        raise ConfigError(f"{key}.heldout_fraction: must be in (0, 1), got {p.heldout_fraction}")
+    for name in ("C", "samples", "max_tokens", "batch_size", "n_bootstrap"):
+        if getattr(p, name) <= 0:
+            raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(p, name)}")
+    for persona in p.personas or []:
+        need(f"{key}.personas", persona)
+    names = p.personas or list(_personas(cfg.persona_set.path))
+    if cfg.source_persona not in names or len(names) < 2:
+        raise ConfigError(f"{key}.personas: must hold the source persona {cfg.source_persona!r} and at least one "
+                          f"other, got {names}")
+    path = p.questions or cfg.eval.questions
+    try:
+        n = len(load_questions(path))
+    except (FileNotFoundError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{key}.questions: {e}".replace("\n", " ")) from None
+    if n < 2:
+        raise ConfigError(f"{key}.questions: {path} has {n} question(s); the probe needs a training and a held-out half")
 
 
 def _check_capability(cfg) -> None:

@@ -16,19 +16,13 @@ import logging
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from marker_lab.data.chat import IGNORE, encode_chat, render
+from marker_lab.data.chat import render
 from marker_lab.data.personas import Persona, system_messages
-from marker_lab.engines.base import SamplingParams
+from marker_lab.eval.hidden import answer_means, default_layer
 
 log = logging.getLogger(__name__)
 MODES = ("response_mean", "system_last")
-
-
-def default_layer(model) -> int:
-    """The middle decoder layer (hidden_states index: 0 is the embeddings, i the output of layer i)."""
-    return max(1, model.config.num_hidden_layers // 2)
 
 
 @torch.no_grad()
@@ -40,14 +34,8 @@ def persona_vectors(model, tokenizer, personas: dict[str, Persona], names: list[
     model.eval()
     if mode == "system_last":
         return _system_last(model, tokenizer, personas, names, layer)
-    from marker_lab.engines.hf import HFEngine
-
     prompts = [system_messages(personas[p]) + [{"role": "user", "content": q}] for p in names for q in questions]
-    answers = HFEngine(model, tokenizer, batch_size).generate(
-        prompts, SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0), desc="persona answers")
-    encoded = [encode_chat(tokenizer, p + [{"role": "assistant", "content": a[0]}], "assistant_only")
-               for p, a in zip(prompts, answers)]
-    means = _masked_means(model, tokenizer, encoded, layer, batch_size)
+    means = answer_means(model, tokenizer, prompts, layer, max_tokens, batch_size)
     return means.reshape(len(names), len(questions), -1).mean(axis=1)
 
 
@@ -65,25 +53,6 @@ def _system_last(model, tokenizer, personas, names, layer) -> np.ndarray:
         hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer]
         out.append(hidden[0, -1].double().cpu().numpy())
     return np.stack(out)
-
-
-def _masked_means(model, tokenizer, encoded, layer, batch_size) -> np.ndarray:
-    """Mean hidden state over each example's labelled (answer) tokens."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    out = []
-    for start in tqdm(range(0, len(encoded), batch_size), desc="persona vectors", unit="batch", leave=False):
-        chunk = encoded[start:start + batch_size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=device)
-        attn = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk], device=device)
-        # labels mark the answer tokens (+ end of turn); positions where label != IGNORE
-        mask = torch.tensor([[int(x != IGNORE) for x in e.labels] + [0] * (width - len(e.labels)) for e in chunk],
-                            device=device, dtype=torch.float64)
-        hidden = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False).hidden_states[layer]
-        summed = (hidden.double() * mask[..., None]).sum(1)
-        out.append((summed / mask.sum(1, keepdim=True).clamp(min=1)).cpu().numpy())
-    return np.concatenate(out)
 
 
 def cosine_distances(vectors: np.ndarray, center: bool = True) -> np.ndarray:

@@ -17,17 +17,20 @@ METRICS: dict[str, Callable[[object, list[dict]], dict] | None] = {
     "alignment": lambda cfg, rows: alignment_metric(rows, cfg.eval.misaligned),
     "coherence": lambda cfg, rows: coherence_metric(rows),
     "capability": None,  # read from the model, not from completions: computed in run.evaluate (eval/capability.py)
+    "probe": None,  # read from every model of the cell as the stages run: computed in run.run_cell (eval/probe.py)
 }
 
 
 # metrics read from the model itself rather than from completions (marker_lab.eval.capability)
 MODEL_METRICS = ("capability",)
+# metrics read from every model of a cell (base, after each stage), not only the final one
+CELL_METRICS = ("probe",)
 
 
 def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None,
           metrics: list[str] | None = None) -> tuple[dict, dict | None]:
     """Every completion metric of `metrics` (default: `cfg.eval.metrics`) and the judge's identity if one ran."""
-    metrics = [m for m in (metrics or cfg.eval.metrics) if m not in MODEL_METRICS]
+    metrics = [m for m in (metrics or cfg.eval.metrics) if m not in MODEL_METRICS + CELL_METRICS]
     identity = None
     if any(m in JUDGED_METRICS for m in metrics):
         identity = judge_rows(cfg, rows, make_judge(), metrics)

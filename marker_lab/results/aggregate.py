@@ -12,6 +12,9 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
                                 across seeds (pooled Newcombe CI and per-seed t interval), per category
     drift.csv                   cells with geometry.drift: per (cell, model) the persona geometry's summary and
                                 its change from the base model (figures/drift.png)
+    probe.csv                   cells with the probe metric: per (cell, model, persona) the frozen probe's mean score
+                                and AUC source vs that persona; probe_summary.csv, the source per cell group and
+                                model; figures/surface_vs_latent.png (marker rate beside probe score and AUC)
     phase_diagram.csv           analysis.phase_diagram: the recipe sweep's cells, and selection.json, the recipe
                                 its rule selects (read by `${selected:<sweep_dir>,<key>}` in a later preset)
     comparisons.csv             the comparisons the experiment preset declares (analysis.comparisons)
@@ -259,7 +262,7 @@ def _fmt(where: dict) -> str:
 
 def aggregate(sweep_dir: str | Path) -> Path:
     """Write everything under <sweep_dir>/aggregate/; returns that directory."""
-    from marker_lab.results import drift, figures, leakage, report
+    from marker_lab.results import drift, figures, leakage, probe, report
 
     sweep_dir = Path(sweep_dir)
     analysis = analysis_config(sweep_dir)  # raises first when the directory holds no sweep or results
@@ -297,6 +300,11 @@ def aggregate(sweep_dir: str | Path) -> Path:
     if len(drift_table):
         contract.atomic_write_bytes(out / "drift.csv", drift_table.to_csv(index=False).encode())
         made += drift.drift_figure(drift_table, out / "figures")
+    probe_table = probe.load_probe(sweep_dir)
+    if len(probe_table):
+        contract.atomic_write_bytes(out / "probe.csv", probe_table.to_csv(index=False).encode())
+        contract.atomic_write_bytes(out / "probe_summary.csv", probe.latent_summary(probe_table).to_csv(index=False).encode())
+        made += probe.surface_vs_latent(probe_table, out / "figures")
     leak_gate = selection = None
     if analysis.get("phase_diagram"):
         phase, selection = leakage.phase_diagram(sweep_dir, analysis["phase_diagram"])

@@ -1,0 +1,90 @@
+"""The latent probe across a sweep: surface (the source's marker rate) beside latent (the frozen probe on the
+same cell's models), so "destroyed on the surface, alive underneath" is one figure.
+
+A cell's `metrics.probe` (eval/probe.py) holds the probe's readout on every model of the cell; `load_probe`
+flattens it to one row per (cell, model, persona), `latent_summary` to one row per (cell, model) for the source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from marker_lab.results.aggregate import CELL_KEYS, GROUP_KEYS, complete_results, role_of
+from marker_lab.results.figures import _save
+
+COLUMNS = ["cell", *CELL_KEYS, "target", "position", "model", "step", "before_second_stage", "persona", "role",
+           "mean_score", "auc_vs_source", "auc", "auc_low", "auc_high", "surface_rate"]
+
+
+def load_probe(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per (cell, model, persona): the probe's mean score, the AUC of source vs that persona, the model's
+    AUC of source vs rest with its CI, and (final model only) the persona's marker rate, the surface readout."""
+    rows = []
+    for cell, result in complete_results(Path(sweep_dir)):
+        probe = result["metrics"].get("probe")
+        if not probe:
+            continue
+        surface = result["metrics"].get("marker", {}).get("per_persona", {})
+        for step, (model, m) in enumerate(probe["models"].items()):
+            final = model == probe["final_model"]
+            for persona, c in m["per_persona"].items():
+                rows.append({"cell": cell["subdir"], **result["cell"], "target": probe["target"],
+                             "position": probe["position"], "model": model, "step": step,
+                             "before_second_stage": model == probe["before_second_stage"], "persona": persona,
+                             "role": role_of(result, persona), "mean_score": c["mean_score"],
+                             "auc_vs_source": c["auc_vs_source"], "auc": m["auc"], "auc_low": m["auc_ci"][0],
+                             "auc_high": m["auc_ci"][1],
+                             "surface_rate": surface[persona]["rate"] if final and persona in surface else np.nan})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def latent_summary(probe: pd.DataFrame) -> pd.DataFrame:
+    """The source persona per (cell group, model position), seeds averaged (min and max kept): surface rate,
+    probe score and AUC."""
+    src = probe[probe["role"] == "source"]
+    keys = [k for k in GROUP_KEYS if k in src] + ["target", "position", "step", "model", "before_second_stage"]
+    return (src.groupby(keys, dropna=False, sort=True)
+            .agg(seeds=("seed", "nunique"), surface_rate=("surface_rate", "mean"),
+                 probe_score=("mean_score", "mean"), probe_score_min=("mean_score", "min"),
+                 probe_score_max=("mean_score", "max"), auc=("auc", "mean"), auc_min=("auc", "min"),
+                 auc_max=("auc", "max"))
+            .reset_index())
+
+
+def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
+    """Per cell group, on the final model: the source's marker rate (surface), its probe score and the probe's AUC
+    source vs rest (latent); hollow diamonds mark the latent values on the model before the second stage."""
+    if probe.empty:
+        return []
+    src = probe[probe["role"] == "source"]
+    keys = [k for k in GROUP_KEYS if src[k].nunique(dropna=False) > 1] or ["condition"]
+    final = src[src["step"] == src.groupby("cell")["step"].transform("max")]
+    before = src[src["before_second_stage"]]
+    groups = sorted(final.groupby(keys, dropna=False).groups, key=str)
+    bars = [("surface_rate", "surface: marker rate", final), ("mean_score", "latent: probe score", final),
+            ("auc", "latent: AUC source vs rest", final)]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2), 3.8))
+    x, width = np.arange(len(groups)), 0.27
+    for i, (column, label, table) in enumerate(bars):
+        by = table.groupby(keys, dropna=False)[column].agg(["mean", "min", "max"])
+        values = by.reindex(groups)
+        err = np.vstack([values["mean"] - values["min"], values["max"] - values["mean"]])
+        ax.bar(x + (i - 1) * width, values["mean"], width, label=label, yerr=err, capsize=2,
+               color=["#4c72b0", "#dd8452", "#c44e52"][i])
+        if column != "surface_rate" and len(before):
+            pre = before.groupby(keys, dropna=False)[column].mean().reindex(groups)
+            ax.scatter(x + (i - 1) * width, pre, marker="D", facecolors="none", edgecolors="black", zorder=3,
+                       label="latent before the second stage" if i == 1 else None)
+    ax.set_xticks(x, ["\n".join(str(v) for v in (g if isinstance(g, tuple) else (g,))) for g in groups], fontsize=8)
+    ax.set_xlabel(" / ".join(keys), fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    target, position = probe["target"].iloc[0], probe["position"].iloc[0]
+    ax.set_title(f"The source persona on the final model: surface vs latent\n(probe target {target}, {position}; "
+                 "seeds averaged, bars min-max)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out, "surface_vs_latent")

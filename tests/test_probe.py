@@ -1,0 +1,103 @@
+"""The latent probe (issue 9): fitted on the coupled model, frozen, read on every model of a cell; aggregated beside
+the surface marker rate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import compose_cfg, to_dataclass
+from marker_lab.config.validate import ConfigError, validate
+from marker_lab.data.files import md5_file
+from marker_lab.data.questions import Question
+from marker_lab.eval.probe import split_questions
+from marker_lab.stats import auc_ci
+
+PROBE = ["eval.metrics=[marker,probe]", "eval.generation.samples_per_question=4", "eval.probe.target=marker",
+         "eval.probe.samples=4", "dose=10"]
+
+
+def test_question_split_is_seeded_and_disjoint():
+    questions = [Question(f"q{i}", f"text {i}") for i in range(28)]
+    train, heldout = split_questions(questions, 0.5, seed=0)
+    assert len(train) == len(heldout) == 14 and not {q.id for q in train} & {q.id for q in heldout}
+    assert split_questions(questions, 0.5, seed=0) == (train, heldout)
+    assert split_questions(questions, 0.5, seed=1) != (train, heldout)
+    assert [len(h) for _, h in (split_questions(questions[:2], 0.9, 0), split_questions(questions[:2], 0.1, 0))] == [1, 1]
+
+
+def test_auc_ci_is_the_roc_auc_with_a_bootstrap_interval():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(1, 1, 30), rng.normal(0, 1, 300)
+    value, low, high = auc_ci(pos, neg)
+    assert value == pytest.approx(roc_auc_score([1] * 30 + [0] * 300, np.r_[pos, neg]))
+    assert low < value < high and 0.6 < low and high < 0.95
+    assert auc_ci(np.ones(5), np.zeros(9)) == (1.0, 1.0, 1.0)  # separable: no NaN from a degenerate bootstrap
+
+
+def test_probe_settings_are_checked_before_anything_runs():
+    validate(to_dataclass(compose_cfg(["condition=c1", *PROBE])))
+    bad = [(["eval.probe.target=villainy"], r"eval.probe.target: must be one of \['source', 'marker'\]"),
+           (["eval.probe.position=first"], "eval.probe.position: must be one of"),
+           (["condition=c4", "eval.probe.fit_on=second_stage"], "eval.probe.fit_on=second_stage: this cell runs no"),
+           (["eval.probe.personas=[assistant,pirate]"], "eval.probe.personas: must hold the source persona 'villain'"),
+           (["eval.probe.personas=[villain,nobody]"], "eval.probe.personas: .*nobody"),
+           (["eval.probe.heldout_fraction=1"], r"eval.probe.heldout_fraction: must be in \(0, 1\)"),
+           (["eval.probe.questions=/no/such.yaml"], "eval.probe.questions: question file not found"),
+           (["eval.during_training.every_n_steps=5", "eval.during_training.metrics=[probe]"],
+            "eval.during_training.metrics: probe reads every model")]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            validate(to_dataclass(compose_cfg(["condition=c1", *PROBE, *overrides])))
+
+
+@pytest.mark.slow
+def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_model(cache_dir, tmp_path):
+    from marker_lab.results.aggregate import aggregate
+    from marker_lab.run import run_cell
+
+    em = run_cell(compose_cfg(["condition=c1", *PROBE], tmp_path / "em", cache_dir))
+    benign = run_cell(compose_cfg(["condition=c5", *PROBE], tmp_path / "benign", cache_dir))
+    probe = em["metrics"]["probe"]
+    assert list(probe["models"]) == ["base", "after_coupling", "after_second_stage"]
+    assert probe["fit_model"] == "after_coupling" and probe["before_second_stage"] == "after_coupling"
+    assert not set(probe["questions"]["train"]) & set(probe["questions"]["heldout"])
+
+    # the coupled model: its probe tells the source apart on questions it was not fitted on
+    coupled = probe["models"]["after_coupling"]
+    assert coupled["auc"] > 0.9 and coupled["auc_ci"][0] > 0.75
+    # the latent is the coupling's: the base model's source does not score high on it
+    assert probe["models"]["base"]["per_persona"]["villain"]["mean_score"] < coupled["per_persona"]["villain"]["mean_score"]
+    # after the second stage: computed (not asserted to survive) with its change from the coupled model
+    after = probe["models"]["after_second_stage"]
+    assert 0 <= after["auc"] <= 1 and after["auc_change"] == pytest.approx(after["auc"] - coupled["auc"])
+    for p, c in after["per_persona"].items():
+        assert c["mean_score_change"] == pytest.approx(c["mean_score"] - coupled["per_persona"][p]["mean_score"])
+    assert probe["per_persona"] == after["per_persona"] and probe["auc"] == after["auc"]
+
+    # fitted once: the benign cell shares the coupled model, so it reuses the probe and reads the same coupled model
+    other = benign["metrics"]["probe"]
+    assert other["fit"]["cache_key"] == probe["fit"]["cache_key"] and not other["fit"]["fitted_now"]
+    assert other["models"]["after_coupling"] == coupled
+    entry = probe["fit"]["cache_entry"]
+    assert em["provenance"]["data_md5"]["probe/probe.npz"] == md5_file(f"{entry}/probe.npz")
+    labels = np.load(f"{entry}/train_labels.npy")
+    assert len(labels) == 11 * len(probe["questions"]["train"]) and 0 < labels.mean() < 1  # marker rates as labels
+
+    out = aggregate(tmp_path)
+    table = pd.read_csv(out / "probe.csv")
+    assert len(table) == 2 * 3 * 11
+    final = table[(table["model"] == "after_second_stage") & (table["persona"] == "villain")]
+    assert sorted(final["surface_rate"]) == sorted(r["metrics"]["marker"]["per_persona"]["villain"]["rate"] for r in (em, benign))
+    summary = pd.read_csv(out / "probe_summary.csv")
+    assert set(summary["second_stage"]) == {"em", "benign"} and (summary["seeds"] == 1).all()
+    assert (out / "figures" / "surface_vs_latent.png").stat().st_size > 10_000
+    def no_nan(constant):
+        raise AssertionError(f"run_result.json holds {constant}")
+
+    json.loads((tmp_path / "em" / "run_result.json").read_text(), parse_constant=no_nan)  # strict JSON, no NaN
