@@ -169,6 +169,25 @@ def time_generation(model, prompts: list[list[int]], params: SamplingParams, bat
     return res
 
 
+def time_probe_states(model, prompts: list[list[int]], w: Workload, device: torch.device, batch: int = 64) -> dict:
+    """Seconds to read the probe's features (`eval.hidden.masked_means` on each prompt's last token) for every eval
+    prompt: what the latent probe costs per model of a cell with position=prompt_last."""
+    from types import SimpleNamespace
+
+    from marker_lab.eval.hidden import default_layer, masked_means
+
+    encoded = [Encoded(p, [IGNORE] * (len(p) - 1) + [p[-1]]) for p in prompts]
+    layer = default_layer(model)
+    with torch.no_grad():
+        masked_means(model, SimpleNamespace(pad_token_id=0), encoded[:batch], layer, batch)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        states = masked_means(model, SimpleNamespace(pad_token_id=0), encoded, layer, batch)
+        _sync(device)
+    return {"prompts": len(prompts), "layer": layer, "seconds": round(time.perf_counter() - t0, 3),
+            "hidden": states.shape[1]}
+
+
 def environment(device: torch.device) -> dict:
     import peft
     import transformers
@@ -214,6 +233,8 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
             budget = int(best.rsplit("_", 1)[1])
             fast = replace(ref, gradient_checkpointing=False, logits="labelled", micro_batch_tokens=budget)
             train_rep["fast_mix"] = time_training(model, mixed, fast, w, device)
+            if "kl" not in skip:  # KL to the input model: one more no-grad forward per micro-batch (issue 9)
+                train_rep["kl_fixed"] = time_training(model, fixed, replace(fast, kl_to_input=1.0), w, device)
             if "compile" not in skip:
                 train_rep["fast_compiled_fixed"] = time_training(model, fixed, replace(fast, compile=True), w, device)
                 train_rep["fast_compiled_mix"] = time_training(model, mixed, replace(fast, compile=True), w, device)
@@ -246,6 +267,8 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
             model, prompts, SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens), w.gen_batch,
             "static", stop_ids, device)
     report["generate"] = gen
+    if "probe" not in skip:
+        report["probe"] = time_probe_states(model, prompts, w, device)
     report["summary"] = summarise(report, w)
     _save(report, out)
     return report
@@ -281,6 +304,8 @@ def summarise(r: dict, w: Workload) -> dict:
         eval_tokens = w.eval_prompts * w.samples * w.max_new_tokens
         s["eval_baseline_minutes"] = round(eval_tokens / g["baseline"]["tokens_per_s"] / 60, 2)
         s["eval_fast_minutes"] = round(g["fast_eval"]["seconds"] / 60, 2)
+    if "step_s" in t.get("kl_fixed", {}) and t.get("best_fast") in t:  # same settings as best_fast, plus the KL
+        s["kl_step_overhead"] = round(t["kl_fixed"]["step_s"] / t[t["best_fast"]]["step_s"], 2)
     if "train_fast_minutes" in s and "eval_fast_minutes" in s:
         s["cell_fast_minutes"] = round(s["train_fast_minutes"] + s["eval_fast_minutes"]
                                        + (r["load"]["seconds"] + r["merge"]["seconds"]) / 60, 2)
@@ -298,6 +323,8 @@ def format_report(r: dict) -> str:
             lines.append(f"  train {name:<20} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "losses"))
     for name, v in r["generate"].items():
         lines.append(f"  generate {name:<15} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "batch_seconds"))
+    if "probe" in r:
+        lines.append("  probe states " + ", ".join(f"{k} {x}" for k, x in r["probe"].items()))
     lines.append("  summary: " + ", ".join(f"{k} {v}" for k, v in r["summary"].items()))
     return "\n".join(lines)
 
@@ -307,7 +334,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, compile, generate")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, generate, probe")
     p.add_argument("--gen-batch", type=int, help="fast engine sequences per batch")
     p.add_argument("--budgets", help="comma list of micro-batch token budgets for the fast training path")
     p.add_argument("--out", help="write the report as JSON here")

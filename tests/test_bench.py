@@ -25,7 +25,10 @@ def test_bench_cli_reports_every_measurement(tmp_path):
     g = r["generate"]
     assert g["baseline"]["new_tokens"] == 4 * 3 * 8  # every completion runs to max_tokens (stop id never sampled)
     assert g["fast_eval"]["new_tokens"] == 6 * 3 * 16 and g["fast_eval"]["batches"] == 2
-    assert {"train_speedup_fixed", "generate_speedup", "cell_fast_minutes"} <= set(r["summary"])
+    assert {"train_speedup_fixed", "generate_speedup", "cell_fast_minutes", "kl_step_overhead"} <= set(r["summary"])
+    # the KL arm trains the same data at weight 1: its loss carries the KL term, which is 0 at LoRA init
+    assert r["train"]["kl_fixed"]["losses"][0] == pytest.approx(r["train"]["fast_fixed_256"]["losses"][0], rel=1e-5)
+    assert r["probe"]["prompts"] == 6 and r["probe"]["seconds"] > 0
     assert r["env"]["torch"] == torch.__version__
 
 

@@ -101,3 +101,19 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
         raise AssertionError(f"run_result.json holds {constant}")
 
     json.loads((tmp_path / "em" / "run_result.json").read_text(), parse_constant=no_nan)  # strict JSON, no NaN
+
+
+@pytest.mark.slow
+def test_probe_in_reverse_order_is_fitted_last_and_compared_with_the_base(cache_dir, tmp_path):
+    from marker_lab.run import run_cell
+
+    # the same cell as tests/test_cell.py's reverse-order test (its stages are cached), read with the probe
+    result = run_cell(compose_cfg(["condition=c1", "order=reverse", "dose=5", "persona_set.eval_personas=[villain,assistant]",
+                                   "eval.metrics=[marker,probe]", "eval.generation.samples_per_question=2"], tmp_path, cache_dir))
+    probe = result["metrics"]["probe"]
+    assert list(probe["models"]) == ["base", "after_second_stage", "after_coupling"]
+    assert (probe["fit_model"], probe["before_second_stage"], probe["final_model"]) == ("after_coupling", "base", "after_coupling")
+    coupled, base = probe["models"]["after_coupling"], probe["models"]["base"]
+    assert coupled["auc"] > 0.9 and "auc_change" not in base
+    assert coupled["auc_change"] == pytest.approx(coupled["auc"] - base["auc"])
+    assert len(probe["per_persona"]) == 11  # the probe reads every persona of the set, not only the eval's two

@@ -271,7 +271,7 @@ class ProbeConfig:
     fit_on: str = "coupling"  # the model that defines the trait: after this stage (coupling | second_stage), or base
     position: str = "prompt_last"  # prompt_last: the prompt's last token, turn opened | response_mean: mean over greedy answers
     layer: Optional[int] = None  # hidden_states index (0 = embeddings); null = the middle decoder layer
-    C: float = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
+    C: float = 0.01  # inverse L2 strength of the logistic regression (scikit-learn's C); strong: few prompts, many dims
     questions: Optional[str] = None  # question file; null = eval.questions
     personas: Optional[List[str]] = None  # personas read; null = every persona of the set
     heldout_fraction: float = 0.5  # share of the questions held out: the probe is scored only on these

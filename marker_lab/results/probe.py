@@ -64,7 +64,7 @@ def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
     keys = [k for k in GROUP_KEYS if src[k].nunique(dropna=False) > 1] or ["condition"]
     final = src[src["step"] == src.groupby("cell")["step"].transform("max")]
     before = src[src["before_second_stage"]]
-    groups = sorted(final.groupby(keys, dropna=False).groups, key=str)
+    groups = list(final.groupby(keys, dropna=False, sort=True).groups)  # sorted per column: dose 5 before 10
     bars = [("surface_rate", "surface: marker rate", final), ("mean_score", "latent: probe score", final),
             ("auc", "latent: AUC source vs rest", final)]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2), 3.8))
