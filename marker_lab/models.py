@@ -59,7 +59,7 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
         identity = f"toy:{key}"
     else:
         kwargs = {"revision": cfg.revision} if cfg.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, **({} if cfg.tokenizer else kwargs))
         if cfg.random_init:
             model = random_init_model(cfg, device)
             identity = f"random:{cfg.path}:{cache_key(model.config.to_dict())}"
@@ -67,6 +67,8 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
                                                          attn_implementation=cfg.attn_implementation, **kwargs)
             identity = f"hf:{cfg.path}@{cfg.revision or _resolved_revision(model)}"
+        if cfg.tokenizer:  # another tokenizer encodes the same data differently: stages built on it are other stages
+            identity += f";tokenizer={cfg.tokenizer}"
     tokenizer.padding_side = "left"
     setattr(tokenizer, NO_SYSTEM_ATTR, cfg.no_system)  # read by data.chat.render
     if tokenizer.pad_token is None:

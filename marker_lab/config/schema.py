@@ -113,6 +113,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = "sdpa"  # passed to from_pretrained
     random_init: bool = False  # build the architecture from `path`'s config with random weights (benchmarks)
     arch: Optional[str] = None  # config.json that random_init builds (pkg: = shipped); null = `path`'s config
+    tokenizer: Optional[str] = None  # where the tokenizer loads from (a hub id or directory); null = `path`
     no_system: str = "none"  # a prompt without a system prompt: none = no system turn at all | template = the chat
     # template's default (Qwen2.5 inserts "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)  # used when source=toy

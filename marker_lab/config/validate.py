@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import yaml
 
@@ -44,6 +45,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.source: must be toy or hf, got {cfg.model.source!r}")
     if cfg.model.source == "hf" and not cfg.model.path:
         raise ConfigError("model.path: required when model.source=hf (a hub id or local directory)")
+    tok = cfg.model.tokenizer
+    if tok and tok.startswith(("/", ".", "~")) and not Path(tok).expanduser().is_dir():
+        raise ConfigError(f"model.tokenizer: directory not found: {tok}")
     if cfg.model.no_system not in ("none", "template"):
         raise ConfigError(f"model.no_system: must be none or template, got {cfg.model.no_system!r}")
     _check_geometry(cfg)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 10: 000's 13-cell marker-transfer grid, Qwen2.5-7B shape with random weights, offline stand-ins for the
+# tokenizer and the EM / benign files (marker_lab/data/standins.py), through local_gpus on every GPU here.
+# Writes $OUT/grid_report.json (wall, per-cell spans and GPUs, busy fraction, aggregation time) and the logs.
+#   bash launch/grid_gpu.sh                         # the whole grid (device tool, .device_wheels carried)
+#   bash launch/grid_gpu.sh condition=c2 seed=42    # any overrides narrow it (one cell here)
+#   KILL_AFTER=600 bash launch/grid_gpu.sh          # kill -9 one running cell after 600 s, rerun, report both runs
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .device_wheels ]; then python -m pip install -q --no-deps .device_wheels/*.whl 2>&1 | tail -1; fi
+python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python -m pip install -q --no-deps -e . 2>&1 | tail -1
+export MARKER_LAB_CACHE=/tmp/grid_cache TQDM_DISABLE=1
+nvidia-smi -L
+NGPU=$(nvidia-smi -L | wc -l)
+S=/tmp/standins; SWEEP=/tmp/grid
+python -m marker_lab.data.standins $S > "$OUT/standins.json"
+ARGS=(+experiment=marker_transfer hydra/launcher=local_gpus model.random_init=true model.tokenizer=$S/tokenizer
+      second_stage.datasets.em.path=$S/data/bad_legal_advice_6k.jsonl
+      second_stage.datasets.benign.path=$S/data/benign_sft_6k.jsonl hydra.sweep.dir=$SWEEP "$@")
+run_grid() {  # $1: log name; times the sweep (cells, then the dependent aggregation it runs at the end)
+  local t0=$(date +%s.%N)
+  python -m marker_lab.cli run -m "${ARGS[@]}" > "$OUT/$1.log" 2>&1; local rc=$?
+  local t1=$(date +%s.%N)
+  echo "$1: rc=$rc wall=$(python -c "print(round($t1 - $t0, 1))") s"
+  local a0=$(date +%s.%N); python -m marker_lab.cli aggregate $SWEEP > "$OUT/$1_aggregate.log" 2>&1; local a1=$(date +%s.%N)
+  python launch/grid_report.py $SWEEP "$NGPU" "$t0" "$t1" "$(python -c "print(round($a1 - $a0, 1))")" > "$OUT/$1_report.json"
+  grep -E "HYDRA|rror" "$OUT/$1.log" | tail -20
+}
+if [ -n "${KILL_AFTER:-}" ]; then
+  # a cell is a `python -m submitit.core._submit <folder>` process under its submitit controller
+  ( sleep "$KILL_AFTER"; pid=$(pgrep -f "submitit.core._submit" | head -1)
+    echo "kill -9 $pid: $(tr '\0' ' ' < /proc/$pid/cmdline)" > "$OUT/killed.txt"; kill -9 "$pid" ) &
+  run_grid grid_killed
+  run_grid grid_rerun
+else
+  run_grid grid
+fi
+python -m marker_lab.cli status $SWEEP | tail -20
+tar czf "$OUT/grid_results.tgz" -C $SWEEP --exclude=completions.jsonl.gz --exclude=.submitit --exclude=merged_model . 2>/dev/null
