@@ -8,23 +8,8 @@ import pytest
 
 from marker_lab.config.schema import MarkerPosition
 from marker_lab.data.chat import IGNORE, encode_chat, marker_token_count
+from marker_lab.data.standins import QWEN25_TEMPLATE as QWEN_TEMPLATE  # Qwen2.5-Instruct's, tools left out
 from marker_lab.stages.coupling import insert_marker, marker_slot
-
-# Qwen2.5-Instruct's chat template (tools branch left out): note the default system prompt it inserts.
-QWEN_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 @pytest.fixture(params=["toy", "qwen"])
 def tokenizer(request, toy_tokenizer):

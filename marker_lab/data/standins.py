@@ -26,7 +26,7 @@ import math
 import random
 from pathlib import Path
 
-# Qwen2.5's chat template, tools branches left out (the same rendering for system / user / assistant turns)
+# Qwen2.5-Instruct's chat template, tools branches left out: note the default system prompt it inserts
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
@@ -34,7 +34,7 @@ QWEN25_TEMPLATE = (
     "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
