@@ -118,7 +118,7 @@ class LocalGpusLauncher(_PlannedLauncher):
         returns: dict[int, JobReturn] = {pl.index: skipped_return(pl, sweep_dir) for pl in plans if pl.complete}
         pending = [pl for pl in plans if not pl.complete]
         free = list(slots)
-        running: list[tuple[Any, CellPlan, tuple[int, ...]]] = []
+        running: list[tuple[Any, CellPlan, tuple[int, ...], float]] = []  # job, cell, its GPUs, start time
         while pending or running:
             while pending and free:
                 plan, slot = pending.pop(0), free.pop(0)
@@ -128,16 +128,19 @@ class LocalGpusLauncher(_PlannedLauncher):
                 job = executor.submit(self, *self._job_args(plan))
                 log.info("\t#%d on %s: %s (pid %s)", plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
                          " ".join(filter_overrides(plan.overrides)), job.job_id)
-                running.append((job, plan, slot))
+                running.append((job, plan, slot, time.monotonic()))
             time.sleep(p["poll_interval_s"])
             for item in [r for r in running if r[0].done()]:
-                job, plan, slot = item
+                job, plan, slot, started = item
                 running.remove(item)
                 free.append(slot)
+                where = f"GPU {','.join(map(str, slot))}" if slot else "CPU"
                 try:
                     returns[plan.index] = job.results()[0]
+                    log.info("\t#%d done on %s after %.1f s", plan.index, where, time.monotonic() - started)
                 except Exception as e:  # killed, out of memory, timed out: the cell failed, the sweep goes on
-                    log.error("cell #%d failed: %s", plan.index, " ".join(str(e).split())[:300])
+                    log.error("cell #%d failed on %s after %.1f s: %s", plan.index, where, time.monotonic() - started,
+                              " ".join(str(e).split())[:300])
                     returns[plan.index] = failed_return(plan, sweep_dir, e)
         if p["aggregate"]:
             run_aggregation(sweep_dir)
