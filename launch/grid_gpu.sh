@@ -41,4 +41,14 @@ else
   run_grid grid
 fi
 python -m marker_lab.cli status $SWEEP | tail -20
+mkdir -p "$OUT/cell_logs"  # plain names (cell directory names do not come back from the device tool)
+for d in $SWEEP/.submitit/*/; do i=$(basename "$d"); cat "$d"/*_log.err > "$OUT/cell_logs/$i.err" 2>/dev/null; done
+python - "$SWEEP" "$OUT/cell_logs" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
+for c in json.loads((sweep / "manifest.json").read_text())["cells"]:
+    if (sweep / c["subdir"] / "run.log").is_file():
+        shutil.copy(sweep / c["subdir"] / "run.log", out / f"{c['index']}.log")
+PY
 find $SWEEP -name completions.jsonl.gz -delete; rm -rf $SWEEP/.submitit  # keep what comes back small
