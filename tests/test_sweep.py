@@ -41,6 +41,8 @@ def test_experiment_grids_are_the_write_ups_grids():
     mt = grid_cells("marker_transfer")
     assert len(mt) == 13
     assert sorted(c for c in mt if "condition=c4" in c) == [["condition=c4", "seed=42"]]
+    # longest cells first: the launcher starts them in this order
+    assert [c[0] for c in mt[::3]] == ["condition=c5", "condition=c1", "condition=c3", "condition=c2", "condition=c4"]
     dr = grid_cells("dose_response")
     assert len(dr) == 1 + 18 + 4  # baseline, 9 doses x 2 data sets, 2 more seeds x 2 data sets at dose 10
     # plain overrides replace a key in every grid
