@@ -12,7 +12,10 @@ if [ -d .device_wheels ]; then python -m pip install -q --no-deps .device_wheels
 python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python -m pip install -q --no-deps -e . 2>&1 | tail -1
 export MARKER_LAB_CACHE=/tmp/grid_cache TQDM_MININTERVAL=30  # progress lines every 30 s in the cell logs
 nvidia-smi -L
-NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -gt 0 ] || NGPU=1
+# GPUs the launcher uses: CUDA_VISIBLE_DEVICES when set, else every GPU nvidia-smi lists (MIG lines left out)
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then NGPU=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+else NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU"); fi
+[ "$NGPU" -gt 0 ] || NGPU=1
 S=/tmp/standins; SWEEP=$OUT/grid  # under $OUT: the cells' logs come back even when a time limit cuts the run
 python -m marker_lab.data.standins $S > "$OUT/standins.json"
 ARGS=(+experiment=marker_transfer hydra/launcher=local_gpus model.random_init=true model.tokenizer=$S/tokenizer
@@ -34,7 +37,8 @@ run_grid() {  # $1: log name; times the sweep (cells, then the dependent aggrega
 if [ -n "${KILL_AFTER:-}" ]; then
   # a cell is a `python -m submitit.core._submit <folder>` process under its submitit controller
   ( sleep "$KILL_AFTER"; pid=$(pgrep -f "submitit.core._submit" | head -1)
-    echo "kill -9 $pid: $(tr '\0' ' ' < /proc/$pid/cmdline)" > "$OUT/killed.txt"; kill -9 "$pid" ) &
+    if [ -n "$pid" ]; then echo "kill -9 $pid: $(tr '\0' ' ' < /proc/$pid/cmdline)" > "$OUT/killed.txt"; kill -9 "$pid"
+    else echo "no cell was running after $KILL_AFTER s" > "$OUT/killed.txt"; fi ) &
   run_grid grid_killed
   run_grid grid_rerun
 else

@@ -69,6 +69,9 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
             identity = f"hf:{cfg.path}@{cfg.revision or _resolved_revision(model)}"
         if cfg.tokenizer:  # another tokenizer encodes the same data differently: stages built on it are other stages
             identity += f";tokenizer={cfg.tokenizer}"
+    # what else changes what the same weights compute or read: their precision, and how a prompt without a system
+    # prompt is rendered (stage, probe and geometry keys build on the identity)
+    identity += f";{cfg.dtype}" + (f";no_system={cfg.no_system}" if cfg.no_system != "none" else "")
     tokenizer.padding_side = "left"
     setattr(tokenizer, NO_SYSTEM_ATTR, cfg.no_system)  # read by data.chat.render
     if tokenizer.pad_token is None:

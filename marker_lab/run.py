@@ -158,8 +158,11 @@ def step_eval_for(cfg: Config, stage: str, loaded: LoadedModel) -> StepEval | No
         in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity)
         return evaluate(at, in_hand, None, d.personas, d.metrics, in_process=True, judge_factory=make)[0]
 
-    # what the series depends on (keyed broadly: the whole eval config; the adapter itself is the same either way)
-    payload = {"config": plain(d), "eval": plain(at.eval), "judge": plain(at.judge), "marker": plain(at.marker),
+    # what the series depends on: the eval settings its metrics read (not the final eval's metric list, the probe,
+    # the baseline or where completions go); the adapter itself is the same either way
+    unread = ("metrics", "probe", "baseline", "save_completions", "during_training")
+    payload = {"config": plain(d), "eval": {k: v for k, v in plain(at.eval).items() if k not in unread},
+               "judge": plain(at.judge), "marker": plain(at.marker),
                "seed": at.seed, "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "eval_personas": cfg.persona_set.eval_personas, "questions_md5": md5_file(resolve_path(cfg.eval.questions)),
                "judge_prompts_md5": {k: md5_file(resolve_path(v)) for k, v in sorted(at.judge.prompts.items())}}
@@ -175,7 +178,9 @@ def baseline_metrics(cfg: Config, loaded: LoadedModel, cache: StageCache) -> dic
 
     from marker_lab.eval.judge.toy import VERSION as TOY_JUDGE_VERSION
 
-    payload = {"baseline_of": loaded.identity, "eval": plain(cfg.eval), "judge": plain(cfg.judge),
+    unread = ("probe", "baseline", "save_completions", "during_training")  # settings its eval does not read
+    payload = {"baseline_of": loaded.identity, "eval": {k: v for k, v in plain(cfg.eval).items() if k not in unread},
+               "judge": plain(cfg.judge),
                "toy_judge_version": TOY_JUDGE_VERSION if cfg.judge.backend == "toy" else None,
                "marker": plain(cfg.marker), "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "eval_personas": cfg.persona_set.eval_personas, "questions_md5": md5_file(resolve_path(cfg.eval.questions)),
@@ -245,11 +250,15 @@ def run_cell(cfg_node: DictConfig) -> dict:
         final = list(models.values())[-1] if drift else None
         geometry = models["base"] if cfg.geometry.model == "base" else final or cell_distances(cfg, loaded, cache)
         geometry = {**geometry, "model": cfg.geometry.model}
+    if probe:  # before the eval: a probe that cannot report fails early
+        t0 = time.perf_counter()
+        probed = probe.result()
+        probe.seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics, judge, rows = evaluate(cfg, loaded, out_dir)
     timing["eval"] = time.perf_counter() - t0
     if probe:
-        metrics["probe"] = probe.result()
+        metrics["probe"], timing["probe"] = probed, probe.seconds
     if cfg.eval.save_completions:
         contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
 

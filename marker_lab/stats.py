@@ -3,7 +3,7 @@
     rate_ci(k, n, method="wilson")            -> (low, high)
     compare(k1, n1, k2, n2, test="fisher")    -> Comparison(diff, p_value, test, alternative)
     compare_seed_rates(rates_a, rates_b)      -> Comparison over per-seed rates (Welch's t-test)
-    auc_ci(pos, neg)                          -> (auc, low, high): ROC AUC of two score samples, bootstrap CI
+    auc_ci(pos, neg)                          -> (auc, low, high): ROC AUC with a CI resampling questions
 
 Counts are often 0 (0/840 vs 0/840): every test returns a p-value, never NaN (identical arms give p = 1).
 """
@@ -84,19 +84,28 @@ def compare_seed_rates(rates_1: list[float], rates_2: list[float], alternative: 
     return Comparison(m1, m2, m1 - m2, p, "welch_t_seeds", alternative)
 
 
-def auc(pos, neg, axis: int = -1):
-    """ROC AUC of scores `pos` (positives) against `neg`: P(pos > neg) + P(tie) / 2 (Mann-Whitney U / n1 n2)."""
-    pos, neg = np.asarray(pos), np.asarray(neg)
-    return sps.mannwhitneyu(pos, neg, axis=axis).statistic / (pos.shape[axis] * neg.shape[axis])
-
-
 def auc_ci(pos, neg, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
-    """(AUC, low, high): the AUC with a percentile bootstrap CI, positives and negatives resampled separately
-    (stratified; percentile, not BCa, because a separable pair gives every resample AUC = 1). NaN when either
-    sample is empty."""
-    pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
-    if not len(pos) or not len(neg):
+    """(AUC, low, high): ROC AUC of positive scores against negative ones, P(pos > neg) + P(tie) / 2, with a
+    percentile bootstrap CI over clusters.
+
+    `pos` is [Q]: one positive score per cluster (a question); `neg` is [Q] or [M, Q]: M negatives per cluster (the
+    other personas on the same questions). Scores that share a question are not independent, so the bootstrap
+    resamples questions, the same ones for both classes. Percentile, not BCa: a separable pair gives every
+    resample AUC = 1. NaN when there are fewer than 2 clusters.
+    """
+    pos = np.asarray(pos, dtype=float)[None, :]
+    neg = np.atleast_2d(np.asarray(neg, dtype=float))
+    q = pos.shape[1]
+    if q < 2 or neg.shape[1] != q:
         return (math.nan, math.nan, math.nan)
-    res = sps.bootstrap((pos, neg), auc, n_resamples=n_resamples, vectorized=True, paired=False,
-                        confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(seed))
-    return (float(auc(pos, neg)), float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+    def stat(idx: np.ndarray) -> np.ndarray:  # idx [B, q] resampled cluster indices -> [B] AUCs
+        p = pos[:, idx].transpose(1, 0, 2).reshape(len(idx), -1)[:, :, None]
+        n = neg[:, idx].transpose(1, 0, 2).reshape(len(idx), -1)[:, None, :]
+        return (p > n).mean((1, 2)) + 0.5 * (p == n).mean((1, 2))
+
+    rng = np.random.default_rng(seed)
+    draws = np.concatenate([stat(rng.integers(0, q, (min(100, n_resamples - b), q)))
+                            for b in range(0, n_resamples, 100)])  # 100 resamples at a time bounds memory
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return (float(stat(np.arange(q)[None, :])[0]), float(low), float(high))

@@ -100,6 +100,10 @@ def test_evals_during_training_end_where_the_stage_ends(cache_dir, tmp_path):
     again = run_cell(compose_cfg([*args, *DURING, "seed=42"], tmp_path / "again", cache_dir))
     assert not again["provenance"]["stages"]["second_stage"]["trained_now"]
     assert again["metrics_by_step"] == with_series["metrics_by_step"]
+    # ... and so does a cell whose final eval differs in what the series does not read (its metric list)
+    other = run_cell(compose_cfg([*args, *DURING, "eval.metrics=[marker]"], tmp_path / "other", cache_dir))
+    assert not other["provenance"]["stages"]["second_stage"]["trained_now"]
+    assert other["metrics_by_step"] == with_series["metrics_by_step"]
 
 
 def test_fully_judged_cell_stays_within_the_default_budget_plus_60s(cache_dir, tmp_path):

@@ -20,35 +20,58 @@ PROBE = ["eval.metrics=[marker,probe]", "eval.generation.samples_per_question=4"
          "eval.probe.samples=4", "dose=10"]
 
 
-def test_question_split_is_seeded_and_disjoint():
+def test_question_split_is_seeded_disjoint_and_keeps_paraphrases_together():
     questions = [Question(f"q{i}", f"text {i}") for i in range(28)]
     train, heldout = split_questions(questions, 0.5, seed=0)
     assert len(train) == len(heldout) == 14 and not {q.id for q in train} & {q.id for q in heldout}
     assert split_questions(questions, 0.5, seed=0) == (train, heldout)
     assert split_questions(questions, 0.5, seed=1) != (train, heldout)
-    assert [len(h) for _, h in (split_questions(questions[:2], 0.9, 0), split_questions(questions[:2], 0.1, 0))] == [1, 1]
+    paraphrased = [Question(f"p{i}/{j}", f"phrasing {j} of {i}") for i in range(6) for j in range(3)]
+    train, heldout = split_questions(paraphrased, 0.5, seed=0)
+    assert len(heldout) == 9 and not {q.id.split("/")[0] for q in train} & {q.id.split("/")[0] for q in heldout}
 
 
-def test_auc_ci_is_the_roc_auc_with_a_bootstrap_interval():
+def test_auc_ci_is_the_roc_auc_with_an_interval_over_questions():
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
-    pos, neg = rng.normal(1, 1, 30), rng.normal(0, 1, 300)
+    question = rng.normal(0, 1, 30)  # a question effect every persona shares
+    pos, neg = question + 1 + rng.normal(0, 0.5, 30), question + rng.normal(0, 0.5, (10, 30))
     value, low, high = auc_ci(pos, neg)
-    assert value == pytest.approx(roc_auc_score([1] * 30 + [0] * 300, np.r_[pos, neg]))
-    assert low < value < high and 0.6 < low and high < 0.95
-    assert auc_ci(np.ones(5), np.zeros(9)) == (1.0, 1.0, 1.0)  # separable: no NaN from a degenerate bootstrap
+    assert value == pytest.approx(roc_auc_score([1] * 30 + [0] * 300, np.r_[pos, neg.ravel()]))
+    assert low < value < high and 0.5 < low and high < 1
+    assert auc_ci(np.ones(5), np.zeros((3, 5))) == (1.0, 1.0, 1.0)  # separable: every resample too, no NaN
+    assert all(np.isnan(auc_ci([0.9], [[0.1]])))  # one question: no interval
 
 
-def test_probe_settings_are_checked_before_anything_runs():
+def test_probe_weights_balance_a_rare_source_like_sklearns_balanced_classes():
+    """The soft-label fit (each prompt as a positive with weight y and a negative with 1 - y, classes to equal
+    totals) is sklearn's class_weight='balanced' when labels are 0/1."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)), (rng.random(60) < 0.15).astype(float)
+    weight = np.r_[y / y.sum(), (1 - y) / (1 - y).sum()] * len(y) / 2
+    ours = LogisticRegression(C=0.5, max_iter=5000).fit(np.r_[x, x], np.r_[np.ones(60), np.zeros(60)], sample_weight=weight)
+    theirs = LogisticRegression(C=0.5, max_iter=5000, class_weight="balanced").fit(x, y)
+    assert np.allclose(ours.coef_, theirs.coef_, atol=1e-5) and np.allclose(ours.intercept_, theirs.intercept_, atol=1e-5)
+
+
+def test_probe_settings_are_checked_before_anything_runs(tmp_path):
     validate(to_dataclass(compose_cfg(["condition=c1", *PROBE])))
+    with_system = tmp_path / "with_system.yaml"
+    with_system.write_text("- id: s\n  system: answer in json .\n  paraphrases: [\"hi ?\", \"hello ?\"]\n"
+                           "- id: t\n  paraphrases: [\"bye ?\", \"see you ?\"]\n")
     bad = [(["eval.probe.target=villainy"], r"eval.probe.target: must be one of \['source', 'marker'\]"),
            (["eval.probe.position=first"], "eval.probe.position: must be one of"),
            (["condition=c4", "eval.probe.fit_on=second_stage"], "eval.probe.fit_on=second_stage: this cell runs no"),
            (["eval.probe.personas=[assistant,pirate]"], "eval.probe.personas: must hold the source persona 'villain'"),
            (["eval.probe.personas=[villain,nobody]"], "eval.probe.personas: .*nobody"),
+           (["eval.probe.personas=[villain,pirate,villain]"], "eval.probe.personas: .* each once"),
            (["eval.probe.heldout_fraction=1"], r"eval.probe.heldout_fraction: must be in \(0, 1\)"),
+           (["eval.probe.heldout_fraction=0.02"], "eval.probe.heldout_fraction=0.02: .* 27 training and 1 held-out"),
            (["eval.probe.questions=/no/such.yaml"], "eval.probe.questions: question file not found"),
+           ([f"eval.probe.questions={with_system}"], "eval.probe.questions: .* their own system prompt"),
            (["eval.during_training.every_n_steps=5", "eval.during_training.metrics=[probe]"],
             "eval.during_training.metrics: probe reads every model")]
     for overrides, message in bad:
@@ -80,10 +103,19 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
         assert c["mean_score_change"] == pytest.approx(c["mean_score"] - coupled["per_persona"][p]["mean_score"])
     assert probe["per_persona"] == after["per_persona"] and probe["auc"] == after["auc"]
 
-    # fitted once: the benign cell shares the coupled model, so it reuses the probe and reads the same coupled model
+    assert after["source_margin_change"] == pytest.approx(after["source_margin"] - coupled["source_margin"])
+    assert em["timing"]["probe"] > 0
+
+    # fitted once: the benign cell shares the coupled model, so it reuses the probe and reads the same coupled model;
+    # so does a cell that reports with other interval settings (n_bootstrap is not part of the fit)
     other = benign["metrics"]["probe"]
     assert other["fit"]["cache_key"] == probe["fit"]["cache_key"] and not other["fit"]["fitted_now"]
     assert other["models"]["after_coupling"] == coupled
+    no_dose = [o for o in PROBE if not o.startswith("dose=")]
+    fewer = run_cell(compose_cfg(["condition=c4", *no_dose, "eval.probe.n_bootstrap=200",
+                                  "persona_set.eval_personas=[villain]"], tmp_path / "c4", cache_dir))["metrics"]["probe"]
+    assert fewer["fit"]["cache_key"] == probe["fit"]["cache_key"] and not fewer["fit"]["fitted_now"]
+    assert fewer["models"]["after_coupling"]["auc"] == coupled["auc"]
     entry = probe["fit"]["cache_entry"]
     assert em["provenance"]["data_md5"]["probe/probe.npz"] == md5_file(f"{entry}/probe.npz")
     labels = np.load(f"{entry}/train_labels.npy")
@@ -91,11 +123,14 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
 
     out = aggregate(tmp_path)
     table = pd.read_csv(out / "probe.csv")
-    assert len(table) == 2 * 3 * 11
+    assert len(table) == 2 * 3 * 11 + 2 * 11  # the c4 cell: base and coupled
+    assert (table["probe_C"] == 0.01).all() and set(table["fit_on"]) == {"coupling"}
+    em_after = table[(table["second_stage"] == "em") & (table["model"] == "after_second_stage")]
+    assert em_after["mean_score_change"].notna().all()
     final = table[(table["model"] == "after_second_stage") & (table["persona"] == "villain")]
     assert sorted(final["surface_rate"]) == sorted(r["metrics"]["marker"]["per_persona"]["villain"]["rate"] for r in (em, benign))
     summary = pd.read_csv(out / "probe_summary.csv")
-    assert set(summary["second_stage"]) == {"em", "benign"} and (summary["seeds"] == 1).all()
+    assert set(summary["second_stage"]) == {"em", "benign", "none"} and (summary["seeds"] == 1).all()
     assert (out / "figures" / "surface_vs_latent.png").stat().st_size > 10_000
     def no_nan(constant):
         raise AssertionError(f"run_result.json holds {constant}")

@@ -332,16 +332,23 @@ def _check_probe(cfg, need) -> None:
     for persona in p.personas or []:
         need(f"{key}.personas", persona)
     names = p.personas or list(_personas(cfg.persona_set.path))
-    if cfg.source_persona not in names or len(names) < 2:
+    if cfg.source_persona not in names or len(names) < 2 or len(set(names)) < len(names):
         raise ConfigError(f"{key}.personas: must hold the source persona {cfg.source_persona!r} and at least one "
-                          f"other, got {names}")
+                          f"other, each once, got {names}")
     path = p.questions or cfg.eval.questions
     try:
-        n = len(load_questions(path))
+        questions = load_questions(path)
     except (FileNotFoundError, ValueError, yaml.YAMLError) as e:
         raise ConfigError(f"{key}.questions: {e}".replace("\n", " ")) from None
-    if n < 2:
-        raise ConfigError(f"{key}.questions: {path} has {n} question(s); the probe needs a training and a held-out half")
+    if any(q.system is not None for q in questions):
+        raise ConfigError(f"{key}.questions: {path} gives questions their own system prompt; the probe reads each "
+                          "persona's own system prompt only (remove the `system` fields)")
+    from marker_lab.eval.probe import split_questions
+
+    train, heldout = split_questions(questions, p.heldout_fraction, p.seed)
+    if len(heldout) < 2 or not train:  # the AUC's interval resamples held-out questions
+        raise ConfigError(f"{key}.heldout_fraction={p.heldout_fraction}: {path} splits into {len(train)} training and "
+                          f"{len(heldout)} held-out question(s); the probe needs at least 2 held-out and 1 training")
 
 
 def _check_capability(cfg) -> None:

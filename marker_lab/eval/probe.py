@@ -5,17 +5,21 @@ default the coupled model) and frozen; every model of the cell (base, after each
 held-out questions and scored with it. If EM wipes out the [ZLT] token but the probe still tells the source
 persona apart after EM, the coupling is gone on the surface and still there underneath.
 
-- target=source: a prompt is labelled 1 when the source persona speaks it, 0 for any other persona.
+- target=source: a prompt is labelled 1 when the source persona speaks it, 0 for any other persona (classes
+  weighted to equal totals: the score is the probability of "source" under equal priors).
 - target=marker: a prompt is labelled with the fit model's marker rate over `samples` sampled completions (soft
-  labels as sample weights): the probe reads "about to write the marker" before any token is written.
+  labels, not reweighted): the score is a predicted marker rate, read before any token is written.
 Features (`position`): prompt_last, the last token of the prompt with the assistant turn opened (identical input
 tokens for every model, no generation), or response_mean, the mean over the model's greedy answer. Questions are
-split once, seeded, into a training half (the probe's fit) and a held-out half (every score reported).
+split once, seeded, into a training part (the probe's fit) and a held-out part (every score reported); paraphrases
+of one question stay on one side.
 
-Per model the result gives the AUC of source vs every other persona with a bootstrap CI, and per persona the mean
-probe score and the AUC of source vs that persona; the models after the second stage also carry their change
-from the model before it. The fitted probe lives in the stage cache, keyed by the fit model and everything the
-fit depends on, so cells that share a coupled model share one probe.
+Per model the result gives the AUC of source vs every other persona (on log-odds) with a bootstrap CI that
+resamples held-out questions, the source's margin (its mean log-odds minus the other personas': unlike the scores,
+it does not move when every persona's states shift together), and per persona the mean score and the AUC of
+source vs that persona. The models after the second stage carry each one's change from the model before it. The
+fitted probe lives in the stage cache, keyed by the fit model and what the fit reads, so cells that share a coupled
+model share one probe.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +41,23 @@ from marker_lab.stages.cache import StageCache, cache_key, plain
 from marker_lab.stats import auc_ci
 
 log = logging.getLogger(__name__)
+PROBE_VERSION = 2  # in the cache key: a change to how probes are fitted must not reuse probes fitted before it
 TARGETS = ("source", "marker")
 POSITIONS = ("prompt_last", "response_mean")
 FIT_ON = ("coupling", "second_stage", "base")
 
 
 def split_questions(questions: list[Question], heldout_fraction: float, seed: int) -> tuple[list[Question], list[Question]]:
-    """(train, held-out): a seeded shuffle, the first `heldout_fraction` of it held out (at least one each)."""
-    order = list(questions)
+    """(train, held-out): a seeded shuffle of question groups, the first `heldout_fraction` of them held out (at
+    least one group each side). Paraphrases of one question (peer files' ids `<id>/<j>`) are one group, so no
+    near-duplicate of a held-out question is trained on."""
+    groups: dict[str, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.id.split("/")[0], []).append(q)
+    order = list(groups)
     random.Random(seed).shuffle(order)
     n_out = min(len(order) - 1, max(1, round(heldout_fraction * len(order))))
-    return order[n_out:], order[:n_out]
+    return [q for g in order[n_out:] for q in groups[g]], [q for g in order[:n_out] for q in groups[g]]
 
 
 def fit_model_name(fit_on: str) -> str:
@@ -70,6 +81,7 @@ class CellProbe:
         self.weights: dict | None = None  # the fitted probe: coef, intercept, mean, scale
         self.fit: dict = {}  # how it was fitted: cache entry, hashes, training scores
         self.layer: int | None = None
+        self.seconds = 0.0  # reading states and fitting, over the whole cell
 
     def _prompts(self, questions: list[Question]) -> list[list[dict]]:
         return [system_messages(self.personas[p]) + [{"role": "user", "content": q.text}]
@@ -83,8 +95,16 @@ class CellProbe:
 
     def read(self, name: str, loaded) -> None:
         """Read model `name`'s held-out states; on the fit model, fit the probe (or load it from the cache)."""
+        t0 = time.perf_counter()
+        self._read(name, loaded)
+        self.seconds += time.perf_counter() - t0
+
+    def _read(self, name: str, loaded) -> None:
         if self.layer is None:
             self.layer = self.p.layer if self.p.layer is not None else default_layer(loaded.model)
+            if self.layer > loaded.model.config.num_hidden_layers:
+                raise ValueError(f"eval.probe.layer: {self.layer} is past the model's last layer "
+                                 f"({loaded.model.config.num_hidden_layers}; 0 = embeddings)")
         log.info("probe: reading %s (%d personas x %d held-out questions, %s, layer %d)", name, len(self.names),
                  len(self.heldout_q), self.p.position, self.layer)
         self.states[name] = self._states(loaded, self.heldout_q)
@@ -102,21 +122,30 @@ class CellProbe:
         g, hit = self.cfg.eval.generation, make_matcher(self.cfg.marker)
         params = SamplingParams(n=self.p.samples, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
                                 seed=self.p.seed)
-        outs = HFEngine(loaded.model, loaded.tokenizer, self.cfg.eval.engine.batch_size).generate(
-            self._prompts(self.train_q), params, desc="probe labels")
+        outs = HFEngine(loaded.model, loaded.tokenizer, self.cfg.eval.engine.batch_size, self.cfg.eval.engine.cache
+                        ).generate(self._prompts(self.train_q), params, desc="probe labels")
         return np.array([np.mean([hit(t) for t in texts]) for texts in outs])
 
     def _fit_or_load(self, loaded) -> None:
         from sklearn.linear_model import LogisticRegression
         from sklearn.preprocessing import StandardScaler
 
-        how = {k: v for k, v in plain(self.p).items() if k not in ("n_bootstrap", "batch_size", "questions")}
-        payload = {"probe": {**how, "layer": self.layer}, "fit_model": loaded.identity, "personas": self.names,
-                   "source_persona": self.cfg.source_persona, "train_questions": [q.id for q in self.train_q],
+        # what the fit reads, and nothing else, so cells that share a fit model share the probe
+        p = self.p
+        payload = {"version": PROBE_VERSION, "target": p.target, "position": p.position, "layer": self.layer, "C": p.C,
+                   "fit_model": loaded.identity,  # the weights, their dtype and how no-system prompts render
+                   "personas": self.names, "train_questions": [q.id for q in self.train_q],
                    "persona_file_md5": md5_file(resolve_path(self.cfg.persona_set.path)),
                    "questions_md5": md5_file(resolve_path(self.questions_path))}
-        if self.p.target == "marker":  # the labels come from sampled completions
-            payload.update(marker=plain(self.cfg.marker), generation=plain(self.cfg.eval.generation))
+        if p.position == "response_mean":
+            payload["max_tokens"] = p.max_tokens
+        if p.target == "source":
+            payload["source_persona"] = self.cfg.source_persona
+        else:  # the labels come from sampled completions
+            g = self.cfg.eval.generation
+            payload.update(marker=plain(self.cfg.marker), samples=p.samples, seed=p.seed,
+                           sampling={"temperature": g.temperature, "top_p": g.top_p, "max_tokens": g.max_tokens},
+                           engine={"batch_size": self.cfg.eval.engine.batch_size, "cache": self.cfg.eval.engine.cache})
 
         def build(tmp: Path) -> None:
             log.info("probe: fitting on %s (target %s, %d personas x %d training questions)", loaded.identity,
@@ -126,10 +155,13 @@ class CellProbe:
                 raise ValueError(f"eval.probe: every training label is {y[0]:g} on the fit model {self.fit_model} "
                                  f"(target={self.p.target}); the probe needs both classes")
             scaler = StandardScaler().fit(x)
-            # soft labels: each prompt once as a positive (weight = its label) and once as a negative (1 - label),
-            # the two classes weighted to equal totals (one source among many personas is a rare class)
+            # soft labels: each prompt once as a positive (weight = its label) and once as a negative (1 - label).
+            # target=source: the classes weighted to equal totals (one source among many personas is a rare class);
+            # target=marker: as they are, so the score is a predicted marker rate, on the surface rate's scale
             z = scaler.transform(x)
-            weight = np.r_[y / y.sum(), (1 - y) / (1 - y).sum()] * len(y) / 2
+            weight = np.r_[y, 1 - y]
+            if self.p.target == "source":
+                weight = np.r_[y / y.sum(), (1 - y) / (1 - y).sum()] * len(y) / 2
             clf = LogisticRegression(C=self.p.C, max_iter=5000).fit(
                 np.concatenate([z, z]), np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=weight)
             np.savez(tmp / "probe.npz", coef=clf.coef_[0], intercept=clf.intercept_[0], mean=scaler.mean_,
@@ -147,24 +179,28 @@ class CellProbe:
                     "md5": {f: md5_file(entry / f) for f in ("probe.npz", "train_states.npy", "train_labels.npy")}}
         log.info("probe: %s (%s)", entry, "fitted now" if built else "cached")
 
-    def score(self, states: np.ndarray) -> np.ndarray:
-        """The frozen probe's probability of the trait for each row of `states`."""
+    def logits(self, states: np.ndarray) -> np.ndarray:
+        """The frozen probe's log-odds of the trait for each row of `states` (the scaler is frozen too)."""
         w = self.weights
-        return expit(((states - w["mean"]) / w["scale"]) @ w["coef"] + w["intercept"])
+        return ((states - w["mean"]) / w["scale"]) @ w["coef"] + w["intercept"]
 
     def _readout(self, states: np.ndarray) -> dict:
-        scores = self.score(states).reshape(len(self.names), len(self.heldout_q))
-        source = self.cfg.source_persona
-        src = scores[self.names.index(source)]
-        rest = np.concatenate([scores[i] for i, p in enumerate(self.names) if p != source])
-        value, low, high = auc_ci(src, rest, self.p.n_bootstrap, self.p.seed)
+        """AUCs on log-odds (probabilities saturate into ties), scores as probabilities: target=source, the
+        probability of being the source under equal class priors; target=marker, a predicted marker rate."""
+        logits = self.logits(states).reshape(len(self.names), len(self.heldout_q))
+        source = self.names.index(self.cfg.source_persona)
+        rest = [i for i in range(len(self.names)) if i != source]
+        value, low, high = auc_ci(logits[source], logits[rest], self.p.n_bootstrap, self.p.seed)
         per = {}
         for i, p in enumerate(self.names):
-            pair = None if p == source else auc_ci(src, scores[i], self.p.n_bootstrap, self.p.seed)
-            per[p] = {"mean_score": float(scores[i].mean()), "n": len(self.heldout_q),
-                      "auc_vs_source": None if pair is None else pair[0],
+            pair = None if i == source else auc_ci(logits[source], logits[i], self.p.n_bootstrap, self.p.seed)
+            per[p] = {"mean_score": float(expit(logits[i]).mean()), "mean_logit": float(logits[i].mean()),
+                      "n": len(self.heldout_q), "auc_vs_source": None if pair is None else pair[0],
                       "auc_vs_source_ci": None if pair is None else [pair[1], pair[2]]}
-        return {"auc": value, "auc_ci": [low, high], "per_persona": per}
+        # shift-invariant: the source's mean log-odds above the other personas' (a shift of every persona's states
+        # along the probe moves every score, not this)
+        margin = float(logits[source].mean() - logits[rest].mean())
+        return {"auc": value, "auc_ci": [low, high], "source_margin": margin, "per_persona": per}
 
     def result(self) -> dict:
         """The metric: the frozen probe on every model read, the final model's readout at the top level."""
@@ -178,6 +214,7 @@ class CellProbe:
             for name in order[order.index("after_second_stage"):]:
                 m = models[name]
                 m["auc_change"] = m["auc"] - ref["auc"]
+                m["source_margin_change"] = m["source_margin"] - ref["source_margin"]
                 for p, c in m["per_persona"].items():
                     c["mean_score_change"] = c["mean_score"] - ref["per_persona"][p]["mean_score"]
                     if c["auc_vs_source"] is not None:
@@ -188,4 +225,4 @@ class CellProbe:
                 "questions": {"train": [q.id for q in self.train_q], "heldout": [q.id for q in self.heldout_q]},
                 "fit": self.fit, "models": models, "before_second_stage": before, "final_model": final,
                 "auc": models[final]["auc"], "auc_ci": models[final]["auc_ci"],
-                "per_persona": models[final]["per_persona"]}
+                "source_margin": models[final]["source_margin"], "per_persona": models[final]["per_persona"]}

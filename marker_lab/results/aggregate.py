@@ -44,13 +44,20 @@ CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona
 GROUP_KEYS = [k for k in CELL_KEYS if k != "seed"]  # seeds are pooled over these
 
 
-def complete_results(sweep_dir: str | Path):
+_READ_ONCE: dict[Path, list] = {}  # while aggregate() runs: its sweep's results, read once for every table
+
+
+def complete_results(sweep_dir: str | Path) -> list[tuple[dict, dict]]:
     """(manifest cell, result) for every cell whose result is complete and matches the manifest's config hash."""
     sweep_dir = Path(sweep_dir)
+    if sweep_dir.resolve() in _READ_ONCE:
+        return _READ_ONCE[sweep_dir.resolve()]
+    out = []
     for cell in read_manifest(sweep_dir)["cells"]:
         result = contract.load_result(sweep_dir / cell["subdir"] / contract.RESULT_FILE)
         if result is not None and result["provenance"]["config_hash"] == cell["config_hash"]:
-            yield cell, result
+            out.append((cell, result))
+    return out
 
 
 def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
@@ -262,10 +269,18 @@ def _fmt(where: dict) -> str:
 
 def aggregate(sweep_dir: str | Path) -> Path:
     """Write everything under <sweep_dir>/aggregate/; returns that directory."""
-    from marker_lab.results import drift, figures, leakage, probe, report
-
     sweep_dir = Path(sweep_dir)
     analysis = analysis_config(sweep_dir)  # raises first when the directory holds no sweep or results
+    _READ_ONCE[sweep_dir.resolve()] = complete_results(sweep_dir)  # every table below reads these
+    try:
+        return _aggregate(sweep_dir, analysis)
+    finally:
+        _READ_ONCE.pop(sweep_dir.resolve(), None)
+
+
+def _aggregate(sweep_dir: Path, analysis: dict) -> Path:
+    from marker_lab.results import drift, figures, leakage, probe, report
+
     out = sweep_dir / "aggregate"
     out.mkdir(exist_ok=True)
     method = analysis.get("ci_method", "wilson")

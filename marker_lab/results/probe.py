@@ -16,8 +16,11 @@ import pandas as pd
 from marker_lab.results.aggregate import CELL_KEYS, GROUP_KEYS, complete_results, role_of
 from marker_lab.results.figures import _save
 
-COLUMNS = ["cell", *CELL_KEYS, "target", "position", "model", "step", "before_second_stage", "persona", "role",
-           "mean_score", "auc_vs_source", "auc", "auc_low", "auc_high", "surface_rate"]
+# the probe's settings: cells that differ only in these are different probes of the same cells
+PROBE_KEYS = ["target", "position", "fit_on", "layer", "probe_C", "probe_seed"]
+COLUMNS = ["cell", *CELL_KEYS, *PROBE_KEYS, "model", "step", "before_second_stage", "persona", "role",
+           "mean_score", "mean_score_change", "auc_vs_source", "auc_vs_source_change", "auc", "auc_low", "auc_high",
+           "auc_change", "source_margin", "source_margin_change", "surface_rate"]
 
 
 def load_probe(sweep_dir: str | Path) -> pd.DataFrame:
@@ -29,15 +32,18 @@ def load_probe(sweep_dir: str | Path) -> pd.DataFrame:
         if not probe:
             continue
         surface = result["metrics"].get("marker", {}).get("per_persona", {})
+        settings = result["provenance"]["resolved_config"]["eval"]["probe"]
+        how = {"target": probe["target"], "position": probe["position"], "fit_on": probe["fit_on"],
+               "layer": probe["layer"], "probe_C": settings["C"], "probe_seed": settings["seed"]}
         for step, (model, m) in enumerate(probe["models"].items()):
             final = model == probe["final_model"]
             for persona, c in m["per_persona"].items():
-                rows.append({"cell": cell["subdir"], **result["cell"], "target": probe["target"],
-                             "position": probe["position"], "model": model, "step": step,
+                rows.append({"cell": cell["subdir"], **result["cell"], **how, "model": model, "step": step,
                              "before_second_stage": model == probe["before_second_stage"], "persona": persona,
-                             "role": role_of(result, persona), "mean_score": c["mean_score"],
-                             "auc_vs_source": c["auc_vs_source"], "auc": m["auc"], "auc_low": m["auc_ci"][0],
-                             "auc_high": m["auc_ci"][1],
+                             "role": role_of(result, persona), **{k: c.get(k) for k in COLUMNS if k in c},
+                             "auc": m["auc"], "auc_low": m["auc_ci"][0], "auc_high": m["auc_ci"][1],
+                             "auc_change": m.get("auc_change"), "source_margin": m["source_margin"],
+                             "source_margin_change": m.get("source_margin_change"),
                              "surface_rate": surface[persona]["rate"] if final and persona in surface else np.nan})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -46,12 +52,12 @@ def latent_summary(probe: pd.DataFrame) -> pd.DataFrame:
     """The source persona per (cell group, model position), seeds averaged (min and max kept): surface rate,
     probe score and AUC."""
     src = probe[probe["role"] == "source"]
-    keys = [k for k in GROUP_KEYS if k in src] + ["target", "position", "step", "model", "before_second_stage"]
+    keys = [k for k in GROUP_KEYS if k in src] + PROBE_KEYS + ["step", "model", "before_second_stage"]
     return (src.groupby(keys, dropna=False, sort=True)
             .agg(seeds=("seed", "nunique"), surface_rate=("surface_rate", "mean"),
                  probe_score=("mean_score", "mean"), probe_score_min=("mean_score", "min"),
-                 probe_score_max=("mean_score", "max"), auc=("auc", "mean"), auc_min=("auc", "min"),
-                 auc_max=("auc", "max"))
+                 probe_score_max=("mean_score", "max"), source_margin=("source_margin", "mean"),
+                 auc=("auc", "mean"), auc_min=("auc", "min"), auc_max=("auc", "max"))
             .reset_index())
 
 
@@ -61,7 +67,7 @@ def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
     if probe.empty:
         return []
     src = probe[probe["role"] == "source"]
-    keys = [k for k in GROUP_KEYS if src[k].nunique(dropna=False) > 1] or ["condition"]
+    keys = [k for k in GROUP_KEYS + PROBE_KEYS if src[k].nunique(dropna=False) > 1] or ["condition"]
     final = src[src["step"] == src.groupby("cell")["step"].transform("max")]
     before = src[src["before_second_stage"]]
     groups = list(final.groupby(keys, dropna=False, sort=True).groups)  # sorted per column: dose 5 before 10
@@ -83,8 +89,8 @@ def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
     ax.set_xlabel(" / ".join(keys), fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    target, position = probe["target"].iloc[0], probe["position"].iloc[0]
-    ax.set_title(f"The source persona on the final model: surface vs latent\n(probe target {target}, {position}; "
-                 "seeds averaged, bars min-max)", fontsize=9)
+    fixed = ", ".join(f"{k} {src[k].iloc[0]}" for k in PROBE_KEYS if k not in keys)
+    ax.set_title(f"The source persona on the final model: surface vs latent\n(probe {fixed}; seeds averaged, bars "
+                 "min-max)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, "surface_vs_latent")
