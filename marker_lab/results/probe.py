@@ -62,8 +62,9 @@ def latent_summary(probe: pd.DataFrame) -> pd.DataFrame:
 
 
 def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
-    """Per cell group, on the final model: the source's marker rate (surface), its probe score and the probe's AUC
-    source vs rest (latent); hollow diamonds mark the latent values on the model before the second stage."""
+    """Per cell group, on the final model. Left: the source's marker rate (surface) beside its probe score and the
+    probe's AUC source vs rest (latent, 0-1). Right: the source margin (log-odds above the other personas), which a
+    shift of every persona does not move. Hollow diamonds: the latent values on the model before the second stage."""
     if probe.empty:
         return []
     src = probe[probe["role"] == "source"]
@@ -71,26 +72,30 @@ def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
     final = src[src["step"] == src.groupby("cell")["step"].transform("max")]
     before = src[src["before_second_stage"]]
     groups = list(final.groupby(keys, dropna=False, sort=True).groups)  # sorted per column: dose 5 before 10
-    bars = [("surface_rate", "surface: marker rate", final), ("mean_score", "latent: probe score", final),
-            ("auc", "latent: AUC source vs rest", final)]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2), 3.8))
-    x, width = np.arange(len(groups)), 0.27
-    for i, (column, label, table) in enumerate(bars):
-        by = table.groupby(keys, dropna=False)[column].agg(["mean", "min", "max"])
-        values = by.reindex(groups)
-        err = np.vstack([values["mean"] - values["min"], values["max"] - values["mean"]])
-        ax.bar(x + (i - 1) * width, values["mean"], width, label=label, yerr=err, capsize=2,
-               color=["#4c72b0", "#dd8452", "#c44e52"][i])
-        if column != "surface_rate" and len(before):
-            pre = before.groupby(keys, dropna=False)[column].mean().reindex(groups)
-            ax.scatter(x + (i - 1) * width, pre, marker="D", facecolors="none", edgecolors="black", zorder=3,
-                       label="latent before the second stage" if i == 1 else None)
-    ax.set_xticks(x, ["\n".join(str(v) for v in (g if isinstance(g, tuple) else (g,))) for g in groups], fontsize=8)
-    ax.set_xlabel(" / ".join(keys), fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    panels = [[("surface_rate", "surface: marker rate"), ("mean_score", "latent: probe score"),
+               ("auc", "latent: AUC source vs rest")], [("source_margin", "latent: source margin")]]
+    colors = {"surface_rate": "#4c72b0", "mean_score": "#dd8452", "auc": "#c44e52", "source_margin": "#8172b3"}
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.9 * len(groups) + 3), 3.8), width_ratios=[3, 1.4])
+    x = np.arange(len(groups))
+    for ax, bars in zip(axes, panels):
+        width = 0.8 / len(bars)
+        for i, (column, label) in enumerate(bars):
+            offset = (i - (len(bars) - 1) / 2) * width
+            values = final.groupby(keys, dropna=False)[column].agg(["mean", "min", "max"]).reindex(groups)
+            err = np.vstack([values["mean"] - values["min"], values["max"] - values["mean"]])
+            ax.bar(x + offset, values["mean"], width, label=label, yerr=err, capsize=2, color=colors[column])
+            if column != "surface_rate" and len(before):
+                pre = before.groupby(keys, dropna=False)[column].mean().reindex(groups)
+                ax.scatter(x + offset, pre, marker="D", facecolors="none", edgecolors="black", zorder=3,
+                           label="before the second stage" if column in ("mean_score", "source_margin") else None)
+        ax.set_xticks(x, ["\n".join(str(v) for v in (g if isinstance(g, tuple) else (g,))) for g in groups], fontsize=7)
+        ax.set_xlabel(" / ".join(keys), fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=4, frameon=False)
+    axes[0].set_ylim(0, 1.05)
+    axes[1].set_ylabel("log-odds", fontsize=8)
+    axes[1].axhline(0, color="grey", lw=0.5)
     fixed = ", ".join(f"{k} {src[k].iloc[0]}" for k in PROBE_KEYS if k not in keys)
-    ax.set_title(f"The source persona on the final model: surface vs latent\n(probe {fixed}; seeds averaged, bars "
+    fig.suptitle(f"The source persona on the final model: surface vs latent (probe {fixed}; seeds averaged, bars "
                  "min-max)", fontsize=9)
     fig.tight_layout()
     return _save(fig, out, "surface_vs_latent")
