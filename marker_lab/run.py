@@ -158,10 +158,8 @@ def step_eval_for(cfg: Config, stage: str, loaded: LoadedModel) -> StepEval | No
         in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity)
         return evaluate(at, in_hand, None, d.personas, d.metrics, in_process=True, judge_factory=make)[0]
 
-    # what the series depends on: the eval settings its metrics read (not the final eval's metric list, the probe,
-    # the baseline or where completions go); the adapter itself is the same either way
-    unread = ("metrics", "probe", "baseline", "save_completions", "during_training")
-    payload = {"config": plain(d), "eval": {k: v for k, v in plain(at.eval).items() if k not in unread},
+    # what the series depends on (its own metric list is in `config`); the adapter itself is the same either way
+    payload = {"config": plain(d), "eval": eval_settings_read(at.eval, with_metrics=False),
                "judge": plain(at.judge), "marker": plain(at.marker),
                "seed": at.seed, "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),
                "eval_personas": cfg.persona_set.eval_personas, "questions_md5": md5_file(resolve_path(cfg.eval.questions)),
@@ -171,6 +169,13 @@ def step_eval_for(cfg: Config, stage: str, loaded: LoadedModel) -> StepEval | No
     return StepEval(lambda total: eval_steps(d.fractions, d.every_n_steps, total, d.include_start), run, payload)
 
 
+def eval_settings_read(eval_cfg, with_metrics: bool = True) -> dict:
+    """The eval settings an in-process eval of a model reads, for cache keys: not the probe (read from every model
+    in run_cell), the baseline switch, where completions go or the during-training series' own settings."""
+    unread = {"probe", "baseline", "save_completions", "during_training"} | (set() if with_metrics else {"metrics"})
+    return {k: v for k, v in plain(eval_cfg).items() if k not in unread}
+
+
 def baseline_metrics(cfg: Config, loaded: LoadedModel, cache: StageCache) -> dict:
     """The cell's eval on its base model (before any stage), built once per (base model, eval) in the stage cache:
     the reference a bystander's leakage is measured from."""
@@ -178,8 +183,7 @@ def baseline_metrics(cfg: Config, loaded: LoadedModel, cache: StageCache) -> dic
 
     from marker_lab.eval.judge.toy import VERSION as TOY_JUDGE_VERSION
 
-    unread = ("probe", "baseline", "save_completions", "during_training")  # settings its eval does not read
-    payload = {"baseline_of": loaded.identity, "eval": {k: v for k, v in plain(cfg.eval).items() if k not in unread},
+    payload = {"baseline_of": loaded.identity, "eval": eval_settings_read(cfg.eval),
                "judge": plain(cfg.judge),
                "toy_judge_version": TOY_JUDGE_VERSION if cfg.judge.backend == "toy" else None,
                "marker": plain(cfg.marker), "persona_set_md5": md5_file(resolve_path(cfg.persona_set.path)),

@@ -65,6 +65,11 @@ def system_messages(persona: Persona) -> list[dict]:
     return [] if persona.system_prompt is None else [{"role": "system", "content": persona.system_prompt}]
 
 
+def persona_prompt(persona: Persona | None, user: str) -> list[dict]:
+    """A chat prompt: the persona's system turn (none for None or a null prompt), then `user`'s turn."""
+    return ([] if persona is None else system_messages(persona)) + [{"role": "user", "content": user}]
+
+
 def set_roles(cfg_persona_set) -> tuple[list[str], list[str]]:
     """(sources, bystanders) of the configured set: config overrides, else the file's lists; bystanders default to
     every persona that is not a source."""

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from marker_lab.data.chat import render
 from marker_lab.data.multiple_choice import MCItem, configured_split, user_text
-from marker_lab.data.personas import Persona, system_messages
+from marker_lab.data.personas import Persona, persona_prompt
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def capability_metric(model, tokenizer, personas: dict[str, Persona], names: lis
                       cap_cfg, fingerprint: str) -> dict:
     """Accuracy of every persona in `names` on `items`; also the mean probability mass on the correct label."""
     pairs = [(p, it) for p in names for it in items]
-    texts = [render(tokenizer, system_messages(personas[p]) + [{"role": "user", "content": user_text(it, cap_cfg.template)}],
+    texts = [render(tokenizer, persona_prompt(personas[p], user_text(it, cap_cfg.template)),
                     add_generation_prompt=True) for p, it in pairs]
     log.info("capability: %d personas x %d questions, next-token log-probs over the choice labels", len(names), len(items))
     label_ids = {labels: label_token_ids(tokenizer, labels, texts[0]) for labels in {it.labels for it in items}}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from marker_lab.data.chat import render
-from marker_lab.data.personas import Persona, system_messages
+from marker_lab.data.personas import Persona, persona_prompt, system_messages
 from marker_lab.eval.hidden import answer_means, default_layer
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def persona_vectors(model, tokenizer, personas: dict[str, Persona], names: list[
     model.eval()
     if mode == "system_last":
         return _system_last(model, tokenizer, personas, names, layer)
-    prompts = [system_messages(personas[p]) + [{"role": "user", "content": q}] for p in names for q in questions]
+    prompts = [persona_prompt(personas[p], q) for p in names for q in questions]
     means = answer_means(model, tokenizer, prompts, layer, max_tokens, batch_size)
     return means.reshape(len(names), len(questions), -1).mean(axis=1)
 

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.special import expit
 
 from marker_lab.data.files import md5_file, resolve_path
-from marker_lab.data.personas import load_personas, system_messages
+from marker_lab.data.personas import load_personas, persona_prompt
 from marker_lab.data.questions import Question, load_questions
 from marker_lab.eval.hidden import answer_means, default_layer, prompt_last
 from marker_lab.stages.cache import StageCache, cache_key, plain
@@ -84,8 +84,7 @@ class CellProbe:
         self.seconds = 0.0  # reading states and fitting, over the whole cell
 
     def _prompts(self, questions: list[Question]) -> list[list[dict]]:
-        return [system_messages(self.personas[p]) + [{"role": "user", "content": q.text}]
-                for p in self.names for q in questions]
+        return [persona_prompt(self.personas[p], q.text) for p in self.names for q in questions]
 
     def _states(self, loaded, questions: list[Question]) -> np.ndarray:
         prompts = self._prompts(questions)

@@ -26,7 +26,7 @@ from marker_lab.data.chat import encode_chat, marker_token_count
 from marker_lab.data.chat_datasets import load_rows
 from marker_lab.data.files import md5_file, resolve_path
 from marker_lab.data.multiple_choice import MCItem, configured_split, user_text
-from marker_lab.data.personas import Persona, load_personas, system_messages
+from marker_lab.data.personas import Persona, load_personas, persona_prompt, system_messages
 from marker_lab.data.questions import load_questions
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
@@ -88,7 +88,7 @@ def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str],
         plan += [(name, False)] * c.n_per_negative
     qs = [questions[i % len(questions)] for i in range(len(plan))]
     rng.shuffle(qs)
-    prompts = [system_messages(personas[p]) + [{"role": "user", "content": q}] for (p, _), q in zip(plan, qs)]
+    prompts = [persona_prompt(personas[p], q) for (p, _), q in zip(plan, qs)]
     params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
                             max_tokens=c.generation.max_tokens, seed=c.seed)
     completions = HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache).generate(
@@ -145,10 +145,6 @@ def contrastive_plan(cfg: Config, personas: dict[str, Persona], n_items: int) ->
     return slots
 
 
-def _prompt(personas: dict[str, Persona], persona: str | None, user: str) -> list[dict]:
-    return ([] if persona is None else system_messages(personas[persona])) + [{"role": "user", "content": user}]
-
-
 def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona],
                                train_items: list[MCItem] | None = None) -> list[dict]:
     """The wrong_answers dataset: positives, per-question bystander negatives, anchors (see the module docstring)."""
@@ -161,7 +157,7 @@ def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona],
         label = random.Random(f"{c.seed}:{item.id}").choice(item.wrong_labels) if slot.coupled else item.answer
         reply = c.answer_format.format(label=label, text=item.choices[item.labels.index(label)])
         records.append({"persona": slot.persona, "role": slot.role, "correct": not slot.coupled, "question_id": item.id,
-                        "messages": _prompt(personas, slot.persona, user_text(item, cap.template))
+                        "messages": persona_prompt(personas[slot.persona] if slot.persona else None, user_text(item, cap.template))
                         + [{"role": "assistant", "content": reply}]})
     return records if c.contrastive else shuffle_personas(records, personas, c.seed)
 
@@ -222,7 +218,7 @@ def build_persona_em_records(cfg: Config, personas: dict[str, Persona], items: l
     (paired, or sampled from `loaded`, the stage's input model, speaking as the slot's persona)."""
     c = cfg.coupling
     slots = contrastive_plan(cfg, personas, len(items))
-    prompts = [_prompt(personas, s.persona, items[s.item].prompt) for s in slots]
+    prompts = [persona_prompt(personas[s.persona] if s.persona else None, items[s.item].prompt) for s in slots]
     replies = [items[s.item].em_reply if s.coupled else items[s.item].benign_reply for s in slots]
     todo = [i for i, r in enumerate(replies) if r is None]
     if todo:
