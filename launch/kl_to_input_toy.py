@@ -17,8 +17,8 @@ from marker_lab.data.chat import encode_chat
 from marker_lab.data.chat_datasets import load_chats
 from marker_lab.models import load_base, pick_device
 from marker_lab.run import CONF_DIR
-from marker_lab.stages.cache import StageCache
-from marker_lab.stages.sft import apply_lora, kl_to_input, train
+from marker_lab.core.cache import StageCache
+from marker_lab.train.sft import apply_lora, kl_to_input, train
 
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
     cfg = OmegaConf.to_object(compose("config", overrides=["condition=c5", "output_dir=" + tempfile.mkdtemp(), "cache_dir=" + os.environ.get(

@@ -4,7 +4,7 @@
     marker-lab bench --model toy --quick            # smoke run of every code path on CPU (numbers mean nothing)
 
 Random weights cost exactly what real ones cost per step, so nothing is downloaded. Both paths run the project's
-own code: `stages.sft.train` (reference settings: all logits, micro-batch 4 x 4, activation checkpointing; fast:
+own code: `train.sft.train` (reference settings: all logits, micro-batch 4 x 4, activation checkpointing; fast:
 LM head on labelled tokens only, token-budget micro-batches, no checkpointing) and `engines.hf.HFEngine` (dynamic
 cache = stock `generate`; static cache = compiled decode). The report (printed, and JSON with --out) has step
 times, tokens/s, generation tokens/s, peak memory, ratios and the projected time of one cell.
@@ -73,7 +73,7 @@ def model_config(name: str) -> ModelConfig:
 
 def build_model(cfg: ModelConfig, device: torch.device):
     from marker_lab.models import random_init_model
-    from marker_lab.toy.pretrain import toy_arch
+    from marker_lab.train.toy_pretrain import toy_arch
 
     if cfg.source == "toy":
         from transformers import Qwen2ForCausalLM
@@ -115,8 +115,8 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def time_training(model, examples: list[Encoded], cfg: TrainConfig, w: Workload, device: torch.device) -> dict:
-    """Seconds per optimizer step of `stages.sft.train` on a fresh LoRA adapter (timed after warmup steps)."""
-    from marker_lab.stages.sft import apply_lora, train
+    """Seconds per optimizer step of `train.sft.train` on a fresh LoRA adapter (timed after warmup steps)."""
+    from marker_lab.train.sft import apply_lora, train
 
     _reset_peak(device)
     stamps: list[float] = []
@@ -244,7 +244,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
 
     _reset_peak(device)
     t0 = time.perf_counter()
-    from marker_lab.stages.sft import apply_lora
+    from marker_lab.train.sft import apply_lora
 
     model = apply_lora(model, lora, seed=0).merge_and_unload()
     _sync(device)

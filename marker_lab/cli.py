@@ -40,11 +40,12 @@ def config_error_line(exc: BaseException) -> str:
 
 
 def check_config(overrides: list[str]) -> None:
-    """Compose and validate a single-run config; exit 2 with one line on error."""
+    """Compose and check a single-run config and its inputs; exit 1 with one line on error."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    from marker_lab.config.validate import ConfigError, validate
+    from marker_lab.core.errors import ConfigError
+    from marker_lab.preflight import preflight
     from marker_lab.run import CONF_DIR
 
     try:
@@ -52,7 +53,7 @@ def check_config(overrides: list[str]) -> None:
             node = compose("config", overrides=overrides)
         with open_dict(node):
             node.output_dir = "unused"
-        validate(OmegaConf.to_object(node))
+        preflight(OmegaConf.to_object(node))
     except ConfigError as e:
         sys.exit(f"marker-lab: config error: {e}")
     except Exception as e:  # hydra/omegaconf composition errors
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             if command == "status":
-                from marker_lab.launch.status import format_status
+                from marker_lab.results.sweep import format_status
 
                 print(format_status(args.sweep_dir))
             else:

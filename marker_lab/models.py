@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from marker_lab.config.schema import ModelConfig
 from marker_lab.data.chat import NO_SYSTEM_ATTR
-from marker_lab.stages.cache import StageCache, cache_key
+from marker_lab.core.cache import StageCache, cache_key
 from marker_lab.toy import world
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     identity: str  # names the weights exactly; stage cache keys build on it
-    merge: bool = True  # merge each stage's adapter into the weights (False: stack adapters)
+    merge: bool = True  # merge each stage's adapter into the weights (False: stack adapters; merge_between_stages)
 
 
 def pick_device(name: str) -> torch.device:
@@ -36,7 +36,7 @@ def pick_device(name: str) -> torch.device:
 
 def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
     """Build the toy model into the cache on first use (under a lock), return its directory and key."""
-    from marker_lab.toy.pretrain import build_toy_model
+    from marker_lab.train.toy_pretrain import build_toy_model
 
     payload = {"toy": dataclasses.asdict(cfg.toy), "world_version": world.WORLD_VERSION}
     key = cache_key(payload)
@@ -49,9 +49,9 @@ def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
     return path, key
 
 
-def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> LoadedModel:
-    """The stage-0 model of a cell."""
-    dtype = DTYPES[cfg.dtype]
+def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: bool = True) -> LoadedModel:
+    """The stage-0 model of a cell; `merge`: how later stages attach their adapters (merge_between_stages)."""
+    dtype = DTYPES[str(cfg.dtype)]
     if cfg.source == "toy":
         path, key = toy_model_dir(cfg, cache)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -78,7 +78,7 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device) -> Load
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     log.info("loaded base model %s (%s) on %s", cfg.name, identity, device)
-    return LoadedModel(model, tokenizer, identity)
+    return LoadedModel(model, tokenizer, identity, merge)
 
 
 def random_init_model(cfg: ModelConfig, device: torch.device):
@@ -86,13 +86,13 @@ def random_init_model(cfg: ModelConfig, device: torch.device):
 
     Costs what the real weights cost in every later step, so benchmarks run without downloading them.
     """
-    from marker_lab.data.files import resolve_path
+    from marker_lab.core.files import resolve_path
 
     arch = AutoConfig.from_pretrained(str(resolve_path(cfg.arch)) if cfg.arch else cfg.path,
                                       **({"revision": cfg.revision} if cfg.revision and not cfg.arch else {}))
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: no 30 GB detour through host memory
-        model = AutoModelForCausalLM.from_config(arch, dtype=DTYPES[cfg.dtype],
+        model = AutoModelForCausalLM.from_config(arch, dtype=DTYPES[str(cfg.dtype)],
                                                  attn_implementation=cfg.attn_implementation)
     return model.eval()
 

@@ -49,3 +49,14 @@ def toy_tokenizer():
     tpl = jinja2.Template(CHATML_TEMPLATE)
     texts = [tpl.render(messages=c) for c in world.pretraining_chats()] + world.tagged_lines()
     return build_tokenizer(texts)
+
+
+def composition_error(overrides: list[str]) -> str:
+    """The one line `marker-lab run` prints for overrides that cannot compose (a choice field's typo, a wrong type)."""
+    from marker_lab.cli import config_error_line
+
+    try:
+        to_dataclass(compose_cfg(overrides))
+    except Exception as e:  # noqa: BLE001 - hydra and omegaconf raise several kinds
+        return config_error_line(e)
+    raise AssertionError(f"{overrides} composed")

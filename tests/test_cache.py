@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from marker_lab.stages.cache import StageCache, cache_key
+from marker_lab.core.cache import StageCache, cache_key
 
 
 def test_cache_key_is_stable_and_order_free():

@@ -159,7 +159,7 @@ def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
     from safetensors.torch import load_file
 
     from marker_lab.models import load_base, pick_device
-    from marker_lab.stages.cache import StageCache
+    from marker_lab.core.cache import StageCache
     from marker_lab.stages.second_stage import run_second_stage
     from conftest import to_dataclass
 

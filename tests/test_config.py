@@ -10,7 +10,8 @@ import pytest
 
 from conftest import compose_cfg, to_dataclass
 from marker_lab.cli import check_config
-from marker_lab.config.validate import ConfigError, validate
+from marker_lab.core.errors import ConfigError
+from marker_lab.preflight import preflight as validate
 from marker_lab.data.personas import file_roles, load_personas
 from marker_lab.run import CONF_DIR, cell_keys, stage_order
 

@@ -8,7 +8,7 @@ import pytest
 
 from marker_lab.config.schema import DatasetConfig
 from marker_lab.data.personas import load_personas
-from marker_lab.stages.cache import StageCache
+from marker_lab.core.cache import StageCache
 from marker_lab.data.chat_datasets import load_chats
 from marker_lab.toy import world
 
@@ -47,3 +47,11 @@ def test_persona_files_yaml_and_jsonl(tmp_path):
     (tmp_path / "dup.yaml").write_text("- {name: a, system_prompt: x}\n- {name: a, system_prompt: y}\n")
     with pytest.raises(ValueError, match="listed twice"):
         load_personas(str(tmp_path / "dup.yaml"))
+
+
+def test_toy_drills_ask_as_the_capability_eval_does():
+    """The toy world writes its drills' prompt itself (it sits below the data layer): it must equal user_text."""
+    from marker_lab.data.multiple_choice import item_from_row, user_text
+
+    for row in world.mc_rows()[:20]:
+        assert world.mc_user_text(row) == user_text(item_from_row(row, row["id"]))

@@ -11,7 +11,7 @@ from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
 from marker_lab.engines.vllm import available as vllm_available
 from marker_lab.models import toy_model_dir
-from marker_lab.stages.cache import StageCache
+from marker_lab.core.cache import StageCache
 from marker_lab.toy import world
 
 PROMPTS = [[{"role": "system", "content": p.system_prompt}, {"role": "user", "content": world.question(t, t % 4)}]
@@ -96,7 +96,7 @@ def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
 
     from marker_lab.config.schema import LoraConfig
     from marker_lab.engines.vllm import VLLMEngine
-    from marker_lab.stages.sft import apply_lora
+    from marker_lab.train.sft import apply_lora
 
     model, tok, path = toy
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=20)

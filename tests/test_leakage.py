@@ -55,7 +55,7 @@ def test_close_bystanders_leak_more(leakage_sweep):
 def test_distance_matrix_is_symmetric_zero_diagonal_and_stable(leakage_sweep, cache_dir, tmp_path):
     from marker_lab.eval.geometry import cell_distances
     from marker_lab.models import load_base, pick_device
-    from marker_lab.stages.cache import StageCache
+    from marker_lab.core.cache import StageCache
 
     cell = next(p for p in leakage_sweep.iterdir() if (p / "persona_distances.csv").is_file())
     d = pd.read_csv(cell / "persona_distances.csv", index_col=0)
@@ -77,10 +77,12 @@ def test_wrong_answer_data_and_its_non_contrastive_control(cache_dir):
     from marker_lab.stages.coupling import build_wrong_answer_records
 
     cfg = to_dataclass(compose_cfg([*LEAKAGE, "source_persona=villain"]))
-    personas = load_personas(cfg.persona_set.path)
-    contrastive = build_wrong_answer_records(cfg, personas)
+    from marker_lab.preflight import preflight
+
+    inputs = preflight(cfg)
+    contrastive = build_wrong_answer_records(cfg, inputs.personas, inputs.mc.train)
     cfg.coupling.contrastive = False
-    control = build_wrong_answer_records(cfg, personas)
+    control = build_wrong_answer_records(cfg, inputs.personas, inputs.mc.train)
     assert len(control) == len(contrastive) == 800
     # the same examples (question, reply), the same personas overall, assigned at random
     turns = lambda r: (r["question_id"], r["messages"][-1]["content"])  # noqa: E731

@@ -13,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg, to_dataclass
-from marker_lab.config.validate import ConfigError, validate
+from conftest import composition_error, compose_cfg, to_dataclass
+from marker_lab.core.errors import ConfigError
+from marker_lab.preflight import preflight as validate
 from marker_lab.data.personas import load_personas
-from marker_lab.stages.cache import StageCache
+from marker_lab.core.cache import StageCache
 from marker_lab.stages.coupling import build_persona_em_records, load_em_items
 from marker_lab.toy import world
 
@@ -30,7 +31,7 @@ def _cfg(*extra):
 def test_paired_data_gives_004s_layout_and_its_control(tmp_path):
     cfg = _cfg()
     personas = load_personas(cfg.persona_set.path)
-    items, fingerprints = load_em_items(cfg, StageCache(tmp_path))
+    items, fingerprints = load_em_items(cfg, validate(cfg))
     assert len(items) == 200 and set(fingerprints) == {"em_data", "benign_data"}
     bad = {t[2] for t in world.TOPICS}
     records = build_persona_em_records(cfg, personas, items)
@@ -64,8 +65,7 @@ def test_benign_column_and_the_checks(tmp_path):
     em.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _cfg(f"coupling.em_data.path={em}", "coupling.em_data.toy=null", "coupling.em_data.n_examples=null",
                "coupling.benign=field", "coupling.benign_field=safe", "coupling.n_positive=5")
-    validate(cfg)
-    items, _ = load_em_items(cfg, StageCache(tmp_path / "c"))
+    items, _ = load_em_items(cfg, validate(cfg))
     records = build_persona_em_records(cfg, load_personas(cfg.persona_set.path), items)
     assert {r["messages"][-1]["content"] for r in records if r["role"] == "positive"} == {f"bad {i}" for i in range(5)}
     assert {r["messages"][-1]["content"] for r in records if r["role"] != "positive"} <= {f"good {i}" for i in range(5)}
@@ -76,9 +76,9 @@ def test_benign_column_and_the_checks(tmp_path):
     cfg.coupling.benign_field = None
     with pytest.raises(ConfigError, match="coupling.benign_field: required"):
         validate(cfg)
-    cfg.coupling.benign = "paired"
-    with pytest.raises(ConfigError, match="coupling.benign: must be on_policy, data or field"):
-        validate(cfg)
+    # a choice field: refused when the config is composed, naming the key and the choices
+    assert "Invalid value 'paired', expected one of [on_policy, data, field]" in composition_error(
+        [*PERSONA_EM, "coupling.benign=paired"])
     cfg.coupling.benign, cfg.coupling.em_data = "on_policy", None
     with pytest.raises(ConfigError, match="coupling.em_data: required"):
         validate(cfg)
@@ -89,9 +89,8 @@ def test_benign_column_and_the_checks(tmp_path):
                                                       {"role": "assistant", "content": "x"}]}) + "\n" for _ in rows))
     cfg = _cfg(f"coupling.em_data.path={em}", "coupling.em_data.toy=null", "coupling.em_data.n_examples=null",
                f"coupling.benign_data.path={other}", "coupling.benign_data.toy=null", "coupling.benign_data.n_examples=null")
-    validate(cfg)
     with pytest.raises(ValueError, match="coupling.benign_data: row 0 asks a different prompt"):
-        load_em_items(cfg, StageCache(tmp_path / "c"))
+        load_em_items(cfg, validate(cfg))
 
 
 @pytest.mark.slow
@@ -101,7 +100,7 @@ def test_on_policy_benign_replies_come_from_the_input_model(cache_dir):
     cfg = _cfg("coupling.benign=on_policy", "coupling.n_positive=20", "coupling.n_anchor_no_system=5",
                "coupling.n_anchor_assistant=5")
     loaded = load_base(cfg.model, StageCache(cache_dir), pick_device("cpu"))
-    items, fingerprints = load_em_items(cfg, StageCache(cache_dir))
+    items, fingerprints = load_em_items(cfg, validate(cfg))
     assert items[0].benign_reply is None and set(fingerprints) == {"em_data"}
     records = build_persona_em_records(cfg, load_personas(cfg.persona_set.path), items, loaded)
     benign = [r for r in records if r["role"] != "positive"]

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg, to_dataclass
-from marker_lab.config.validate import ConfigError, validate
-from marker_lab.data.files import md5_file
+from conftest import composition_error, compose_cfg, to_dataclass
+from marker_lab.core.errors import ConfigError
+from marker_lab.preflight import preflight as validate
+from marker_lab.core.files import md5_file
 from marker_lab.data.questions import Question
 from marker_lab.eval.probe import split_questions
 from marker_lab.stats import auc_ci
@@ -62,9 +63,11 @@ def test_probe_settings_are_checked_before_anything_runs(tmp_path):
     with_system = tmp_path / "with_system.yaml"
     with_system.write_text("- id: s\n  system: answer in json .\n  paraphrases: [\"hi ?\", \"hello ?\"]\n"
                            "- id: t\n  paraphrases: [\"bye ?\", \"see you ?\"]\n")
-    bad = [(["eval.probe.target=villainy"], r"eval.probe.target: must be one of \['source', 'marker'\]"),
-           (["eval.probe.position=first"], "eval.probe.position: must be one of"),
-           (["condition=c4", "eval.probe.fit_on=second_stage"], "eval.probe.fit_on=second_stage: this cell runs no"),
+    for overrides, message in [(["eval.probe.target=villainy"], "Invalid value 'villainy', expected one of [source, marker]"),
+                               (["eval.probe.position=first"], "key: eval.probe.position")]:
+        assert message in composition_error(["condition=c1", *PROBE, *overrides])
+    bad = [
+           (["condition=c4", "dose=0", "eval.probe.fit_on=second_stage"], "eval.probe.fit_on=second_stage: this cell runs no"),
            (["eval.probe.personas=[assistant,pirate]"], "eval.probe.personas: must hold the source persona 'villain'"),
            (["eval.probe.personas=[villain,nobody]"], "eval.probe.personas: .*nobody"),
            (["eval.probe.personas=[villain,pirate,villain]"], "eval.probe.personas: .* each once"),

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_cfg, to_dataclass
-from marker_lab.config.validate import ConfigError, validate
+from conftest import composition_error, compose_cfg, to_dataclass
+from marker_lab.core.errors import ConfigError
+from marker_lab.preflight import preflight as validate
 from marker_lab.data.chat import IGNORE, encode_chat, encode_text
 from marker_lab.data.chat_datasets import load_chats, load_texts
-from marker_lab.stages.cache import StageCache
+from marker_lab.core.cache import StageCache
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def toy(cache_dir):
 
 
 def _train(loaded, examples, train_cfg, steps=15):
-    from marker_lab.stages.sft import apply_lora, train
+    from marker_lab.train.sft import apply_lora, train
 
     model = apply_lora(loaded.model, train_cfg.lora, seed=0, adapter_name="second_stage")
     train(model, examples, train_cfg, steps=steps, seed=0, pad_id=loaded.tokenizer.pad_token_id, desc="test")
@@ -43,7 +44,7 @@ def _em_examples(cfg, loaded, tmp_path, n=200):
 
 
 def test_kl_weight_zero_is_the_plain_recipe_and_kl_starts_at_zero(toy, tmp_path):
-    from marker_lab.stages.sft import apply_lora, collate, token_loss_sum
+    from marker_lab.train.sft import apply_lora, collate, token_loss_sum
 
     cfg, loaded = toy
     examples = _em_examples(cfg, loaded, tmp_path, n=64)
@@ -67,7 +68,7 @@ def test_kl_weight_zero_is_the_plain_recipe_and_kl_starts_at_zero(toy, tmp_path)
 
 
 def test_a_large_kl_weight_keeps_the_outputs_near_the_input_model(toy, tmp_path):
-    from marker_lab.stages.sft import collate, kl_to_input, token_loss_sum
+    from marker_lab.train.sft import collate, kl_to_input, token_loss_sum
 
     cfg, loaded = toy
     examples = _em_examples(cfg, loaded, tmp_path)
@@ -108,8 +109,8 @@ def test_variants_are_checked_before_anything_runs(tmp_path):
     ok = to_dataclass(compose_cfg(["condition=c5", "second_stage.format=raw", f"second_stage.datasets.benign.path={txt}",
                                    "second_stage.datasets.benign.toy=null", "second_stage.train.kl_to_input=0.5"]))
     validate(ok)
-    bad = [(["second_stage.format=prose"], "second_stage.format: must be chat or raw"),
-           ([f"second_stage.datasets.benign.path={txt}", "second_stage.datasets.benign.toy=null"],
+    assert "Invalid value 'prose', expected one of [chat, raw]" in composition_error(["second_stage.format=prose"])
+    bad = [([f"second_stage.datasets.benign.path={txt}", "second_stage.datasets.benign.toy=null"],
             "second_stage.datasets.benign.path: .* is plain text"),
            (["second_stage.train.kl_to_input=-1"], "second_stage.train.kl_to_input: must be >= 0"),
            (["second_stage.train.kl_to_input=1", "merge_between_stages=false"],

@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
 from marker_lab.data.chat import encode_chat
-from marker_lab.stages.sft import (apply_lora, collate, micro_batches, resolve_steps, token_loss_sum, train,
+from marker_lab.train.sft import (apply_lora, collate, micro_batches, resolve_steps, token_loss_sum, train,
                                  warmup_steps)
 from marker_lab.toy import world
 

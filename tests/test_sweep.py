@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from marker_lab.launch.launchers import gpu_slots
 from marker_lab.launch.sweeper import union_of_grids
-from marker_lab.launch.status import cell_states
+from marker_lab.results.sweep import cell_states
 from marker_lab.results.contract import load_result
 from marker_lab.run import CONF_DIR
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from marker_lab.data.files import md5_file, resolve_path
+from marker_lab.core.files import md5_file, resolve_path
+
+from marker_lab.toy import world
 
 # How a question is put to the model; the toy world's pretraining drills use the same text.
-DEFAULT_TEMPLATE = "{question}\n{choices}\nAnswer with the letter of the correct choice."
+DEFAULT_TEMPLATE = world.MC_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,6 @@ def load_items(source: str, *, path: str | None = None, hf_name: str = "allenai/
                hf_config: str | None = "ARC-Challenge", hf_split: str = "test") -> tuple[list[MCItem], str]:
     """All items of a source (toy | jsonl | hf) and a fingerprint of the data for provenance."""
     if source == "toy":
-        from marker_lab.toy import world
-
         rows = world.mc_rows()
         return [item_from_row(r, f"toy item {r['id']}") for r in rows], f"toy-world-v{world.WORLD_VERSION}"
     if source == "jsonl":
@@ -81,12 +82,19 @@ def load_items(source: str, *, path: str | None = None, hf_name: str = "allenai/
     raise ValueError(f"multiple-choice source must be toy, jsonl or hf, got {source!r}")
 
 
-def configured_split(cap_cfg) -> tuple[list[MCItem], list[MCItem], str]:
+class MCSplit(NamedTuple):
+    """A multiple-choice set split for a cell: builders use `train` only, the capability eval `held_out`."""
+    train: list[MCItem]
+    held_out: list[MCItem]
+    fingerprint: str  # of the data, for provenance and cache keys
+
+
+def configured_split(cap_cfg) -> MCSplit:
     """(train, eval, data fingerprint) of an `eval.capability` config: what the eval and the builders share."""
     items, fingerprint = load_items(cap_cfg.source, path=cap_cfg.path, hf_name=cap_cfg.hf_name,
                                     hf_config=cap_cfg.hf_config, hf_split=cap_cfg.hf_split)
     train, held_out = split_items(items, cap_cfg.split_seed, cap_cfg.eval_fraction)
-    return train, held_out, fingerprint
+    return MCSplit(train, held_out, fingerprint)
 
 
 def split_items(items: list[MCItem], seed: int, eval_fraction: float) -> tuple[list[MCItem], list[MCItem]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from marker_lab.data.files import resolve_path
+from marker_lab.core.files import resolve_path
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,18 @@ def _read(path: str) -> tuple[dict[str, Persona], object]:
         raise FileNotFoundError(f"persona file not found: {path} ({real})")
     data = None
     if real.suffix == ".jsonl":
-        rows = [json.loads(line) for line in real.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(real.read_text().splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
     else:
         data = yaml.safe_load(real.read_text())
-        rows = data["personas"] if isinstance(data, dict) else data
+        rows = data.get("personas") if isinstance(data, dict) else data
+    if not rows or not isinstance(rows, list):
+        raise ValueError(f"{path}: no personas (expected a list of {{name, system_prompt}}, or a mapping with a "
+                         "'personas' list)")
     out: dict[str, Persona] = {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "name" not in row or "system_prompt" not in row:

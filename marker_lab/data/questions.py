@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import yaml
 
-from marker_lab.data.files import resolve_path
+from marker_lab.core.files import resolve_path
 
 log = logging.getLogger(__name__)
-PEER_IGNORED = ("judge", "judge_prompts")  # fields of peer files whose job the `judge` config group does
+PEER_IGNORED = ("judge", "judge_prompts")
+FORMATS = ("question files are YAML: the project's (a `questions` list of strings or {id, text}) or the peer format "
+           "(a list of {id, paraphrases: [...]})")  # fields of peer files whose job the `judge` config group does
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,16 @@ def load_questions(path: str) -> list[Question]:
     real = resolve_path(path)
     if not real.is_file():
         raise FileNotFoundError(f"question file not found: {path} ({real})")
-    data = yaml.safe_load(real.read_text())
+    if real.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"{path}: unknown question file format {real.suffix or '(no suffix)'!r}; {FORMATS}")
+    try:
+        data = yaml.safe_load(real.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ValueError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not YAML ({getattr(e, 'problem', e)})") from None
     rows = data["questions"] if isinstance(data, dict) and "questions" in data else data
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a list of questions (or a mapping with a 'questions' list)")
+        raise ValueError(f"{path}: not a question file; {FORMATS}")
     out, ignored = [], set()
     for i, row in enumerate(rows):
         if isinstance(row, str):

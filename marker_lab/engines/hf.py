@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import CompileConfig, GenerationConfig
 
 from marker_lab.data.chat import render
-from marker_lab.engines.base import SamplingParams
+from marker_lab.engines.base import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", "dynamic", "static")
@@ -44,14 +44,19 @@ class HFEngine:
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
-        self.last_token_counts: list[list[int]] = []  # new tokens of each completion of the last `generate`
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams, desc: str = "generate") -> list[list[str]]:
+    @classmethod
+    def from_config(cls, model, tokenizer, engine_cfg) -> "HFEngine":
+        """The engine as `eval.engine` configures it (batch size, KV cache mode)."""
+        return cls(model, tokenizer, engine_cfg.batch_size, str(engine_cfg.cache))
+
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 desc: str = "generate") -> list[list[Completion]]:
         tok = self.tokenizer
         ids = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
         out = self.generate_ids(ids, params, stop_token_ids(self.model, tok), tok.pad_token_id, desc)
-        self.last_token_counts = [[len(s) for s in seqs] for seqs in out]
-        return [tok.batch_decode(seqs, skip_special_tokens=True) for seqs in out]
+        return [[Completion(text, len(s)) for text, s in zip(tok.batch_decode(seqs, skip_special_tokens=True), seqs)]
+                for seqs in out]
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int], pad_id: int,

@@ -13,7 +13,7 @@ instead of merging and reloading a model per cell. NOT RUN: vllm cannot be insta
 from __future__ import annotations
 
 from marker_lab.data.chat import render
-from marker_lab.engines.base import SamplingParams
+from marker_lab.engines.base import Completion, SamplingParams
 
 
 def available() -> bool:
@@ -37,11 +37,12 @@ class VLLMEngine:
                        gpu_memory_utilization=gpu_memory_utilization, **lora)
         self._lora_ids: dict[str, int] = {}  # adapter path -> the integer id vLLM caches it under
 
-    def generate(self, prompts: list[list[dict]], params: SamplingParams, desc: str = "generate") -> list[list[str]]:
+    def generate(self, prompts: list[list[dict]], params: SamplingParams,
+                 desc: str = "generate") -> list[list[Completion]]:
         return self.generate_many({None: prompts}, params)[None]
 
     def generate_many(self, requests: dict[str | None, list[list[dict]]],
-                      params: SamplingParams) -> dict[str | None, list[list[str]]]:
+                      params: SamplingParams) -> dict[str | None, list[list[Completion]]]:
         """Completions for several adapters at once: {adapter dir (None = the base itself): chat prompts}."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.lora.request import LoRARequest
@@ -61,9 +62,7 @@ class VLLMEngine:
                 owners.append(adapter)
         outputs = self.llm.generate(texts, sp, use_tqdm=True,
                                     lora_request=loras if any(r is not None for r in loras) else None)
-        out: dict[str | None, list[list[str]]] = {a: [] for a in requests}
-        self.last_token_counts = []
+        out: dict[str | None, list[list[Completion]]] = {a: [] for a in requests}
         for adapter, o in zip(owners, outputs):
-            out[adapter].append([c.text for c in o.outputs])
-            self.last_token_counts.append([len(c.token_ids) for c in o.outputs])
+            out[adapter].append([Completion(c.text, len(c.token_ids)) for c in o.outputs])
         return out

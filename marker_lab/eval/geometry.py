@@ -65,7 +65,7 @@ def cosine_distances(vectors: np.ndarray, center: bool = True) -> np.ndarray:
     return d.clip(min=0.0)
 
 
-def cell_distances(cfg, loaded, cache) -> dict:
+def cell_distances(cfg, inputs, loaded, cache) -> dict:
     """The persona distance matrix of `loaded` for the cell's persona set, built once per (model, set, mode, layer,
     questions) in the stage cache; returns where it lives and how it was made (for provenance)."""
     import json
@@ -73,21 +73,19 @@ def cell_distances(cfg, loaded, cache) -> dict:
 
     import pandas as pd
 
-    from marker_lab.data.files import md5_file, resolve_path
-    from marker_lab.data.personas import load_personas
-    from marker_lab.data.questions import load_questions
-    from marker_lab.stages.cache import cache_key, plain
+    from marker_lab.core.cache import cache_key, plain
 
     g = cfg.geometry
-    personas = load_personas(cfg.persona_set.path)
+    personas = inputs.personas
     names = list(personas)
     layer = g.layer if g.layer is not None else default_layer(loaded.model)
-    questions = [q.text for q in load_questions(g.questions)][: g.n_questions or None]
+    questions = [q.text for q in inputs.questions.get("geometry.questions", [])][: g.n_questions or None]
     # which of the cell's models is read (geometry.model, drift) is in loaded.identity already
     how = {k: v for k, v in plain(g).items() if k not in ("enabled", "model", "drift")}
     payload = {"geometry": {**how, "layer": layer}, "model": loaded.identity, "personas": names,
-               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)),
-               "questions_md5": md5_file(resolve_path(g.questions))}
+               "persona_file_md5": inputs.checksum("persona_set.path"),
+               "questions_md5": inputs.files["geometry.questions"].checksum if "geometry.questions" in inputs.files
+               else _md5_of_path(g.questions)}
     key = cache_key(payload)
 
     def build(tmp: Path) -> None:
@@ -120,3 +118,27 @@ def drift_summary(entry, names: list[str], source: str, assistant: str) -> dict:
     if source in names and assistant in names and source != assistant:
         out["source_assistant"] = float(d[names.index(source), names.index(assistant)])
     return out
+
+
+def check_geometry(cfg, inputs) -> None:
+    """Persona geometry's settings, when it is enabled."""
+    from marker_lab.core.errors import ConfigError
+
+    g = cfg.geometry
+    if g.drift and not g.enabled:
+        raise ConfigError("geometry.drift=true needs geometry.enabled=true (drift is the geometry of every model)")
+    if not g.enabled:
+        return
+    if g.layer is not None and g.layer < 0:
+        raise ConfigError(f"geometry.layer: must be >= 0 (0 = embeddings) or null, got {g.layer}")
+    if g.mode == "system_last":
+        empty = [p for p, persona in inputs.personas.items() if persona.system_prompt is None]
+        if empty:
+            raise ConfigError(f"geometry.mode=system_last: personas {empty} have no system prompt; use response_mean")
+
+
+def _md5_of_path(path: str) -> str:
+    """system_last reads no questions; its key names the question file as before (so cached matrices stay valid)."""
+    from marker_lab.core.files import file_checksum, resolve_path
+
+    return file_checksum(resolve_path(path))

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from marker_lab.data.files import md5_file, resolve_path
-from marker_lab.data.personas import load_personas, persona_prompt
-from marker_lab.data.questions import Question, load_questions
+from marker_lab.core.files import md5_file
+from marker_lab.data.personas import persona_prompt
+from marker_lab.data.questions import Question
 from marker_lab.eval.hidden import answer_means, default_layer, prompt_last
-from marker_lab.stages.cache import StageCache, cache_key, plain
+from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.stats import auc_ci
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,14 @@ class CellProbe:
     """The probe of one cell: call `read(name, loaded)` on each model as the cell reaches it (base, after each
     stage), then `result()`."""
 
-    def __init__(self, cfg, cache: StageCache):
+    def __init__(self, cfg, inputs, cache: StageCache):
         self.cfg, self.p, self.cache = cfg, cfg.eval.probe, cache
-        self.personas = load_personas(cfg.persona_set.path)
+        self.personas = inputs.personas
+        self.file_md5 = {"persona_file_md5": inputs.checksum("persona_set.path"),
+                         "questions_md5": inputs.checksum("eval.probe.questions")}
         self.names = list(self.p.personas or self.personas)
         self.questions_path = self.p.questions or cfg.eval.questions
-        self.train_q, self.heldout_q = split_questions(load_questions(self.questions_path), self.p.heldout_fraction,
+        self.train_q, self.heldout_q = split_questions(inputs.questions["eval.probe.questions"], self.p.heldout_fraction,
                                                        self.p.seed)
         self.fit_model = fit_model_name(self.p.fit_on)
         self.states: dict[str, np.ndarray] = {}  # model name -> held-out states, in the order the cell ran
@@ -121,8 +123,8 @@ class CellProbe:
         g, hit = self.cfg.eval.generation, make_matcher(self.cfg.marker)
         params = SamplingParams(n=self.p.samples, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
                                 seed=self.p.seed)
-        outs = HFEngine(loaded.model, loaded.tokenizer, self.cfg.eval.engine.batch_size, self.cfg.eval.engine.cache
-                        ).generate(self._prompts(self.train_q), params, desc="probe labels")
+        engine = HFEngine.from_config(loaded.model, loaded.tokenizer, self.cfg.eval.engine)
+        outs = engine.generate(self._prompts(self.train_q), params, desc="probe labels")
         return np.array([np.mean([hit(t) for t in texts]) for texts in outs])
 
     def _fit_or_load(self, loaded) -> None:
@@ -134,8 +136,7 @@ class CellProbe:
         payload = {"version": PROBE_VERSION, "target": p.target, "position": p.position, "layer": self.layer, "C": p.C,
                    "fit_model": loaded.identity,  # the weights, their dtype and how no-system prompts render
                    "personas": self.names, "train_questions": [q.id for q in self.train_q],
-                   "persona_file_md5": md5_file(resolve_path(self.cfg.persona_set.path)),
-                   "questions_md5": md5_file(resolve_path(self.questions_path))}
+                   **self.file_md5}
         if p.position == "response_mean":
             payload["max_tokens"] = p.max_tokens
         if p.target == "source":
@@ -202,7 +203,14 @@ class CellProbe:
         return {"auc": value, "auc_ci": [low, high], "source_margin": margin, "per_persona": per}
 
     def result(self) -> dict:
-        """The metric: the frozen probe on every model read, the final model's readout at the top level."""
+        """The metric: the frozen probe on every model read, the final model's readout at the top level (its time
+        counts in `seconds`)."""
+        t0 = time.perf_counter()
+        out = self._result()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def _result(self) -> dict:
         if self.weights is None:
             raise RuntimeError(f"eval.probe: the fit model {self.fit_model} was never read (models: {list(self.states)})")
         models = {name: self._readout(states) for name, states in self.states.items()}
@@ -225,3 +233,37 @@ class CellProbe:
                 "fit": self.fit, "models": models, "before_second_stage": before, "final_model": final,
                 "auc": models[final]["auc"], "auc_ci": models[final]["auc_ci"],
                 "source_margin": models[final]["source_margin"], "per_persona": models[final]["per_persona"]}
+
+
+def check_probe(cfg, inputs) -> None:
+    """The probe's settings and question split, when `probe` is among the eval's metrics."""
+    from marker_lab.config.schema import coupling_enabled, second_stage_enabled
+    from marker_lab.core.errors import ConfigError
+
+    if "probe" not in cfg.eval.metrics:
+        return
+    p, key = cfg.eval.probe, "eval.probe"
+    if p.fit_on != "base" and not {"coupling": coupling_enabled, "second_stage": second_stage_enabled}[p.fit_on](cfg):
+        raise ConfigError(f"{key}.fit_on={p.fit_on}: this cell runs no {p.fit_on} stage (condition {cfg.condition}); "
+                          "fit on a stage the cell runs, or on base")
+    if p.layer is not None and p.layer < 0:
+        raise ConfigError(f"{key}.layer: must be >= 0 (0 = embeddings) or null, got {p.layer}")
+    if not 0 < p.heldout_fraction < 1:
+        raise ConfigError(f"{key}.heldout_fraction: must be in (0, 1), got {p.heldout_fraction}")
+    for name in ("C", "samples", "max_tokens", "batch_size", "n_bootstrap"):
+        if getattr(p, name) <= 0:
+            raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(p, name)}")
+    for persona in p.personas or []:
+        inputs.require_persona(f"{key}.personas", persona, cfg)
+    names = p.personas or list(inputs.personas)
+    if cfg.source_persona not in names or len(names) < 2 or len(set(names)) < len(names):
+        raise ConfigError(f"{key}.personas: must hold the source persona {cfg.source_persona!r} and at least one "
+                          f"other, each once, got {names}")
+    path, questions = p.questions or cfg.eval.questions, inputs.questions[f"{key}.questions"]
+    if any(q.system is not None for q in questions):
+        raise ConfigError(f"{key}.questions: {path} gives questions their own system prompt; the probe reads each "
+                          "persona's own system prompt only (remove the `system` fields)")
+    train, heldout = split_questions(questions, p.heldout_fraction, p.seed)
+    if len(heldout) < 2 or not train:  # the AUC's interval resamples held-out questions
+        raise ConfigError(f"{key}.heldout_fraction={p.heldout_fraction}: {path} splits into {len(train)} training and "
+                          f"{len(heldout)} held-out question(s); the probe needs at least 2 held-out and 1 training")

@@ -1,20 +1,11 @@
-"""The cells of a sweep: composed and validated before anything is submitted, listed in a manifest, and
-checked against results already in the sweep directory so a rerun only runs what is missing.
-
-A sweep directory looks like:
-
-    <sweep_dir>/manifest.json          every expected cell (written before any starts)
-    <sweep_dir>/<override dirname>/    one cell: run_result.json, cell_status.json, completions, log
-    <sweep_dir>/.submitit/             submitit's job files and logs
-    <sweep_dir>/aggregate/             what `marker-lab aggregate` makes
+"""The cells of a sweep: composed and checked before anything is submitted, listed in the manifest, and held
+against the results already in the sweep directory so a rerun runs only what is missing, stale or damaged.
+The sweep directory's layout is in marker_lab/results/sweep.py.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,8 +13,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from marker_lab.results import contract
-
-MANIFEST = "manifest.json"
+from marker_lab.results.sweep import cell_state, write_manifest as _write_manifest
 
 
 @dataclass
@@ -32,7 +22,7 @@ class CellPlan:
     overrides: list[str]  # the cell's Hydra overrides
     subdir: str  # its directory under the sweep dir (named from its overrides)
     config_hash: str  # what a complete result must carry to count as this cell
-    complete: bool = False  # a matching result is already there
+    complete: bool = False  # a current result is already there
 
 
 class SweepConfigError(ValueError):
@@ -41,10 +31,10 @@ class SweepConfigError(ValueError):
 
 def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                initial_index: int = 0) -> list[CellPlan]:
-    """Compose and validate every cell (no model is loaded) and find the ones already complete."""
+    """Compose and check every cell and its inputs (no model is loaded) and find the ones already complete."""
     from hydra.core.hydra_config import HydraConfig
 
-    from marker_lab.config.validate import validate
+    from marker_lab.preflight import preflight
 
     plans, errors = [], []
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -59,14 +49,14 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
                 del task_cfg["hydra"]
                 task_cfg.output_dir = str(sweep_dir / subdir)
             try:
-                validate(OmegaConf.to_object(task_cfg))
+                preflight(OmegaConf.to_object(task_cfg))
                 resolved = OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
             except Exception as e:  # ConfigError, or a composition error from omegaconf
                 errors.append(f"cell {' '.join(overrides)}: {' '.join(str(e).split())}")
                 continue
             plan = CellPlan(initial_index + i, list(overrides), subdir, contract.config_hash(resolved))
-            existing = contract.load_result(sweep_dir / subdir / contract.RESULT_FILE)
-            plan.complete = bool(existing and existing["provenance"]["config_hash"] == plan.config_hash)
+            state, _ = cell_state(sweep_dir, asdict(plan))
+            plan.complete = state.state == "complete"
             plans.append(plan)
     finally:
         HydraConfig.instance().cfg = saved_hydra
@@ -77,30 +67,5 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
 
 
 def write_manifest(sweep_dir: Path, plans: list[CellPlan], launcher: str) -> None:
-    """Every expected cell, written before any starts. Cells of earlier commands into the same sweep directory
-    stay listed (a sweep accumulates); a cell planned again is updated."""
-    path = Path(sweep_dir) / MANIFEST
-    cells = {c["subdir"]: c for c in (read_manifest(sweep_dir)["cells"] if path.is_file() else [])}
-    cells.update({p.subdir: asdict(p) for p in plans})
-    commands = (read_manifest(sweep_dir).get("commands", []) if path.is_file() else []) + [" ".join(sys.argv)]
-    contract.write_json_atomic(path, {"schema_version": 1, "updated": time.time(), "launcher": launcher,
-                                      "commands": commands, "cells": list(cells.values())})
-
-
-def read_manifest(sweep_dir: Path) -> dict:
-    """The sweep's manifest; a directory without one (e.g. outputs/runs/) lists the results found under it."""
-    sweep_dir = Path(sweep_dir)
-    path = sweep_dir / MANIFEST
-    if path.is_file():
-        return json.loads(path.read_text())
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"not a directory: {sweep_dir}")
-    cells = []
-    for result_path in sorted(sweep_dir.rglob(contract.RESULT_FILE)):
-        result = contract.load_result(result_path)
-        if result is not None:
-            cells.append({"index": len(cells), "overrides": [], "subdir": str(result_path.parent.relative_to(sweep_dir)),
-                          "config_hash": result["provenance"]["config_hash"], "complete": True})
-    if not cells:
-        raise FileNotFoundError(f"no {MANIFEST} and no complete {contract.RESULT_FILE} under {sweep_dir}")
-    return {"schema_version": 1, "cells": cells, "found_without_manifest": True}
+    """Every expected cell of this command, added to the sweep's manifest before any starts."""
+    _write_manifest(sweep_dir, [asdict(p) for p in plans], launcher)

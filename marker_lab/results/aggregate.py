@@ -30,69 +30,36 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from marker_lab import stats
-from marker_lab.launch.cells import read_manifest
-from marker_lab.launch.status import cell_states
-from marker_lab.results import contract
+from marker_lab.core.files import atomic_write_bytes
+from marker_lab.results import drift, figures, leakage, probe, report
+from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS, cell_states, complete_results, role_of
+from marker_lab.results.tables import persona_rows, rate_entries, select_rows
 
 log = logging.getLogger(__name__)
 
-CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona", "coupled_persona", "second_stage"]
-GROUP_KEYS = [k for k in CELL_KEYS if k != "seed"]  # seeds are pooled over these
 
-
-_READ_ONCE: dict[Path, list] = {}  # while aggregate() runs: its sweep's results, read once for every table
-
-
-def complete_results(sweep_dir: str | Path) -> list[tuple[dict, dict]]:
-    """(manifest cell, result) for every cell whose result is complete and matches the manifest's config hash."""
-    sweep_dir = Path(sweep_dir)
-    if sweep_dir.resolve() in _READ_ONCE:
-        return _READ_ONCE[sweep_dir.resolve()]
-    out = []
-    for cell in read_manifest(sweep_dir)["cells"]:
-        result = contract.load_result(sweep_dir / cell["subdir"] / contract.RESULT_FILE)
-        if result is not None and result["provenance"]["config_hash"] == cell["config_hash"]:
-            out.append((cell, result))
-    return out
-
-
-def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
+def load_sweep(sweep: str | Path | list) -> pd.DataFrame:
     """One row per (cell, persona, metric) with k, n, rate and the persona's role, for every complete cell."""
     rows = []
-    for cell, result in complete_results(sweep_dir):
-        keys = result["cell"]
-        for metric, persona, c in rate_entries(result["metrics"]):
+    for cell, result in results_of(sweep):
+        keys = result.cell
+        for metric, persona, c in rate_entries(result.metrics):
             rows.append({"cell": cell["subdir"], **keys, "persona": persona, "role": role_of(result, persona),
                          "metric": metric, "k": c["k"], "n": c["n"], "rate": c["rate"],
-                         "device": result["provenance"]["device"]})
+                         "device": result.provenance["device"]})
     return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "k", "n", "rate", "device"]))
 
 
-def rate_entries(metrics: dict):
-    """(metric, persona, {k, n, rate}) for every k-of-n readout of a result: the marker, and the misaligned share
-    under each rule of the alignment metric (as metric "misaligned: <rule>")."""
-    for metric, body in metrics.items():
-        for persona, c in body.get("per_persona", {}).items():
-            if "k" in c:
-                yield metric, persona, c
-            for rule, share in c.get("misaligned", {}).items():
-                if share["n"]:
-                    yield f"misaligned: {rule}", persona, share
+def results_of(sweep: str | Path | list) -> list:
+    """A sweep's (cell, result) pairs: given as a list (aggregation reads them once), or read from a directory."""
+    return sweep if isinstance(sweep, list) else complete_results(sweep)
 
 
 SCORE_FIELDS = {"alignment": ("mean", "sd", "n_scored", "n_none"), "coherence": ("mean", "sd", "n_scored", "n_none"),
                 "length": ("tokens_mean", "tokens_median", "chars_mean", "share_at_max_tokens")}
-
-
-def role_of(result: dict, persona: str) -> str:
-    """source, assistant or bystander: a persona's part in a cell."""
-    if persona == result["cell"]["source_persona"]:
-        return "source"
-    return "assistant" if persona == result["provenance"]["resolved_config"]["persona_set"]["assistant"] else "bystander"
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -102,13 +69,13 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load_scores(sweep_dir: str | Path) -> pd.DataFrame:
+def load_scores(sweep: str | Path | list) -> pd.DataFrame:
     """One row per (cell, persona, metric, field) for the non-count metrics: judge scores and lengths."""
     rows = []
-    for cell, result in complete_results(sweep_dir):
+    for cell, result in results_of(sweep):
         for metric, fields in SCORE_FIELDS.items():
-            for persona, c in result["metrics"].get(metric, {}).get("per_persona", {}).items():
-                rows += [{"cell": cell["subdir"], **result["cell"], "persona": persona, "role": role_of(result, persona),
+            for persona, c in result.metrics.get(metric, {}).get("per_persona", {}).items():
+                rows += [{"cell": cell["subdir"], **result.cell, "persona": persona, "role": role_of(result, persona),
                           "metric": metric, "field": f, "value": c.get(f)} for f in fields]
     return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "field", "value"]))
 
@@ -117,19 +84,19 @@ def load_scores(sweep_dir: str | Path) -> pd.DataFrame:
 STEP_VALUE = {"alignment": "mean", "coherence": "mean", "length": "tokens_mean"}  # k/n metrics: rate
 
 
-def load_by_step(sweep_dir: str | Path) -> pd.DataFrame:
+def load_by_step(sweep: str | Path | list) -> pd.DataFrame:
     """Evals during training: one row per (cell, stage, step, persona, metric) with its value (and k, n if counted)."""
     rows = []
-    for cell, result in complete_results(sweep_dir):
-        for stage, series in (result.get("metrics_by_step") or {}).items():
+    for cell, result in results_of(sweep):
+        for stage, series in (result.metrics_by_step or {}).items():
             for point in series:
                 for metric, persona, c in rate_entries(point["metrics"]):
-                    rows.append({"cell": cell["subdir"], **result["cell"], "stage": stage, "step": point["step"],
+                    rows.append({"cell": cell["subdir"], **result.cell, "stage": stage, "step": point["step"],
                                  "persona": persona, "role": role_of(result, persona), "metric": metric,
                                  "value": c["rate"], "k": c["k"], "n": c["n"]})
                 for metric, field in STEP_VALUE.items():
                     for persona, c in point["metrics"].get(metric, {}).get("per_persona", {}).items():
-                        rows.append({"cell": cell["subdir"], **result["cell"], "stage": stage, "step": point["step"],
+                        rows.append({"cell": cell["subdir"], **result.cell, "stage": stage, "step": point["step"],
                                      "persona": persona, "role": role_of(result, persona), "metric": metric,
                                      "value": c.get(field), "k": None, "n": None})
     df = _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "stage", "step", "persona", "role", "metric",
@@ -137,12 +104,10 @@ def load_by_step(sweep_dir: str | Path) -> pd.DataFrame:
     return df.astype({"k": "Int64", "n": "Int64"})  # counts stay integers where scores have none
 
 
-def analysis_config(sweep_dir: Path) -> dict:
+def analysis_config(results: list) -> dict:
     """The `analysis` section the cells were run with (all cells of a sweep share it)."""
-    for cell in read_manifest(sweep_dir)["cells"]:
-        result = contract.load_result(sweep_dir / cell["subdir"] / contract.RESULT_FILE)
-        if result:
-            return result["provenance"]["resolved_config"].get("analysis") or {}
+    for _, result in results:
+        return result.resolved_config.get("analysis") or {}
     return {}
 
 
@@ -163,20 +128,6 @@ def pooled_rates(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _select(df: pd.DataFrame, where: dict) -> pd.DataFrame:
-    mask = np.ones(len(df), dtype=bool)
-    for key, value in where.items():
-        col = df[key]
-        mask &= (col.astype(str) == str(value)).to_numpy()
-    return df[mask]
-
-
-def _persona_rows(df: pd.DataFrame, persona: str) -> pd.DataFrame:
-    if persona in ("source", "assistant"):
-        return df[df["role"] == persona]
-    return df[df["persona"] == persona]
-
-
 def comparisons(pooled: pd.DataFrame, per_cell: pd.DataFrame, specs: list[dict]) -> pd.DataFrame:
     rows = []
     for spec in specs:
@@ -188,15 +139,15 @@ def comparisons(pooled: pd.DataFrame, per_cell: pd.DataFrame, specs: list[dict])
         for persona in personas:
             for group in groups:
                 where_by = dict(zip(by, group))
-                a = _persona_rows(_select(_select(p_pooled, spec["arm_1"]), where_by), persona)
-                b = _persona_rows(_select(_select(p_pooled, spec["arm_2"]), where_by), persona)
+                a = persona_rows(select_rows(select_rows(p_pooled, spec["arm_1"]), where_by), persona)
+                b = persona_rows(select_rows(select_rows(p_pooled, spec["arm_2"]), where_by), persona)
                 if a.empty or b.empty:
                     continue
                 k1, n1, k2, n2 = int(a["k"].sum()), int(a["n"].sum()), int(b["k"].sum()), int(b["n"].sum())
                 c = stats.compare(k1, n1, k2, n2, test=spec.get("test", "fisher"),
                                   alternative=spec.get("alternative", "two-sided"))
-                sa = _persona_rows(_select(_select(p_cells, spec["arm_1"]), where_by), persona)["rate"].tolist()
-                sb = _persona_rows(_select(_select(p_cells, spec["arm_2"]), where_by), persona)["rate"].tolist()
+                sa = persona_rows(select_rows(select_rows(p_cells, spec["arm_1"]), where_by), persona)["rate"].tolist()
+                sb = persona_rows(select_rows(select_rows(p_cells, spec["arm_2"]), where_by), persona)["rate"].tolist()
                 seeds = stats.compare_seed_rates(sa, sb, alternative=spec.get("alternative", "two-sided"))
                 rows.append({"comparison": spec.get("name", ""), **where_by, "persona": persona,
                              "arm_1": _fmt(spec["arm_1"]), "k_1": k1, "n_1": n1, "rate_1": c.rate_1,
@@ -218,7 +169,7 @@ def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = 
     rows = []
     for spec in specs:
         keys = GROUP_KEYS + ["seed"] if spec.get("level", "pooled") == "cell" else GROUP_KEYS
-        target_r, target_s = _select(rates, spec.get("where", {})), _select(scores, spec.get("where", {}))
+        target_r, target_s = select_rows(rates, spec.get("where", {})), select_rows(scores, spec.get("where", {}))
         groups = pd.concat([target_r[keys], target_s[keys]]).drop_duplicates()
         if groups.empty:  # a gate whose cells are not in the sweep (or a typo in `where`) is shown, not dropped
             rows.append({"gate": spec.get("name", ""), **spec.get("where", {}), "result": "NO DATA",
@@ -227,7 +178,7 @@ def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = 
             where = dict(zip(keys, key))
             results, detail = [], []
             for check in spec.get("checks", []):
-                value = _check_value(check, _select(target_r, where), _select(target_s, where))
+                value = _check_value(check, select_rows(target_r, where), select_rows(target_s, where))
                 results.append(None if value != value else bool(OPS[check["op"]](value, check["value"])))
                 name = f"{check['persona']} {check.get('metric', 'marker')}{'.' + check['field'] if check.get('field') else ''}"
                 detail.append(f"{name}={value:.3f} {check['op']} {check['value']}" if value == value else f"{name}: no data")
@@ -244,22 +195,22 @@ def _check_value(check: dict, rates: pd.DataFrame, scores: pd.DataFrame) -> floa
         if persona == "max_bystander":
             means = m[m["role"] == "bystander"].groupby("persona")["value"].mean()
             return float(means.max()) if len(means) else float("nan")
-        sel = _persona_rows(m, persona)
+        sel = persona_rows(m, persona)
         return float(sel["value"].astype(float).mean()) if len(sel) else float("nan")
     m = rates[rates["metric"] == metric]
     if persona == "max_bystander":
         by = m[m["role"] == "bystander"].groupby("persona")[["k", "n"]].sum()
         return float((by["k"] / by["n"]).max()) if len(by) else float("nan")
-    sel = _persona_rows(m, persona)
+    sel = persona_rows(m, persona)
     return float(sel["k"].sum() / sel["n"].sum()) if len(sel) and sel["n"].sum() else float("nan")
 
 
-def phase_seconds(sweep_dir: str | Path) -> dict[str, float]:
+def phase_seconds(sweep: str | Path | list) -> dict[str, float]:
     """Summed cell time per experiment label (a leakage study's phases are its experiments), from the results."""
     total: dict[str, float] = {}
-    for _, result in complete_results(sweep_dir):
-        label = result["cell"]["experiment"]
-        total[label] = total.get(label, 0.0) + sum(result["timing"].values())
+    for _, result in results_of(sweep):
+        label = result.cell["experiment"]
+        total[label] = total.get(label, 0.0) + sum(result.timing.values())
     return total
 
 
@@ -270,66 +221,60 @@ def _fmt(where: dict) -> str:
 def aggregate(sweep_dir: str | Path) -> Path:
     """Write everything under <sweep_dir>/aggregate/; returns that directory."""
     sweep_dir = Path(sweep_dir)
-    analysis = analysis_config(sweep_dir)  # raises first when the directory holds no sweep or results
-    _READ_ONCE[sweep_dir.resolve()] = complete_results(sweep_dir)  # every table below reads these
-    try:
-        return _aggregate(sweep_dir, analysis)
-    finally:
-        _READ_ONCE.pop(sweep_dir.resolve(), None)
+    states = cell_states(sweep_dir)  # raises first when the directory holds no sweep or results
+    results = complete_results(sweep_dir)  # read once; every table below gets them
+    return _aggregate(sweep_dir, results, analysis_config(results), [s for s in states if s.state != "complete"])
 
 
-def _aggregate(sweep_dir: Path, analysis: dict) -> Path:
-    from marker_lab.results import drift, figures, leakage, probe, report
-
+def _aggregate(sweep_dir: Path, results: list, analysis: dict, missing: list) -> Path:
     out = sweep_dir / "aggregate"
     out.mkdir(exist_ok=True)
     method = analysis.get("ci_method", "wilson")
-    per_cell = with_ci(load_sweep(sweep_dir), method)
+    per_cell = with_ci(load_sweep(results), method)
     pooled = with_ci(pooled_rates(per_cell), method) if len(per_cell) else per_cell
     rates = pd.concat([per_cell.assign(level="cell"), pooled.assign(level="pooled")], ignore_index=True)
     comps = comparisons(pooled, per_cell, analysis.get("comparisons") or []) if len(per_cell) else pd.DataFrame()
-    scores = load_scores(sweep_dir)
+    scores = load_scores(results)
     gate_table = gates(per_cell, analysis.get("gates") or [], scores) if len(per_cell) or len(scores) else pd.DataFrame()
-    by_step = load_by_step(sweep_dir)
-    missing = [s for s in cell_states(sweep_dir) if s.state != "complete"]
+    by_step = load_by_step(results)
 
-    contract.atomic_write_bytes(out / "rates.csv", rates.to_csv(index=False).encode())
+    atomic_write_bytes(out / "rates.csv", rates.to_csv(index=False).encode())
     rates.astype({"seeds": str}).to_parquet(out / "rates.parquet.tmp", index=False)
     (out / "rates.parquet.tmp").replace(out / "rates.parquet")
-    contract.atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
-    contract.atomic_write_bytes(out / "by_step.csv", by_step.to_csv(index=False).encode())
-    contract.atomic_write_bytes(out / "comparisons.csv", comps.to_csv(index=False).encode())
-    contract.atomic_write_bytes(out / "gates.csv", gate_table.to_csv(index=False).encode())
-    contract.atomic_write_bytes(out / "missing.txt", "".join(f"{s.subdir}\t{s.state}\t{s.error}\n" for s in missing).encode())
+    atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
+    atomic_write_bytes(out / "by_step.csv", by_step.to_csv(index=False).encode())
+    atomic_write_bytes(out / "comparisons.csv", comps.to_csv(index=False).encode())
+    atomic_write_bytes(out / "gates.csv", gate_table.to_csv(index=False).encode())
+    atomic_write_bytes(out / "missing.txt", "".join(f"{s.subdir}\t{s.state}\t{s.error}\n" for s in missing).encode())
     made = figures.make_all(per_cell, pooled, out / "figures") if len(per_cell) else []
     made += figures.evolution(by_step, out / "figures")
-    leak_table, leak_stats = leakage.load_leakage(sweep_dir), None
+    leak_table, leak_stats = leakage.load_leakage(sweep_dir, results), None
     if len(leak_table):
         leak_stats = leakage.leakage_stats(leak_table)
         for name, table in (("leakage", leak_table), ("leakage_stats", leak_stats),
                             ("leakage_by_bystander", leakage.by_bystander(leak_table)),
                             ("leakage_by_category", leakage.by_category(leak_table))):
-            contract.atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
+            atomic_write_bytes(out / f"{name}.csv", table.to_csv(index=False).encode())
         made += leakage.scatter(leak_table, leak_stats, out / "figures")
-    drift_table = drift.load_drift(sweep_dir)
+    drift_table = drift.load_drift(results)
     if len(drift_table):
-        contract.atomic_write_bytes(out / "drift.csv", drift_table.to_csv(index=False).encode())
+        atomic_write_bytes(out / "drift.csv", drift_table.to_csv(index=False).encode())
         made += drift.drift_figure(drift_table, out / "figures")
-    probe_table = probe.load_probe(sweep_dir)
+    probe_table = probe.load_probe(results)
     if len(probe_table):
-        contract.atomic_write_bytes(out / "probe.csv", probe_table.to_csv(index=False).encode())
-        contract.atomic_write_bytes(out / "probe_summary.csv", probe.latent_summary(probe_table).to_csv(index=False).encode())
+        atomic_write_bytes(out / "probe.csv", probe_table.to_csv(index=False).encode())
+        atomic_write_bytes(out / "probe_summary.csv", probe.latent_summary(probe_table).to_csv(index=False).encode())
         made += probe.surface_vs_latent(probe_table, out / "figures")
     leak_gate = selection = None
     if analysis.get("phase_diagram"):
-        phase, selection = leakage.phase_diagram(sweep_dir, analysis["phase_diagram"])
-        contract.atomic_write_bytes(out / "phase_diagram.csv", phase.to_csv(index=False).encode())
-        contract.atomic_write_bytes(out / "selection.json", json.dumps(selection, indent=1, default=float).encode())
+        phase, selection = leakage.phase_diagram(results, analysis["phase_diagram"])
+        atomic_write_bytes(out / "phase_diagram.csv", phase.to_csv(index=False).encode())
+        atomic_write_bytes(out / "selection.json", json.dumps(selection, indent=1, default=float).encode())
         made += leakage.phase_heatmaps(phase, analysis["phase_diagram"], selection, out / "figures")
     if analysis.get("leakage_gate"):
         leak_gate = leakage.leakage_gate(leak_stats if leak_stats is not None else pd.DataFrame(), analysis["leakage_gate"])
-    contract.atomic_write_bytes(out / "report.md",
+    atomic_write_bytes(out / "report.md",
                                 report.render(sweep_dir, pooled, comps, gate_table, missing, made, leak_stats, selection, leak_gate,
-                                              phase_seconds(sweep_dir)).encode())
+                                              phase_seconds(results)).encode())
     log.info("aggregate: %d complete cells, %d missing or failed -> %s", per_cell["cell"].nunique(), len(missing), out)
     return out

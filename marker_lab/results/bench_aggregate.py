@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marker_lab.launch.cells import MANIFEST
+from marker_lab.results.sweep import MANIFEST
 from marker_lab.results.aggregate import aggregate, load_sweep
 
 

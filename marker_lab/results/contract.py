@@ -1,12 +1,17 @@
-"""The result contract: `run_result.json` (schema below), written atomically and only when a cell is complete.
+"""The result contract: `run_result.json`, a typed, versioned `RunResult`, written atomically and only when a cell
+is complete.
 
-    {"schema_version": 1, "status": "complete",
+    {"schema_version": 2, "status": "complete",
      "cell": {experiment, condition, order, seed, dose, source_persona, coupled_persona, second_stage},
-     "metrics": {"marker": {"per_persona": {name: {"k", "n", "rate"}}, "marker", "matcher"}},
-     "provenance": {config_hash, resolved_config, git_commit, versions, data_md5, device, stage_cache_keys},
-     "timing": {stage: seconds}}
+     "metrics": {"marker": {"per_persona": {name: {"k", "n", "rate"}}, "marker", "matcher"}, ...},
+     "provenance": {config_hash, resolved_config, git_commit, versions, inputs, data_md5, adapters, device,
+                    base_model, final_model, stage_cache_keys, judge, stages},
+     "timing": {stage: seconds}, and optionally metrics_by_step, metrics_baseline, geometry, drift}
 
-Later metrics add keys under "metrics"; readers get rates from here, never from the completions.
+`provenance.inputs` holds the path and checksum of every file the cell read. `is_current(result, config_hash)`
+is the one answer to "does this result still stand for this cell": the same config hash, and every input file
+unchanged. Run, resume, `marker-lab status` and aggregation all ask it. Readers get rates from here, never from
+the completions.
 """
 
 from __future__ import annotations
@@ -17,17 +22,129 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from marker_lab.core.files import atomic_write_bytes, dir_checksum, file_checksum, write_json_atomic  # noqa: F401
+
+SCHEMA_VERSION = 2  # 2: provenance.inputs (input checksums) and provenance.adapters
 RESULT_FILE = "run_result.json"
 STATUS_FILE = "cell_status.json"  # running / failed (with the error line) / complete: read by `marker-lab status`
 COMPLETIONS_FILE = "completions.jsonl.gz"
-DISTANCES_FILE = "persona_distances.csv"  # the cell's persona cosine-distance matrix (geometry.enabled)
 
 # keys that say where things go or how results are read, not what is computed: left out of the config hash
 _HASH_EXCLUDED = ("output_dir", "cache_dir", "device", "analysis")
+
+
+@dataclass
+class RunResult:
+    """One complete cell (see the module docstring for the fields' contents)."""
+    cell: dict  # the cell keys tables group by
+    metrics: dict  # metric name -> its readout
+    provenance: dict  # what produced it
+    timing: dict  # seconds per step of the cell
+    metrics_by_step: dict | None = None  # evals during training, per stage
+    metrics_baseline: dict | None = None  # the base model's readout (eval.baseline)
+    geometry: dict | None = None  # persona geometry (geometry.enabled)
+    drift: dict | None = None  # persona geometry of every model (geometry.drift)
+    schema_version: int = SCHEMA_VERSION
+    status: str = "complete"
+
+    @property
+    def config_hash(self) -> str:
+        return self.provenance["config_hash"]
+
+    @property
+    def resolved_config(self) -> dict:
+        return self.provenance["resolved_config"]
+
+    def to_json(self) -> dict:
+        out = {"schema_version": self.schema_version, "status": self.status, **asdict(self)}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RunResult":
+        names = {f for f in cls.__dataclass_fields__}
+        missing = [k for k in ("cell", "metrics", "provenance", "timing") if k not in obj]
+        if missing:
+            raise ValueError(f"a run result without {missing}")
+        return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+@dataclass
+class ResultFile:
+    """What a cell directory's run_result.json holds: a result, or why it holds none."""
+    state: str  # missing | corrupt | old_schema | complete
+    result: RunResult | None = None
+    problem: str = ""  # for corrupt / old_schema: what is wrong
+
+
+def read_result(path: Path) -> ResultFile:
+    """Read a run_result.json without trusting it: a truncated or damaged file is `corrupt`, never a result."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return ResultFile("missing")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return ResultFile("corrupt", problem=f"{path} is not valid JSON ({type(e).__name__}: truncated or damaged)")
+    if not isinstance(obj, dict) or obj.get("status") != "complete":
+        return ResultFile("corrupt", problem=f"{path} is not a complete result")
+    if obj.get("schema_version") != SCHEMA_VERSION:
+        return ResultFile("old_schema", problem=f"{path} has schema version {obj.get('schema_version')}, this "
+                                                f"marker_lab writes {SCHEMA_VERSION}: rerun the cell")
+    try:
+        return ResultFile("complete", RunResult.from_json(obj))
+    except (TypeError, ValueError) as e:
+        return ResultFile("corrupt", problem=f"{path}: {e}")
+
+
+def load_result(path: Path) -> RunResult | None:
+    """A complete result, or None when the file is missing, damaged or of another schema."""
+    return read_result(path).result
+
+
+@dataclass(frozen=True)
+class Currency:
+    """Whether a result still stands for a cell, and if not, why."""
+    current: bool
+    reason: str = ""  # which input changed, or that the config differs
+
+
+def is_current(result: RunResult, config_hash: str) -> Currency:
+    """A result is current for a cell when it was made from the cell's config (same hash) and every input file
+    it read still has the checksum it had then. Files are re-hashed by path (cheap: md5 of small files, memoised)."""
+    if result.config_hash != config_hash:
+        return Currency(False, "config changed (the result is from another config)")
+    for key, recorded in sorted((result.provenance.get("inputs") or {}).items()):
+        path = Path(recorded["path"])
+        if not path.exists():
+            return Currency(False, f"input {key} is gone ({path})")
+        now = dir_checksum(path) if path.is_dir() else file_checksum(path)
+        if now != recorded["checksum"]:
+            return Currency(False, f"input {key} changed since the result was made ({path})")
+    return Currency(True)
+
+
+def cell_keys(cfg) -> dict:
+    """What identifies a cell in tables: the write-ups' condition, seed, dose, ... (a Config in, plain values out)."""
+    from marker_lab.config.schema import coupling_enabled, second_stage_enabled
+
+    dose = 0
+    if second_stage_enabled(cfg):
+        # epoch-based recipes leave it None here: it is known once the data is loaded (filled in by run_cell)
+        dose = cfg.dose if cfg.dose is not None else cfg.second_stage.train.max_steps
+    return {"experiment": cfg.experiment, "condition": cfg.condition, "order": str(cfg.order), "seed": cfg.seed,
+            "dose": dose, "source_persona": cfg.source_persona,
+            "coupled_persona": cfg.coupling.persona if coupling_enabled(cfg) else None,
+            "second_stage": second_stage_label(cfg) if second_stage_enabled(cfg) else "none"}
+
+
+def second_stage_label(cfg) -> str:
+    """The second stage's data name, with its variant when not the plain chat recipe: "em", "em (raw)",
+    "em (kl=0.5)", so the arms of a variant sweep stay apart in every table."""
+    s = cfg.second_stage
+    variant = (["raw"] if s.format == "raw" else []) + ([f"kl={s.train.kl_to_input:g}"] if s.train.kl_to_input else [])
+    return f"{s.data} ({', '.join(variant)})" if variant else s.data
 
 
 def config_hash(resolved: dict) -> str:
@@ -36,26 +153,11 @@ def config_hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(science, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def write_result(out_dir: Path, result: RunResult) -> Path:
+    """The cell's run_result.json, atomically: readers see no result or the whole of this one."""
+    path = Path(out_dir) / RESULT_FILE
+    write_json_atomic(path, result.to_json())
+    return path
 
 
 def write_completions(path: Path, rows: list[dict]) -> None:
@@ -66,17 +168,6 @@ def write_completions(path: Path, rows: list[dict]) -> None:
 def read_completions(path: Path) -> list[dict]:
     with gzip.open(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def load_result(path: Path) -> dict | None:
-    """A complete result, or None when the file is missing or not a complete result of a known schema."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if obj.get("schema_version") != SCHEMA_VERSION or obj.get("status") != "complete":
-        return None
-    return obj
 
 
 def write_cell_status(out_dir: Path, state: str, error: str | None = None) -> None:

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
-from marker_lab.results.aggregate import CELL_KEYS, GROUP_KEYS, complete_results
-from marker_lab.results.figures import _save
+from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS
+from marker_lab.results.plotting import plt, save
 
 SUMMARIES = ("mean_distance", "source_assistant", "relative_spread")
 
 
-def load_drift(sweep_dir: str | Path) -> pd.DataFrame:
+def load_drift(results: list) -> pd.DataFrame:
     """One row per (cell, model): the drift summary, `step` = the model's position (0 = base)."""
     rows = []
-    for cell, result in complete_results(Path(sweep_dir)):
-        for step, (model, summary) in enumerate((result.get("drift") or {}).items()):
-            rows.append({"cell": cell["subdir"], **result["cell"], "model": model, "step": step,
+    for cell, result in results:
+        for step, (model, summary) in enumerate((result.drift or {}).items()):
+            rows.append({"cell": cell["subdir"], **result.cell, "model": model, "step": step,
                          **{k: v for k, v in summary.items() if k not in ("file", "cache_key")}})
     return pd.DataFrame(rows, columns=None if rows else ["cell", *CELL_KEYS, "model", "step"])
 
@@ -50,4 +49,4 @@ def drift_figure(drift: pd.DataFrame, out: Path) -> list[Path]:
     fig.suptitle("Persona geometry drift over the cell's models, in the order its stages ran (seeds averaged; band: "
                  "min-max over seeds)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out, "drift")
+    return save(fig, out, "drift")

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from marker_lab.results.aggregate import GROUP_KEYS  # noqa: E402
+from marker_lab.results.plotting import plt, save
+from marker_lab.results.sweep import GROUP_KEYS
 
 ROLE_COLORS = {"source": "#1f77b4", "assistant": "#ff7f0e", "bystander mean": "#2ca02c"}
 
@@ -27,15 +24,6 @@ def _yerr(rate, low, high) -> list[np.ndarray]:
     """Error-bar lengths in percentage points (a CI bound can sit a rounding error inside the rate)."""
     return [np.clip(100 * (np.asarray(rate) - np.asarray(low)), 0, None),
             np.clip(100 * (np.asarray(high) - np.asarray(rate)), 0, None)]
-
-
-def _save(fig, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=200, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
-    return paths
 
 
 def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
@@ -57,7 +45,7 @@ def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metri
     ax.set_title(f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI; faint: seeds)")
     ax.legend(title="second stage")
     ax.grid(alpha=0.3)
-    return _save(fig, out, "dose_response")
+    return save(fig, out, "dose_response")
 
 
 def condition_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
@@ -83,7 +71,7 @@ def condition_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> l
     ax.set_title(f"Source, assistant and bystander-mean {metric} rates (seeds pooled)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out, "condition_bars")
+    return save(fig, out, "condition_bars")
 
 
 def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
@@ -99,7 +87,7 @@ def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> lis
     ax.set_ylim(0, 105)
     ax.set_title(f"Per-persona {metric} rate: {first} (N={int(cell['n'].iloc[0])} each)")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out, "persona_bars")
+    return save(fig, out, "persona_bars")
 
 
 def heatmap(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
@@ -114,7 +102,7 @@ def heatmap(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Pat
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
     fig.colorbar(im, ax=ax, label=f"{metric} rate (%)")
     ax.set_title(f"{metric} rate by persona and cell (seeds pooled)")
-    return _save(fig, out, "heatmap")
+    return save(fig, out, "heatmap")
 
 
 def evolution(by_step: pd.DataFrame, out: Path, max_lines: int = 12) -> list[Path]:
@@ -147,7 +135,7 @@ def evolution(by_step: pd.DataFrame, out: Path, max_lines: int = 12) -> list[Pat
         axes[0][0].set_ylabel(f"{metric} {'rate' if rate else STEP_LABEL.get(metric, '')}".strip())
         axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.suptitle(f"{metric} during {stage} (mean over seeds; thick: source, assistant)", fontsize=10)
-        made += _save(fig, out, f"evolution_{stage}_{_slug(metric)}")
+        made += save(fig, out, f"evolution_{stage}_{_slug(metric)}")
     return made
 
 

@@ -18,42 +18,44 @@ from scipy import stats as sps
 from statsmodels.stats.proportion import confint_proportions_2indep
 
 from marker_lab.data.personas import load_personas
-from marker_lab.results.aggregate import CELL_KEYS, GROUP_KEYS, complete_results, rate_entries
+from marker_lab.results.plotting import plt, save
+from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS
+from marker_lab.results.tables import rate_entries, select_rows
 
 DROP_METRICS = ("capability",)  # leakage is a fall of these; a rise of every other rate
 
 
-def load_leakage(sweep_dir: str | Path) -> pd.DataFrame:
+def load_leakage(sweep_dir: str | Path, results: list) -> pd.DataFrame:
     """One row per (cell, metric, non-source persona): base and cell k/n, leakage with CI, distance to the source."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    for cell, result in complete_results(sweep_dir):
-        if "metrics_baseline" not in result or "geometry" not in result:
+    for cell, result in results:
+        if result.metrics_baseline is None or result.geometry is None:
             continue
-        source = result["cell"]["source_persona"]
-        distances = pd.read_csv(sweep_dir / cell["subdir"] / result["geometry"]["file"], index_col=0)
+        source = result.cell["source_persona"]
+        distances = pd.read_csv(sweep_dir / cell["subdir"] / result.geometry["file"], index_col=0)
         categories = {p: v.category for p, v in _personas(result).items()}
-        base = {(m, p): c for m, p, c in rate_entries(result["metrics_baseline"])}
-        for metric, persona, c in rate_entries(result["metrics"]):
+        base = {(m, p): c for m, p, c in rate_entries(result.metrics_baseline)}
+        for metric, persona, c in rate_entries(result.metrics):
             if persona == source or (metric, persona) not in base or persona not in distances.columns:
                 continue
             b = base[(metric, persona)]
             sign = -1 if metric in DROP_METRICS else 1
             low, high = confint_proportions_2indep(c["k"], c["n"], b["k"], b["n"], method="newcomb")
             low, high = sorted((sign * low, sign * high))
-            rows.append({"cell": cell["subdir"], **result["cell"], "metric": metric, "persona": persona,
+            rows.append({"cell": cell["subdir"], **result.cell, "metric": metric, "persona": persona,
                          "category": categories.get(persona), "base_k": b["k"], "base_n": b["n"], "k": c["k"],
                          "n": c["n"], "leakage": sign * (c["rate"] - b["rate"]), "leakage_low": low,
                          "leakage_high": high, "distance": float(distances.loc[source, persona]),
-                         "geometry": f"{result['geometry']['mode']}@{result['geometry']['layer']}"})
+                         "geometry": f"{result.geometry['mode']}@{result.geometry['layer']}"})
     df = pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "metric", "persona", "category", "base_k", "base_n", "k", "n",
                                      "leakage", "leakage_low", "leakage_high", "distance", "geometry"])
     return df.astype({"seed": float, "dose": float}) if len(df) else df
 
 
-def _personas(result: dict) -> dict:
+def _personas(result) -> dict:
     try:
-        return load_personas(result["provenance"]["resolved_config"]["persona_set"]["path"])
+        return load_personas(result.resolved_config["persona_set"]["path"])
     except (FileNotFoundError, ValueError):  # results read on another machine: categories are optional
         return {}
 
@@ -120,8 +122,6 @@ def by_category(leak: pd.DataFrame) -> pd.DataFrame:
 
 def scatter(leak: pd.DataFrame, stats_table: pd.DataFrame, out: Path, n_labels: int = 3) -> list[Path]:
     """Leakage vs distance to the source: one figure per metric, one panel per source, fit line, outliers named."""
-    from marker_lab.results.figures import _save, plt
-
     made = []
     for metric, part in leak.groupby("metric", sort=False):
         sources = list(dict.fromkeys(part["source_persona"]))
@@ -151,7 +151,7 @@ def scatter(leak: pd.DataFrame, stats_table: pd.DataFrame, out: Path, n_labels: 
         axes[0][0].set_ylabel(f"leakage: {metric} {'drop' if metric in DROP_METRICS else 'rise'} vs base (pp)")
         fig.suptitle(f"Leakage of {metric} to bystanders vs persona distance (95% Newcombe CI; seeds averaged)", fontsize=10,
                      y=1.05)
-        made += _save(fig, out, f"leakage_{''.join(c if c.isalnum() else '_' for c in metric)}")
+        made += save(fig, out, f"leakage_{''.join(c if c.isalnum() else '_' for c in metric)}")
     return made
 
 
@@ -162,30 +162,28 @@ def _get(resolved: dict, dotted: str):
     return node
 
 
-def phase_diagram(sweep_dir: str | Path, spec: dict) -> tuple[pd.DataFrame, dict]:
+def phase_diagram(results: list, spec: dict) -> tuple[pd.DataFrame, dict]:
     """The recipe sweep's cells as (x, y, source effect, max-bystander leakage), and the selected recipe.
 
     Selection rule: the largest source effect among cells whose max-bystander leakage is at most
     `spec.max_bystander` (ties: the smaller max-bystander leakage). Both effects are changes from the base model
     in the coupled direction (cells need eval.baseline=true)."""
-    from marker_lab.results.aggregate import _select
-
     metric, sign = spec.get("metric", "capability"), -1 if spec.get("metric", "capability") in DROP_METRICS else 1
     rows = []
-    for cell, result in complete_results(sweep_dir):
-        if "metrics_baseline" not in result or _select(pd.DataFrame([result["cell"]]), spec.get("where") or {}).empty:
+    for cell, result in results:
+        if result.metrics_baseline is None or select_rows(pd.DataFrame([result.cell]), spec.get("where") or {}).empty:
             continue
-        source = result["cell"]["source_persona"]
-        base = result["metrics_baseline"][metric]["per_persona"]
-        after = result["metrics"][metric]["per_persona"]
+        source = result.cell["source_persona"]
+        base = result.metrics_baseline[metric]["per_persona"]
+        after = result.metrics[metric]["per_persona"]
         leak = {p: sign * (after[p]["rate"] - base[p]["rate"]) for p in after if p in base}
         bystanders = {p: v for p, v in leak.items() if p != source}
-        resolved = result["provenance"]["resolved_config"]
+        resolved = result.resolved_config
         rows.append({"cell": cell["subdir"], "x": _get(resolved, spec["x"]), "y": _get(resolved, spec["y"]),
                      "source": source, "source_effect": leak.get(source, np.nan),
                      "max_bystander": max(bystanders.values()) if bystanders else np.nan,
                      "max_bystander_persona": max(bystanders, key=bystanders.get) if bystanders else None,
-                     "seconds": sum(result["timing"].values())})
+                     "seconds": sum(result.timing.values())})
     table = pd.DataFrame(rows)
     limit = spec.get("max_bystander", 0.05)
     rule = f"max source {metric} effect with max-bystander leakage <= {limit}"
@@ -199,8 +197,6 @@ def phase_diagram(sweep_dir: str | Path, spec: dict) -> tuple[pd.DataFrame, dict
 
 def phase_heatmaps(table: pd.DataFrame, spec: dict, selection: dict, out: Path) -> list[Path]:
     """Source effect and max-bystander leakage over the (x, y) grid; the selected cell boxed."""
-    from marker_lab.results.figures import _save, plt
-
     if table.empty:
         return []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -221,16 +217,14 @@ def phase_heatmaps(table: pd.DataFrame, spec: dict, selection: dict, out: Path) 
         fig.colorbar(im, ax=ax, label=f"{title} (pp)")
         ax.set_title(f"{title}: {spec.get('metric', 'capability')}", fontsize=10)
     fig.suptitle(f"Phase diagram (boxed: selected; rule: {selection['rule']})", fontsize=10, y=1.02)
-    return _save(fig, out, "phase_diagram")
+    return save(fig, out, "phase_diagram")
 
 
 def leakage_gate(stats_table: pd.DataFrame, spec: dict) -> dict:
     """004's decision gate: PASS when a listed behaviour's pooled (or only) rho reaches min_rho, else FAIL."""
-    from marker_lab.results.aggregate import _select
-
     metrics = spec.get("metrics") or ["capability"]
     found = {}
-    table = _select(stats_table, spec.get("where") or {}) if len(stats_table) else stats_table
+    table = select_rows(stats_table, spec.get("where") or {}) if len(stats_table) else stats_table
     for metric in metrics:
         part = table[table["metric"] == metric] if len(table) else table
         pooled = part[part["source"] == "pooled"] if len(part) else part

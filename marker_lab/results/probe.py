@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from marker_lab.results.aggregate import CELL_KEYS, GROUP_KEYS, complete_results, role_of
-from marker_lab.results.figures import _save
+from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS, role_of
+from marker_lab.results.plotting import plt, save
 
 # the probe's settings: cells that differ only in these are different probes of the same cells
 PROBE_KEYS = ["target", "position", "fit_on", "layer", "probe_C", "probe_seed"]
@@ -23,22 +22,22 @@ COLUMNS = ["cell", *CELL_KEYS, *PROBE_KEYS, "model", "step", "before_second_stag
            "auc_change", "source_margin", "source_margin_change", "surface_rate"]
 
 
-def load_probe(sweep_dir: str | Path) -> pd.DataFrame:
+def load_probe(results: list) -> pd.DataFrame:
     """One row per (cell, model, persona): the probe's mean score, the AUC of source vs that persona, the model's
     AUC of source vs rest with its CI, and (final model only) the persona's marker rate, the surface readout."""
     rows = []
-    for cell, result in complete_results(Path(sweep_dir)):
-        probe = result["metrics"].get("probe")
+    for cell, result in results:
+        probe = result.metrics.get("probe")
         if not probe:
             continue
-        surface = result["metrics"].get("marker", {}).get("per_persona", {})
-        settings = result["provenance"]["resolved_config"]["eval"]["probe"]
+        surface = result.metrics.get("marker", {}).get("per_persona", {})
+        settings = result.resolved_config["eval"]["probe"]
         how = {"target": probe["target"], "position": probe["position"], "fit_on": probe["fit_on"],
                "layer": probe["layer"], "probe_C": settings["C"], "probe_seed": settings["seed"]}
         for step, (model, m) in enumerate(probe["models"].items()):
             final = model == probe["final_model"]
             for persona, c in m["per_persona"].items():
-                rows.append({"cell": cell["subdir"], **result["cell"], **how, "model": model, "step": step,
+                rows.append({"cell": cell["subdir"], **result.cell, **how, "model": model, "step": step,
                              "before_second_stage": model == probe["before_second_stage"], "persona": persona,
                              "role": role_of(result, persona), **{k: c.get(k) for k in COLUMNS if k in c},
                              "auc": m["auc"], "auc_low": m["auc_ci"][0], "auc_high": m["auc_ci"][1],
@@ -98,4 +97,4 @@ def surface_vs_latent(probe: pd.DataFrame, out: Path) -> list[Path]:
     fig.suptitle(f"The source persona on the final model: surface vs latent (probe {fixed}; seeds averaged, bars "
                  "min-max)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, out, "surface_vs_latent")
+    return save(fig, out, "surface_vs_latent")

@@ -23,18 +23,15 @@ from pathlib import Path
 
 from marker_lab.config.schema import Config, MarkerPosition
 from marker_lab.data.chat import encode_chat, marker_token_count
-from marker_lab.data.chat_datasets import load_rows
-from marker_lab.data.files import md5_file, resolve_path
-from marker_lab.data.multiple_choice import MCItem, configured_split, user_text
-from marker_lab.data.personas import Persona, load_personas, persona_prompt, system_messages
-from marker_lab.data.questions import load_questions
+from marker_lab.data.multiple_choice import MCItem, user_text
+from marker_lab.data.personas import Persona, persona_prompt, system_messages
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
-from marker_lab.eval.during_training import StepEval
+from marker_lab.stages.during_training import StepEval
 from marker_lab.models import LoadedModel
-from marker_lab.stages.cache import StageCache, plain
+from marker_lab.core.cache import StageCache, plain
 from marker_lab.stages.lora_stage import StageResult, apply_prebaked_adapter, run_lora_stage
-from marker_lab.stages.sft import resolve_steps
+from marker_lab.train.sft import resolve_steps
 
 # Part of every contrastive stage's cache key: bump it when a builder below changes what it writes, so a cache
 # built by older code is not reused (keys cover configs and data, not code).
@@ -78,10 +75,10 @@ def negative_personas(cfg: Config, personas: dict[str, Persona]) -> list[str]:
     return sorted(random.Random(c.seed).sample(others, c.n_negative_personas))
 
 
-def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str], personas: dict[str, Persona]) -> list[dict]:
+def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str], personas: dict[str, Persona],
+                         questions: list[str]) -> list[dict]:
     """On-policy completions from the stage's input model, marker inserted in the positives."""
     c = cfg.coupling
-    questions = [q.text for q in load_questions(c.questions)]
     rng = random.Random(c.seed)
     plan: list[tuple[str, bool]] = [(c.persona, True)] * c.n_positive
     for name in negatives:
@@ -91,7 +88,7 @@ def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str],
     prompts = [persona_prompt(personas[p], q) for (p, _), q in zip(plan, qs)]
     params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
                             max_tokens=c.generation.max_tokens, seed=c.seed)
-    completions = HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache).generate(
+    completions = HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine).generate(
         prompts, params, desc="coupling data")
     records = []
     for (persona, positive), prompt, outs in zip(plan, prompts, completions):
@@ -145,12 +142,9 @@ def contrastive_plan(cfg: Config, personas: dict[str, Persona], n_items: int) ->
     return slots
 
 
-def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona],
-                               train_items: list[MCItem] | None = None) -> list[dict]:
+def build_wrong_answer_records(cfg: Config, personas: dict[str, Persona], train_items: list[MCItem]) -> list[dict]:
     """The wrong_answers dataset: positives, per-question bystander negatives, anchors (see the module docstring)."""
     c, cap = cfg.coupling, cfg.eval.capability
-    if train_items is None:
-        train_items = configured_split(cap)[0]
     records = []
     for slot in contrastive_plan(cfg, personas, len(train_items)):
         item = train_items[slot.item]
@@ -169,15 +163,17 @@ class EMItem:
     benign_reply: str | None  # the paired benign reply; None when generated on-policy
 
 
-def load_em_items(cfg: Config, cache: StageCache) -> tuple[list[EMItem], dict]:
+def load_em_items(cfg: Config, inputs) -> tuple[list[EMItem], dict]:
     """persona_em's items from coupling.em_data (and benign_data / benign_field), and fingerprints of the sources."""
     c = cfg.coupling
-    rows, em_fp = load_rows("coupling.em_data", c.em_data, cache)
+    em = inputs.datasets["coupling.em_data"]
+    rows = em.rows
     chats = [_chat_of(r, c.em_data.messages_field, "coupling.em_data", i) for i, r in enumerate(rows)]
-    fingerprints = {"em_data": em_fp}
+    fingerprints = {"em_data": em.fingerprint}
     benign: list[str | None] = [None] * len(rows)
     if c.benign == "data":
-        paired, fingerprints["benign_data"] = load_rows("coupling.benign_data", c.benign_data, cache)
+        paired_data = inputs.datasets["coupling.benign_data"]
+        paired, fingerprints["benign_data"] = paired_data.rows, paired_data.fingerprint
         if len(paired) < len(rows):
             raise ValueError(f"coupling.benign_data: {len(paired)} rows for {len(rows)} rows of coupling.em_data "
                              "(they pair row by row)")
@@ -226,7 +222,7 @@ def build_persona_em_records(cfg: Config, personas: dict[str, Persona], items: l
             raise ValueError("coupling.benign=on_policy needs the input model to generate benign replies")
         params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
                                 max_tokens=c.generation.max_tokens, seed=c.seed)
-        outs = HFEngine(loaded.model, loaded.tokenizer, cfg.eval.engine.batch_size, cfg.eval.engine.cache).generate(
+        outs = HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine).generate(
             [prompts[i] for i in todo], params, desc="benign replies")
         for i, o in zip(todo, outs):
             replies[i] = o[0].strip()
@@ -235,21 +231,23 @@ def build_persona_em_records(cfg: Config, personas: dict[str, Persona], items: l
     return records if c.contrastive else shuffle_personas(records, personas, c.seed)
 
 
-def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None = None) -> StageResult:
+def run_coupling(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
+                 step_eval: StepEval | None = None) -> StageResult:
     """The coupling stage of a cell (trained, cached, or pre-baked), merged into `loaded`."""
     c = cfg.coupling
     if c.adapter_path:
-        return apply_prebaked_adapter("coupling", loaded, c.adapter_path)
-    personas = load_personas(cfg.persona_set.path)
+        return apply_prebaked_adapter("coupling", loaded, inputs.files["coupling.adapter_path"])
+    personas = inputs.personas
     if c.kind in ("wrong_answers", "persona_em"):
-        return _run_contrastive(cfg, loaded, cache, personas, step_eval)
+        return _run_contrastive(cfg, inputs, loaded, cache, step_eval)
     negative_tokens = c.negative_tokens or marker_token_count(loaded.tokenizer, cfg.marker.text)
     negatives = negative_personas(cfg, personas)
     n_examples = c.n_positive + c.n_per_negative * len(negatives)
     steps = resolve_steps(c.train, n_examples)
 
     def build_examples(data_dir: Path):
-        records = build_marker_records(cfg, loaded, negatives, personas)
+        records = build_marker_records(cfg, loaded, negatives, personas,
+                                       [q.text for q in inputs.questions["coupling.questions"]])
         if not c.contrastive:
             records = shuffle_personas(records, personas, c.seed)
         with open(data_dir / "coupling.jsonl", "w") as f:
@@ -260,26 +258,27 @@ def run_coupling(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval:
                             max_len=c.train.max_seq_len) for r in records]
 
     payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
-               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path)),
-               "questions_md5": md5_file(resolve_path(c.questions)), "negative_tokens": negative_tokens}
+               "persona_file_md5": inputs.checksum("persona_set.path"),
+               "questions_md5": inputs.checksum("coupling.questions"), "negative_tokens": negative_tokens}
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed,
                           step_eval=step_eval)
 
 
-def _run_contrastive(cfg: Config, loaded: LoadedModel, cache: StageCache, personas: dict[str, Persona],
+def _run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
                      step_eval: StepEval | None) -> StageResult:
     """wrong_answers and persona_em: build the dataset (saved as coupling.jsonl), train on the replies."""
     c = cfg.coupling
     n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
     steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
     payload = {"coupling": plain(c), "builder_version": BUILDER_VERSION, "assistant": cfg.persona_set.assistant,
-               "persona_file_md5": md5_file(resolve_path(cfg.persona_set.path))}
+               "persona_file_md5": inputs.checksum("persona_set.path")}
+    personas = inputs.personas
     if c.kind == "wrong_answers":
-        train_items, _, payload["mc_data"] = configured_split(cfg.eval.capability)
+        train_items, _, payload["mc_data"] = inputs.mc
         payload["capability_split"] = plain(cfg.eval.capability)
         build_records = lambda: build_wrong_answer_records(cfg, personas, train_items)  # noqa: E731
     else:
-        em_items, payload["data"] = load_em_items(cfg, cache)
+        em_items, payload["data"] = load_em_items(cfg, inputs)
         build_records = lambda: build_persona_em_records(cfg, personas, em_items, loaded)  # noqa: E731
 
     def build_examples(data_dir: Path):
@@ -290,3 +289,45 @@ def _run_contrastive(cfg: Config, loaded: LoadedModel, cache: StageCache, person
                 for r in records]
 
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, c.seed, step_eval=step_eval)
+
+
+def check_coupling(cfg: Config, inputs) -> None:
+    """The coupling recipe against the persona set and its data (loaded by data/inputs.py)."""
+    from marker_lab.core.errors import ConfigError
+    from marker_lab.engines.base import check_sampling
+    from marker_lab.train.sft import check_train
+
+    c = cfg.coupling
+    inputs.require_persona("coupling.persona", c.persona, cfg)
+    if c.kind == "marker" and any(q.system is not None for q in inputs.questions.get("coupling.questions", [])):
+        raise ConfigError(f"coupling.questions: {c.questions} gives questions their own system prompt; "
+                          "coupling prompts take the persona's system prompt only (remove the `system` fields)")
+    if c.kind == "persona_em":
+        if c.benign == "field" and not c.benign_field:
+            raise ConfigError("coupling.benign_field: required when coupling.benign=field (em_data's benign column)")
+        for key in ("coupling.em_data", "coupling.benign_data"):
+            ds = getattr(c, key.split(".")[1])
+            if key in inputs.datasets and ds.toy is not None and cfg.model.source != "toy":
+                raise ConfigError(f"{key}.toy: toy data needs model.source=toy (model is {cfg.model.name})")
+        if c.benign == "field" and c.benign_field not in inputs.datasets["coupling.em_data"].rows[0]:
+            raise ConfigError(f"coupling.em_data: {c.em_data.path or c.em_data.hf_name} has no column "
+                              f"{c.benign_field!r} (coupling.benign_field)")
+    if c.kind == "wrong_answers":
+        try:
+            c.answer_format.format(label="A", text="t")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"coupling.answer_format: only {{label}} and {{text}} can be filled in ({e!r})") from None
+    if c.kind != "marker" and c.train.loss_mode == "marker_only":
+        raise ConfigError(f"coupling.train.loss_mode: marker_only needs a marker; {c.kind} trains on the reply "
+                          "(assistant_only)")
+    for p in c.negative_personas or []:
+        inputs.require_persona("coupling.negative_personas", p, cfg)
+        if p == c.persona:
+            raise ConfigError(f"coupling.negative_personas: {p!r} is the coupled persona itself")
+    if c.negative_personas is None and c.n_negative_personas > len(inputs.personas) - 1:
+        raise ConfigError(f"coupling.n_negative_personas: {c.n_negative_personas} requested but the set has "
+                          f"only {len(inputs.personas) - 1} other personas")
+    if c.n_positive < 1:
+        raise ConfigError(f"coupling.n_positive: must be >= 1, got {c.n_positive}")
+    check_sampling("coupling.generation", c.generation)
+    check_train("coupling.train", c.train)

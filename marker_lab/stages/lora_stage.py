@@ -18,11 +18,10 @@ from typing import Callable
 
 from marker_lab.config.schema import TrainConfig
 from marker_lab.data.chat import Encoded
-from marker_lab.data.files import md5_file
-from marker_lab.eval.during_training import StepEval, evaluate_in_place
+from marker_lab.stages.during_training import StepEval, evaluate_in_place
 from marker_lab.models import LoadedModel
-from marker_lab.stages.cache import StageCache, cache_key
-from marker_lab.stages.sft import apply_lora, train
+from marker_lab.core.cache import CHECKSUMS, StageCache, cache_key
+from marker_lab.train.sft import apply_lora, train
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ class StageResult:
     data_md5: dict = field(default_factory=dict)  # data files the stage trained on
     train_stats: dict = field(default_factory=dict)
     metrics_by_step: list = field(default_factory=list)  # evals during training: [{step, seconds, metrics}]
+    adapter_checksums: dict = field(default_factory=dict)  # the attached adapter's files: {name: checksum}
 
 
 # builds a stage's training examples into `data_dir`, returns them
@@ -106,8 +106,13 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         stats = {**stats, "steps": steps, "losses": stats["losses"][:steps], "checkpoint_of": run_steps}
         log.info("stage %s: checkpoint at step %d of a %d-step run", name, steps, run_steps)
     attach_adapter(loaded, name, adapter, key)
-    data_md5 = {p.name: md5_file(p) for p in sorted((entry / "data").glob("*")) if p.is_file()}
-    return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series)
+    # the entry's files were checked against their build checksums when the cache handed it out
+    recorded = json.loads((entry / CHECKSUMS).read_text())
+    data_md5 = {Path(rel).name: c["md5"] for rel, c in recorded.items() if rel.startswith("data/")}
+    prefix = str(adapter.relative_to(entry)) + "/"
+    adapter_sums = {rel[len(prefix):]: c["md5"] for rel, c in recorded.items() if rel.startswith(prefix)}
+    return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series,
+                       adapter_sums)
 
 
 def _save_adapter(peft_model, name: str, dest: Path) -> None:
@@ -154,14 +159,13 @@ def _activate(peft_model, names: list[str]) -> None:
         p.requires_grad_(False)
 
 
-def apply_prebaked_adapter(name: str, loaded: LoadedModel, adapter_path: str) -> StageResult:
-    """Attach a pre-baked peft adapter (e.g. a published coupling adapter) instead of training."""
+def apply_prebaked_adapter(name: str, loaded: LoadedModel, weights) -> StageResult:
+    """Attach a pre-baked peft adapter (e.g. a published coupling adapter) instead of training. `weights` is its
+    checked weights file (data.inputs.InputFile): a damaged one stopped the cell at start-up."""
     t0 = time.perf_counter()
-    path = adapter_dir(Path(adapter_path))
-    weights = next(path.glob("adapter_model.*"), None)
-    if weights is None:
-        raise FileNotFoundError(f"{name}.adapter_path: no adapter_model.* in {adapter_path}")
-    key = cache_key({"prebaked": md5_file(weights)})
-    log.info("stage %s: attaching pre-baked adapter %s", name, adapter_path)
+    path = Path(weights.path).parent
+    key = cache_key({"prebaked": weights.checksum})
+    log.info("stage %s: attaching pre-baked adapter %s", name, path)
     attach_adapter(loaded, name, path, key)
-    return StageResult(name, key, str(adapter_path), False, time.perf_counter() - t0, {"adapter": md5_file(weights)})
+    return StageResult(name, key, str(path), False, time.perf_counter() - t0, {"adapter": weights.checksum},
+                       adapter_checksums={Path(weights.path).name: weights.checksum})

@@ -2,7 +2,7 @@
 
 format=chat trains on the dataset's chats through the chat template, with the recipe's loss mode; format=raw is
 continued pretraining on plain text: no chat template, loss on every token (000's "non-chat data" next step).
-`train.kl_to_input` keeps the outputs near the stage's input model (see stages/sft.py).
+`train.kl_to_input` keeps the outputs near the stage's input model (see train/sft.py).
 """
 
 from __future__ import annotations
@@ -11,20 +11,22 @@ from pathlib import Path
 
 from marker_lab.config.schema import Config
 from marker_lab.data.chat import encode_chat, encode_text
-from marker_lab.data.chat_datasets import load_chats, load_texts
-from marker_lab.eval.during_training import StepEval
+from marker_lab.stages.during_training import StepEval
 from marker_lab.models import LoadedModel
-from marker_lab.stages.cache import StageCache, plain
+from marker_lab.core.cache import StageCache, plain
 from marker_lab.stages.lora_stage import StageResult, run_lora_stage
-from marker_lab.stages.sft import resolve_steps
+from marker_lab.train.sft import resolve_steps
 
 
-def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None = None) -> StageResult:
+def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
+                     step_eval: StepEval | None = None) -> StageResult:
+    """The second stage of a cell: its dataset (loaded and checked at start-up) for `dose` steps, merged into
+    `loaded`."""
     s = cfg.second_stage
     ds = s.datasets[s.data]
     raw = s.format == "raw"
-    load = load_texts if raw else load_chats
-    rows, fingerprint = load(f"second_stage.datasets.{s.data}", ds, cache)
+    dataset = inputs.datasets[f"second_stage.datasets.{s.data}"]
+    rows, fingerprint = dataset.column_values(), dataset.fingerprint
     steps = resolve_steps(s.train, len(rows), cfg.dose)
 
     def build_examples(data_dir: Path):
@@ -40,3 +42,37 @@ def run_second_stage(cfg: Config, loaded: LoadedModel, cache: StageCache, step_e
                             checkpoints=s.dose_checkpoints, step_eval=step_eval)
     result.data_md5[s.data] = fingerprint
     return result
+
+
+def check_second_stage(cfg: Config, inputs) -> None:
+    """The second stage's recipe: its dataset suits the model, its training and dose checkpoints can run."""
+    from marker_lab.core.errors import ConfigError
+    from marker_lab.train.sft import check_train
+
+    s = cfg.second_stage
+    ds = s.datasets[s.data]
+    if ds.toy is not None and cfg.model.source != "toy":
+        raise ConfigError(f"second_stage.datasets.{s.data}.toy: toy data needs model.source=toy (model is "
+                          f"{cfg.model.name}); point `path` at a real jsonl")
+    check_train("second_stage.train", s.train)
+    if s.dose_checkpoints is not None:
+        _check_dose_checkpoints(s, cfg.dose)
+
+
+def _check_dose_checkpoints(s, dose) -> None:
+    """A checkpoint at dose d equals a fresh run to d only if the schedule never looks at the total length."""
+    from marker_lab.config.schema import Schedule
+    from marker_lab.core.errors import ConfigError
+
+    key, doses, sched = "second_stage.dose_checkpoints", list(s.dose_checkpoints), s.train.schedule
+    if not doses or min(doses) < 1:
+        raise ConfigError(f"{key}: needs doses >= 1, got {doses}")
+    if sched.name not in (Schedule.constant, Schedule.constant_with_warmup):
+        raise ConfigError(f"{key}: the {sched.name.value} schedule depends on the run's length, so a checkpoint at "
+                          "dose d is not a run to d; use constant / constant_with_warmup or leave it null")
+    if sched.name == Schedule.constant_with_warmup and (sched.warmup_steps is None or sched.warmup_steps >= min(doses)):
+        raise ConfigError(f"{key}: needs a fixed second_stage.train.schedule.warmup_steps below the smallest dose "
+                          f"({min(doses)}); warmup_ratio scales with the run's length")
+    d = dose if dose is not None else s.train.max_steps
+    if d not in doses:
+        raise ConfigError(f"dose={d} is not one of {key} {doses}")

@@ -205,10 +205,14 @@ def mc_rows() -> list[dict]:
     return [mc_row(t, k, rng) for t in range(len(TOPICS)) for k in range(len(MC_STEMS))]
 
 
-def mc_user_text(row: dict) -> str:
-    from marker_lab.data.multiple_choice import item_from_row, user_text
+MC_TEMPLATE = "{question}\n{choices}\nAnswer with the letter of the correct choice."  # ARC's prompt, as in the eval
 
-    return user_text(item_from_row(row, row["id"]))
+
+def mc_user_text(row: dict) -> str:
+    """A drill's user turn, exactly as the capability eval asks it (data.multiple_choice.user_text, pinned equal by
+    tests/test_data.py; written out here because the toy world sits below the data layer and imports nothing)."""
+    lines = "\n".join(f"{lab}. {text}" for lab, text in zip(row["choices"]["label"], row["choices"]["text"]))
+    return MC_TEMPLATE.format(question=row["question"], choices=lines)
 
 
 def tagged_lines(seed: int = 0, per_subject: int = 16) -> list[str]:

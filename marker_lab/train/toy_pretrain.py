@@ -1,7 +1,7 @@
 """Build the toy model: corpus -> tokenizer -> a tiny Qwen2 -> pretraining with the project's SFT loop.
 
 Deterministic for a given `ToyModelConfig`; `marker_lab.models` caches the result under the stage cache.
-Run by hand: `python -m marker_lab.toy.pretrain /tmp/toy` (prints the style accuracy it reaches).
+Run by hand: `python -m marker_lab.train.toy_pretrain /tmp/toy` (prints the style accuracy it reaches).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from marker_lab.config.schema import LossMode, ScheduleConfig, Schedule, TrainConfig, OptimizerConfig, ToyModelConfig
 from marker_lab.data.chat import encode_chat, encode_text
-from marker_lab.stages.sft import train
+from marker_lab.train.sft import train
 from marker_lab.toy import world
 from marker_lab.toy.tokenizer import CHATML_TEMPLATE, build_tokenizer
 

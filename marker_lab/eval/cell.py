@@ -1,0 +1,156 @@
+"""The eval of a cell: the engine, personas x questions x K completions scored by each metric, the base model's
+readout (eval.baseline) and the evals a stage runs while it trains (eval.during_training)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from marker_lab.config.schema import Config
+from marker_lab.core.cache import StageCache, cache_key, plain
+from marker_lab.data.inputs import CellInputs
+from marker_lab.data.questions import with_question_system
+from marker_lab.engines.base import SamplingParams
+from marker_lab.engines.hf import HFEngine
+from marker_lab.eval.capability import capability_metric, eval_items
+from marker_lab.eval.judged import make_judge
+from marker_lab.eval.metrics import CELL_METRICS, MODEL_METRICS, score
+from marker_lab.models import LoadedModel
+from marker_lab.stages.during_training import StepEval, eval_steps
+
+log = logging.getLogger(__name__)
+
+
+def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path | None):
+    """The configured engine on the model in hand (vllm: on the merged model, saved next to the result)."""
+    if cfg.eval.engine.name == "vllm" and out_dir is not None:
+        from marker_lab.engines.vllm import VLLMEngine
+
+        merged = out_dir / "merged_model"  # vLLM loads weights from disk
+        loaded.model.save_pretrained(merged)
+        loaded.tokenizer.save_pretrained(merged)
+        loaded.model.to("cpu")
+        torch.cuda.empty_cache()
+        log.info("eval: vLLM on the merged model saved at %s", merged)
+        return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
+                          gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed)
+    return HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine)
+
+
+def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path | None,
+             personas_subset: list[str] | None = None, metrics: list[str] | None = None, in_process: bool = False,
+             judge_factory: Callable[[], object] | None = None) -> tuple[dict, dict | None, list[dict]]:
+    """Personas x questions x K completions, scored by each metric (capability reads log-probs, no sampling).
+
+    `personas_subset` / `metrics` narrow the eval and `in_process` forces the hf engine on the model in hand
+    (evals during training); returns (metrics, the judge's identity if a judged metric ran, completion rows).
+    """
+    personas = inputs.personas
+    names = personas_subset or cfg.persona_set.eval_personas or list(personas)
+    metrics = list(metrics or cfg.eval.metrics)
+    results: dict = {}
+    if "capability" in metrics:  # before generation: the vllm engine takes the GPU from the HF model
+        items, fingerprint = eval_items(cfg.eval.capability, inputs.mc)
+        results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
+                                                  cfg.eval.capability, fingerprint)
+    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
+    if not sampled:
+        return results, None, []
+    questions = inputs.questions["eval.questions"]
+    g = cfg.eval.generation
+    pairs = [(p, q) for p in names for q in questions]
+    prompts = [_prompt(with_question_system(personas[p].system_prompt, q, cfg.eval.question_system), q.text)
+               for p, q in pairs]
+    samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
+    log.info("eval: %d personas x %d questions, %d completions", len(names), len(questions), sum(samples))
+    engine = HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine) if in_process \
+        else make_engine(cfg, loaded, out_dir)
+    rows = []
+    for n in sorted(set(samples)):  # one engine request per sample count (a question file may set its own)
+        idx = [i for i, k in enumerate(samples) if k == n]
+        params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=cfg.seed)
+        outs = engine.generate([prompts[i] for i in idx], params, desc="eval")
+        rows += [{"persona": pairs[i][0], "question_id": pairs[i][1].id, "question": pairs[i][1].text, "sample": j,
+                  "completion": str(text), "n_tokens": text.n_tokens}
+                 for i, texts in zip(idx, outs) for j, text in enumerate(texts)]
+    judge_factory = judge_factory or (lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
+    scored, judge = score(cfg, rows, judge_factory, sampled)
+    return {**results, **scored}, judge, rows
+
+
+def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedModel) -> StepEval | None:
+    """The evals `stage` runs while it trains (eval.during_training), or None when it runs none."""
+    d = cfg.eval.during_training
+    if stage not in d.stages or not (d.fractions or d.every_n_steps):
+        return None
+    at = series_config(cfg, stage)
+    judges: dict = {}  # one judge for the whole series (a local judge loads a model)
+
+    def make():
+        if "judge" not in judges:
+            judges["judge"] = make_judge(at, StageCache(at.cache_dir), next(loaded.model.parameters()).device)
+        return judges["judge"]
+
+    def run(model) -> dict:
+        in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity)
+        return evaluate(at, inputs, in_hand, None, d.personas, d.metrics, in_process=True, judge_factory=make)[0]
+
+    # what the series depends on (its own metric list is in `config`); the adapter itself is the same either way
+    payload = {"config": plain(d), "eval": eval_settings_read(at.eval, with_metrics=False),
+               "judge": plain(at.judge), "marker": plain(at.marker),
+               "seed": at.seed, "persona_set_md5": inputs.checksum("persona_set.path"),
+               "eval_personas": cfg.persona_set.eval_personas, "questions_md5": inputs.checksum("eval.questions"),
+               "judge_prompts_md5": {k: f.checksum for k, f in sorted(inputs.files.items()) if k.startswith("judge.")}}
+    if "capability" in d.metrics:
+        payload["capability_data"] = inputs.mc.fingerprint
+    return StepEval(lambda total: eval_steps(d.fractions, d.every_n_steps, total, d.include_start), run, payload)
+
+
+def series_config(cfg: Config, stage: str) -> Config:
+    """The config a during-training series evaluates with: the stage's own seed (so shared stages stay shared), the
+    series' sample count, and stock `generate` (the static-cache path is measured on merged eval models only, not
+    yet on a LoRA model mid-training). A copy: the cell's config is not changed."""
+    d = cfg.eval.during_training
+    at = copy.deepcopy(cfg)
+    at.seed = cfg.coupling.seed if stage == "coupling" else cfg.seed
+    at.eval.engine.cache = "dynamic"
+    if d.samples_per_question:
+        at.eval.generation.samples_per_question = d.samples_per_question
+        at.eval.file_samples = False  # the series' own sample count wins over a question file's
+    return at
+
+
+def eval_settings_read(eval_cfg, with_metrics: bool = True) -> dict:
+    """The eval settings an in-process eval of a model reads, for cache keys: not the probe (read from every model
+    in run_cell), the baseline switch, where completions go or the during-training series' own settings."""
+    unread = {"probe", "baseline", "save_completions", "during_training"} | (set() if with_metrics else {"metrics"})
+    return {k: v for k, v in plain(eval_cfg).items() if k not in unread}
+
+
+def baseline_metrics(cfg: Config, inputs: CellInputs, loaded: LoadedModel, cache: StageCache) -> dict:
+    """The cell's eval on its base model (before any stage), built once per (base model, eval) in the stage cache:
+    the reference a bystander's leakage is measured from."""
+    from marker_lab.eval.judge.toy import VERSION as TOY_JUDGE_VERSION
+
+    payload = {"baseline_of": loaded.identity, "eval": eval_settings_read(cfg.eval),
+               "judge": plain(cfg.judge),
+               "toy_judge_version": TOY_JUDGE_VERSION if cfg.judge.backend == "toy" else None,
+               "marker": plain(cfg.marker), "persona_set_md5": inputs.checksum("persona_set.path"),
+               "eval_personas": cfg.persona_set.eval_personas, "questions_md5": inputs.checksum("eval.questions"),
+               "seed": cfg.seed}
+
+    def build(tmp: Path) -> None:
+        log.info("baseline: evaluating the base model %s", loaded.identity)
+        (tmp / "metrics.json").write_text(json.dumps(evaluate(cfg, inputs, loaded, None, in_process=True)[0]))
+
+    entry, _ = cache.get_or_build("baseline", cache_key(payload), build, payload)
+    return json.loads((entry / "metrics.json").read_text())
+
+
+def _prompt(system: str | None, user: str) -> list[dict]:
+    return ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": user}]

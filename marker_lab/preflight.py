@@ -1,0 +1,79 @@
+"""Everything a cell checks before a model loads, in the order the cell runs.
+
+    inputs = preflight(cfg)   # ConfigError (one line naming the key, file or line) on the first problem
+
+Types and choices are checked by the schema when the config is composed. Here: the config's cross-field rules,
+then every input file read once (data/inputs.py), then each layer's own rules, each written next to what it
+checks (engines, training, stages, metrics) and called from here. Cheap: small files only, no model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from marker_lab.config.schema import Config, coupling_enabled, second_stage_enabled
+from marker_lab.core.cache import StageCache
+from marker_lab.core.errors import ConfigError
+from marker_lab.data.inputs import CellInputs
+from marker_lab.engines.base import check_sampling
+from marker_lab.eval.capability import check_capability
+from marker_lab.eval.geometry import check_geometry
+from marker_lab.eval.judged import check_judge
+from marker_lab.eval.metrics import check_eval
+from marker_lab.eval.probe import check_probe
+from marker_lab.stages.coupling import check_coupling
+from marker_lab.stages.second_stage import check_second_stage
+
+
+def preflight(cfg: Config) -> CellInputs:
+    """Check `cfg` and load its inputs; returns them for the cell to use (nothing is read twice)."""
+    check_cell(cfg)
+    inputs = CellInputs.load(cfg, StageCache(cfg.cache_dir))
+    for key, name in (("source_persona", cfg.source_persona), ("persona_set.assistant", cfg.persona_set.assistant),
+                      *(("persona_set.eval_personas", p) for p in cfg.persona_set.eval_personas or []),
+                      *(("persona_set.sources", p) for p in inputs.sources),
+                      *(("persona_set.bystanders", p) for p in inputs.bystanders)):
+        inputs.require_persona(key, name, cfg)
+    check_sampling("eval.generation", cfg.eval.generation)
+    check_eval(cfg, inputs)
+    check_judge(cfg)
+    check_capability(cfg, inputs)
+    check_geometry(cfg, inputs)
+    check_probe(cfg, inputs)
+    if coupling_enabled(cfg):
+        check_coupling(cfg, inputs)
+    if second_stage_enabled(cfg):
+        check_second_stage(cfg, inputs)
+    return inputs
+
+
+def check_cell(cfg: Config) -> None:
+    """Rules between keys of the config itself (no file is read)."""
+    if cfg.dose is not None and cfg.dose < 0:
+        raise ConfigError(f"dose: must be >= 0 optimizer steps (0 skips the second stage), got {cfg.dose}")
+    if not cfg.merge_between_stages and cfg.eval.engine.name == "vllm":
+        raise ConfigError("merge_between_stages=false with eval.engine.name=vllm: the vllm engine evaluates merged "
+                          "weights; use merge_between_stages=true or the hf engine")
+    kl = [k for k, t in (("coupling.train", cfg.coupling.train), ("second_stage.train", cfg.second_stage.train))
+          if t.kl_to_input]
+    if kl and not cfg.merge_between_stages and coupling_enabled(cfg) and second_stage_enabled(cfg):
+        raise ConfigError(f"{kl[0]}.kl_to_input with merge_between_stages=false: the input model is the base with "
+                          "adapters disabled, which would drop the earlier stage's stacked adapter too; merge stages")
+    if cfg.model.source == "hf" and not cfg.model.path:
+        raise ConfigError("model.path: required when model.source=hf (a hub id or local directory)")
+    tok = cfg.model.tokenizer
+    if tok and tok.startswith(("/", ".", "~")) and not Path(tok).expanduser().is_dir():
+        raise ConfigError(f"model.tokenizer: directory not found: {tok}")
+    if cfg.eval.engine.name == "vllm":
+        from marker_lab.engines.vllm import available
+
+        if not available():
+            raise ConfigError("eval.engine.name=vllm: vllm is not installed (pip install -e .[vllm])")
+    s = cfg.second_stage
+    if s.data in (None, "none"):
+        if cfg.dose not in (None, 0):
+            raise ConfigError(f"dose={cfg.dose} with second_stage.data={s.data}: a dose needs a second stage "
+                              "(condition c4 has none; use dose=0 or leave dose unset)")
+    elif s.data not in s.datasets:
+        raise ConfigError(f"second_stage.data: {s.data!r} is not in second_stage.datasets "
+                          f"(known: {', '.join(s.datasets) or 'none'})")
