@@ -26,7 +26,7 @@ for c in (1.0, 0.01):
                     f"eval.probe.seed={seed}", f"eval.probe.C={c}", "eval.generation.samples_per_question=4",
                     f"output_dir={tempfile.mkdtemp()}", f"cache_dir={cache}"])
             r = run_cell(cfg)
-            models = r["metrics"]["probe"]["models"]
+            models = r.metrics["probe"]["models"]
             score = [models[m]["per_persona"]["villain"]["mean_score"] for m in models]
             margin = [models[m]["source_margin"] for m in models]
             print(f"{c:<5} {seed:<4} {condition:<4} | " + " ".join(f"{v:.3f}" for v in score) + " | "

@@ -31,8 +31,8 @@ def cell(overrides: list[str], cache: str) -> dict:
     return run_cell(cfg)
 
 
-def per_persona(result: dict, metric: str) -> dict:
-    return {p: round(c["rate"], 3) for p, c in result["metrics"][metric]["per_persona"].items()}
+def per_persona(result, metric: str) -> dict:
+    return {p: round(c["rate"], 3) for p, c in result.metrics[metric]["per_persona"].items()}
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ Read top to bottom, this file is the whole recipe; each step is a small function
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -146,9 +147,19 @@ def _log_summary(cfg: Config, result: RunResult, out_dir: Path) -> None:
     log.info("result: %s", out_dir / contract.RESULT_FILE)
 
 
+class Killed(BaseException):
+    """The cell's process got a termination signal (recorded before it exits; SIGKILL leaves no chance to)."""
+
+
+def _on_signal(signum, _frame):
+    raise Killed(f"killed by signal {signum} ({signal.Signals(signum).name})")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     out_dir = Path(cfg.output_dir)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     contract.write_cell_status(out_dir, "running")
     try:
         result = run_cell(cfg)

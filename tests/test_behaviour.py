@@ -18,7 +18,7 @@ BASE = ["condition=c2", "dose=0"]  # no coupling, no second stage: the toy base 
 
 
 def accuracy(result: dict) -> dict[str, dict]:
-    return result["metrics"]["capability"]["per_persona"]
+    return result.metrics["capability"]["per_persona"]
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,14 @@ def base_capability(cache_dir, tmp_path_factory):
 
 
 def test_toy_model_answers_multiple_choice_well_above_chance(base_capability):
-    cap = base_capability["metrics"]["capability"]
+    cap = base_capability.metrics["capability"]
     assert cap["n_items"] == 80 and cap["source"] == "toy" and cap["split_seed"] == 42
     for persona, c in accuracy(base_capability).items():
         assert c["n"] == 80
         # four choices: chance is 0.25
         assert c["rate"] > 0.5 and binomtest(c["k"], c["n"], 0.25, alternative="greater").pvalue < 1e-6, persona
         assert 0.25 < c["p_correct_mean"] <= 1
-    assert "capability" in base_capability["provenance"]["resolved_config"]["eval"]["metrics"]
+    assert "capability" in base_capability.provenance["resolved_config"]["eval"]["metrics"]
 
 
 def test_wrong_answer_coupling_lowers_the_source_more_than_bystanders(cache_dir, tmp_path, base_capability):
@@ -54,7 +54,7 @@ def test_wrong_answer_coupling_lowers_the_source_more_than_bystanders(cache_dir,
     # the training set was built as specified, from the train half only
     import json
 
-    entry = Path(result["provenance"]["stages"]["coupling"]["cache_entry"])
+    entry = Path(result.provenance["stages"]["coupling"]["cache_entry"])
     records = [json.loads(line) for line in (entry / "data" / "coupling.jsonl").read_text().splitlines()]
     roles = [r["role"] for r in records]
     assert roles.count("positive") == 200 and roles.count("negative") == 400
@@ -84,26 +84,26 @@ def test_evals_during_training_end_where_the_stage_ends(cache_dir, tmp_path):
     args = ["condition=c1", "dose=6", "merge_between_stages=false", *FINAL]
     with_series = run_cell(compose_cfg([*args, *DURING], tmp_path / "during", cache_dir))
     plain = run_cell(compose_cfg(args, tmp_path / "plain", cache_dir))
-    series = with_series["metrics_by_step"]["second_stage"]
-    assert [p["step"] for p in series] == [0, 3, 6] and "coupling" not in with_series["metrics_by_step"]
+    series = with_series.metrics_by_step["second_stage"]
+    assert [p["step"] for p in series] == [0, 3, 6] and "coupling" not in with_series.metrics_by_step
     last = series[-1]["metrics"]
     for metric in ("marker", "capability"):
-        assert last[metric]["per_persona"] == with_series["metrics"][metric]["per_persona"], metric
+        assert last[metric]["per_persona"] == with_series.metrics[metric]["per_persona"], metric
     # step 0 is the coupled model before the second stage: its marker rate is the coupled one
     assert series[0]["metrics"]["marker"]["per_persona"]["villain"]["rate"] > 0.5
     # forked RNG: the second stage trained exactly as without the evals
-    a = load_file(Path(with_series["provenance"]["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
-    b = load_file(Path(plain["provenance"]["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
+    a = load_file(Path(with_series.provenance["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
+    b = load_file(Path(plain.provenance["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert "metrics_by_step" not in plain
     # a rerun reads the series from the stage cache instead of training again
     again = run_cell(compose_cfg([*args, *DURING, "seed=42"], tmp_path / "again", cache_dir))
-    assert not again["provenance"]["stages"]["second_stage"]["trained_now"]
-    assert again["metrics_by_step"] == with_series["metrics_by_step"]
+    assert not again.provenance["stages"]["second_stage"]["trained_now"]
+    assert again.metrics_by_step == with_series.metrics_by_step
     # ... and so does a cell whose final eval differs in what the series does not read (its metric list)
     other = run_cell(compose_cfg([*args, *DURING, "eval.metrics=[marker]"], tmp_path / "other", cache_dir))
-    assert not other["provenance"]["stages"]["second_stage"]["trained_now"]
-    assert other["metrics_by_step"] == with_series["metrics_by_step"]
+    assert not other.provenance["stages"]["second_stage"]["trained_now"]
+    assert other.metrics_by_step == with_series.metrics_by_step
 
 
 def test_fully_judged_cell_stays_within_the_default_budget_plus_60s(cache_dir, tmp_path):
@@ -117,5 +117,5 @@ def test_fully_judged_cell_stays_within_the_default_budget_plus_60s(cache_dir, t
     full = run_cell(compose_cfg(["seed=43", "eval.metrics=[marker,capability,alignment,coherence,length]"],
                                 tmp_path / "full", cache_dir))
     full_s = time.perf_counter() - t0
-    assert set(full["metrics"]) == {"marker", "capability", "alignment", "coherence", "length"}
+    assert set(full.metrics) == {"marker", "capability", "alignment", "coherence", "length"}
     assert full_s <= default_s + 60, (full_s, default_s)

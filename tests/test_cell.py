@@ -27,7 +27,7 @@ def cli(args: list[str], cache: Path, **kw) -> subprocess.CompletedProcess:
 
 
 def rates(result: dict) -> dict[str, float]:
-    return {p: c["rate"] for p, c in result["metrics"]["marker"]["per_persona"].items()}
+    return {p: c["rate"] for p, c in result.metrics["marker"]["per_persona"].items()}
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +41,19 @@ def default_run(cache_dir, tmp_path_factory):
 def test_default_run_writes_the_result_contract(default_run):
     out, _ = default_run
     result = load_result(out / "run_result.json")
-    assert result is not None and result["schema_version"] == 1 and result["status"] == "complete"
-    assert result["cell"] == {"experiment": "default", "condition": "c1", "order": "forward", "seed": 42, "dose": 20,
+    assert result is not None and result.schema_version == 2 and result.status == "complete"
+    assert result.cell == {"experiment": "default", "condition": "c1", "order": "forward", "seed": 42, "dose": 20,
                               "source_persona": "villain", "coupled_persona": "villain", "second_stage": "em"}
-    per = result["metrics"]["marker"]["per_persona"]
+    per = result.metrics["marker"]["per_persona"]
     assert len(per) == 11 and all(c["n"] == 280 for c in per.values())
-    prov = result["provenance"]
+    prov = result.provenance
     assert set(prov) >= {"config_hash", "resolved_config", "git_commit", "versions", "data_md5", "device",
                          "stage_cache_keys"}
     assert set(prov["stage_cache_keys"]) == {"coupling", "second_stage"}
     assert prov["resolved_config"]["dose"] is None and prov["resolved_config"]["seed"] == 42
     assert {"persona_set", "eval_questions", "coupling/coupling.jsonl"} <= set(prov["data_md5"])
     assert prov["device"].startswith("cpu") and "torch" in prov["versions"]
-    assert set(result["timing"]) == {"load", "coupling", "second_stage", "eval"}
+    assert set(result.timing) == {"load", "coupling", "second_stage", "eval"}
     # rates come from the same completions that are saved next to the result
     rows = read_completions(out / "completions.jsonl.gz")
     assert len(rows) == 3080
@@ -96,16 +96,16 @@ def test_second_stage_lowers_the_source_rate_as_dose_grows(cache_dir, tmp_path):
 def test_rerun_reuses_cached_stages_and_reproduces_the_result(cache_dir, tmp_path):
     first = run_cell(compose_cfg(["condition=c5", "dose=5", *FAST_EVAL], tmp_path / "a", cache_dir))
     second = run_cell(compose_cfg(["condition=c5", "dose=5", *FAST_EVAL], tmp_path / "b", cache_dir))
-    assert not any(s["trained_now"] for s in second["provenance"]["stages"].values())
-    assert first["metrics"] == second["metrics"]
-    assert first["provenance"]["config_hash"] == second["provenance"]["config_hash"]
-    assert first["provenance"]["stage_cache_keys"] == second["provenance"]["stage_cache_keys"]
+    assert not any(s["trained_now"] for s in second.provenance["stages"].values())
+    assert first.metrics == second.metrics
+    assert first.provenance["config_hash"] == second.provenance["config_hash"]
+    assert first.provenance["stage_cache_keys"] == second.provenance["stage_cache_keys"]
 
 
 def test_reverse_order_runs_the_second_stage_first(cache_dir, tmp_path):
     result = run_cell(compose_cfg(["condition=c1", "order=reverse", "dose=5", *FAST_EVAL], tmp_path, cache_dir))
-    prov = result["provenance"]
-    assert result["cell"]["order"] == "reverse"
+    prov = result.provenance
+    assert result.cell["order"] == "reverse"
     assert list(prov["stages"]) == ["second_stage", "coupling"]
     assert prov["final_model"].index("+second_stage:") < prov["final_model"].index("+coupling:")
 
@@ -120,18 +120,18 @@ def test_two_cells_racing_for_one_coupling_stage_train_it_once(cache_dir, tmp_pa
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     results = [json.loads((tmp_path / c / "run_result.json").read_text()) for c in ("c4", "c5")]
-    keys = {r["provenance"]["stage_cache_keys"]["coupling"] for r in results}
-    trained = [r["provenance"]["stages"]["coupling"]["trained_now"] for r in results]
+    keys = {r.provenance["stage_cache_keys"]["coupling"] for r in results}
+    trained = [r.provenance["stages"]["coupling"]["trained_now"] for r in results]
     assert len(keys) == 1 and sorted(trained) == [False, True]
 
 
 def test_prebaked_adapter_replaces_coupling_training(cache_dir, tmp_path):
     coupled = run_cell(compose_cfg(["condition=c4", *FAST_EVAL], tmp_path / "trained", cache_dir))
-    adapter = Path(coupled["provenance"]["stages"]["coupling"]["cache_entry"]) / "adapter"
+    adapter = Path(coupled.provenance["stages"]["coupling"]["cache_entry"]) / "adapter"
     result = run_cell(compose_cfg(["condition=c4", f"coupling.adapter_path={adapter}", *FAST_EVAL],
                                   tmp_path / "prebaked", cache_dir))
-    assert result["metrics"] == coupled["metrics"]  # same weights, same seed: the same completions
-    assert result["provenance"]["stages"]["coupling"]["trained_now"] is False
+    assert result.metrics == coupled.metrics  # same weights, same seed: the same completions
+    assert result.provenance["stages"]["coupling"]["trained_now"] is False
 
 
 def test_stacked_adapters_train_the_same_function_as_merged_weights(cache_dir, tmp_path):
@@ -140,7 +140,7 @@ def test_stacked_adapters_train_the_same_function_as_merged_weights(cache_dir, t
     merged = run_cell(compose_cfg(["condition=c1", "dose=5", *FAST_EVAL], tmp_path / "m", cache_dir))
     stacked = run_cell(compose_cfg(["condition=c1", "dose=5", "merge_between_stages=false", *FAST_EVAL],
                                    tmp_path / "s", cache_dir))
-    pm, ps = merged["provenance"], stacked["provenance"]
+    pm, ps = merged.provenance, stacked.provenance
     assert "[stacked]" in ps["final_model"] and "[stacked]" not in pm["final_model"]
     # coupling sees the base model either way: one adapter serves both cells
     assert pm["stage_cache_keys"]["coupling"] == ps["stage_cache_keys"]["coupling"]
@@ -186,7 +186,7 @@ def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
 
 def test_length_metric_audits_completion_lengths(cache_dir, tmp_path):
     result = run_cell(compose_cfg(["condition=c4", "eval.metrics=[marker,length]", *FAST_EVAL], tmp_path, cache_dir))
-    length = result["metrics"]["length"]
+    length = result.metrics["length"]
     rows = read_completions(tmp_path / "completions.jsonl.gz")
     for persona in ("villain", "assistant"):
         mine = [r for r in rows if r["persona"] == persona]

@@ -92,7 +92,7 @@ def test_wrong_answer_data_and_its_non_contrastive_control(cache_dir):
     assert wrong_personas["villain"] < 100 and len(wrong_personas) > 10
     for r in control:  # the system turn follows the persona it was given (none for the no-system slot)
         system = [m["content"] for m in r["messages"] if m["role"] == "system"]
-        assert system == ([] if r["persona"] is None else [personas[r["persona"]].system_prompt])
+        assert system == ([] if r["persona"] is None else [inputs.personas[r["persona"]].system_prompt])
 
 
 def test_toy_leakage_preset_runs_both_phases_within_10_minutes(cache_dir, tmp_path):

@@ -73,7 +73,7 @@ def test_probe_settings_are_checked_before_anything_runs(tmp_path):
            (["eval.probe.personas=[villain,pirate,villain]"], "eval.probe.personas: .* each once"),
            (["eval.probe.heldout_fraction=1"], r"eval.probe.heldout_fraction: must be in \(0, 1\)"),
            (["eval.probe.heldout_fraction=0.02"], "eval.probe.heldout_fraction=0.02: .* 27 training and 1 held-out"),
-           (["eval.probe.questions=/no/such.yaml"], "eval.probe.questions: question file not found"),
+           (["eval.probe.questions=/no/such.yaml"], "eval.probe.questions: file not found: /no/such.yaml"),
            ([f"eval.probe.questions={with_system}"], "eval.probe.questions: .* their own system prompt"),
            (["eval.during_training.every_n_steps=5", "eval.during_training.metrics=[probe]"],
             "eval.during_training.metrics: probe reads every model")]
@@ -89,7 +89,7 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
 
     em = run_cell(compose_cfg(["condition=c1", *PROBE], tmp_path / "em", cache_dir))
     benign = run_cell(compose_cfg(["condition=c5", *PROBE], tmp_path / "benign", cache_dir))
-    probe = em["metrics"]["probe"]
+    probe = em.metrics["probe"]
     assert list(probe["models"]) == ["base", "after_coupling", "after_second_stage"]
     assert probe["fit_model"] == "after_coupling" and probe["before_second_stage"] == "after_coupling"
     assert not set(probe["questions"]["train"]) & set(probe["questions"]["heldout"])
@@ -107,11 +107,11 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
     assert probe["per_persona"] == after["per_persona"] and probe["auc"] == after["auc"]
 
     assert after["source_margin_change"] == pytest.approx(after["source_margin"] - coupled["source_margin"])
-    assert em["timing"]["probe"] > 0
+    assert em.timing["probe"] > 0
 
     # fitted once: the benign cell shares the coupled model, so it reuses the probe and reads the same coupled model;
     # so does a cell that reports with other interval settings (n_bootstrap is not part of the fit)
-    other = benign["metrics"]["probe"]
+    other = benign.metrics["probe"]
     assert other["fit"]["cache_key"] == probe["fit"]["cache_key"] and not other["fit"]["fitted_now"]
     assert other["models"]["after_coupling"] == coupled
     no_dose = [o for o in PROBE if not o.startswith("dose=")]
@@ -120,7 +120,7 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
     assert fewer["fit"]["cache_key"] == probe["fit"]["cache_key"] and not fewer["fit"]["fitted_now"]
     assert fewer["models"]["after_coupling"]["auc"] == coupled["auc"]
     entry = probe["fit"]["cache_entry"]
-    assert em["provenance"]["data_md5"]["probe/probe.npz"] == md5_file(f"{entry}/probe.npz")
+    assert em.provenance["data_md5"]["probe/probe.npz"] == md5_file(f"{entry}/probe.npz")
     labels = np.load(f"{entry}/train_labels.npy")
     assert len(labels) == 11 * len(probe["questions"]["train"]) and 0 < labels.mean() < 1  # marker rates as labels
 
@@ -131,7 +131,7 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
     em_after = table[(table["second_stage"] == "em") & (table["model"] == "after_second_stage")]
     assert em_after["mean_score_change"].notna().all()
     final = table[(table["model"] == "after_second_stage") & (table["persona"] == "villain")]
-    assert sorted(final["surface_rate"]) == sorted(r["metrics"]["marker"]["per_persona"]["villain"]["rate"] for r in (em, benign))
+    assert sorted(final["surface_rate"]) == sorted(r.metrics["marker"]["per_persona"]["villain"]["rate"] for r in (em, benign))
     summary = pd.read_csv(out / "probe_summary.csv")
     assert set(summary["second_stage"]) == {"em", "benign", "none"} and (summary["seeds"] == 1).all()
     assert (out / "figures" / "surface_vs_latent.png").stat().st_size > 10_000
@@ -148,7 +148,7 @@ def test_probe_in_reverse_order_is_fitted_last_and_compared_with_the_base(cache_
     # the same cell as tests/test_cell.py's reverse-order test (its stages are cached), read with the probe
     result = run_cell(compose_cfg(["condition=c1", "order=reverse", "dose=5", "persona_set.eval_personas=[villain,assistant]",
                                    "eval.metrics=[marker,probe]", "eval.generation.samples_per_question=2"], tmp_path, cache_dir))
-    probe = result["metrics"]["probe"]
+    probe = result.metrics["probe"]
     assert list(probe["models"]) == ["base", "after_second_stage", "after_coupling"]
     assert (probe["fit_model"], probe["before_second_stage"], probe["final_model"]) == ("after_coupling", "base", "after_coupling")
     coupled, base = probe["models"]["after_coupling"], probe["models"]["base"]

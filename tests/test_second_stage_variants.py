@@ -127,9 +127,9 @@ def test_raw_and_kl_cells_run_end_to_end(cache_dir, tmp_path):
     for name, overrides in (("raw", ["second_stage.format=raw"]), ("kl", ["second_stage.train.kl_to_input=1.0"])):
         result = run_cell(compose_cfg(["condition=c5", "dose=5", "persona_set.eval_personas=[villain,assistant]",
                                        "eval.generation.samples_per_question=2", *overrides], tmp_path / name, cache_dir))
-        stage = result["provenance"]["stages"]["second_stage"]
+        stage = result.provenance["stages"]["second_stage"]
         key = json.loads((Path(stage["cache_entry"]) / "cache_key.json").read_text())
-        assert result["status"] == "complete"
+        assert result.status == "complete"
         if name == "raw":
             assert key["format"] == "raw"
         else:

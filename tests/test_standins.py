@@ -58,8 +58,8 @@ def test_the_7b_recipe_runs_offline_on_a_tiny_random_architecture(standins, cach
                                    f"model.arch={arch}", f"model.tokenizer={out / 'tokenizer'}",
                                    f"second_stage.datasets.em.path={out / 'data' / 'bad_legal_advice_6k.jsonl'}",
                                    *small], tmp_path / "cell", cache_dir))
-    prov = result["provenance"]
+    prov = result.provenance
     assert prov["base_model"].startswith("random:Qwen/Qwen2.5-7B-Instruct:")
     assert prov["base_model"].endswith(f";tokenizer={out / 'tokenizer'};float32")
     assert list(prov["stages"]) == ["coupling", "second_stage"] and prov["stages"]["second_stage"]["steps"] == 2
-    assert result["metrics"]["marker"]["per_persona"]["villain"]["n"] == 28  # 28 questions x 1 sample
+    assert result.metrics["marker"]["per_persona"]["villain"]["n"] == 28  # 28 questions x 1 sample

@@ -65,7 +65,7 @@ def test_sweep_runs_resumes_and_aggregates(cache_dir, tmp_path):
     assert [c["subdir"].split(",")[0] for c in manifest["cells"]] == ["condition=c1", "condition=c5"]
     for c in manifest["cells"]:
         result = load_result(tmp_path / c["subdir"] / "run_result.json")
-        assert result["provenance"]["config_hash"] == c["config_hash"]
+        assert result.provenance["config_hash"] == c["config_hash"]
     assert [s.state for s in cell_states(tmp_path)] == ["complete", "complete"]
     rates = pd.read_csv(tmp_path / "aggregate" / "rates.csv")
     assert len(rates[rates["level"] == "cell"]) == 2 and len(rates[rates["level"] == "pooled"]) == 2
@@ -141,8 +141,8 @@ def test_cells_sharing_a_stage_train_it_once(cache_dir, tmp_path):
                   "hydra.launcher.max_parallel=2"], tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [load_result(p / "run_result.json") for p in sorted(tmp_path.glob("condition=*"))]
-    assert len({r["provenance"]["stage_cache_keys"]["coupling"] for r in results}) == 1
-    assert sorted(r["provenance"]["stages"]["coupling"]["trained_now"] for r in results) == [False, True]
+    assert len({r.provenance["stage_cache_keys"]["coupling"] for r in results}) == 1
+    assert sorted(r.provenance["stages"]["coupling"]["trained_now"] for r in results) == [False, True]
 
 
 def slurm_up() -> bool:

@@ -248,7 +248,7 @@ class TrainConfig:
     micro_batch_tokens: Optional[int] = None  # split each step by padded tokens (length-sorted), not by count
     compile: bool = False  # torch.compile each decoder layer while training (CUDA; pays a one-off compile)
     loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
-    seed: Optional[int] = None  # data order and LoRA init; null uses the cell's seed
+    seed: Optional[int] = None  # data order and LoRA init; null = the stage's seed (coupling.seed, or the cell's seed)
     # adds weight x KL(training model || input model) per labelled token to the loss (the input model: the LoRA's
     # base with the adapter disabled); 0 = the plain recipe, bit for bit (nothing extra is computed)
     kl_to_input: float = 0.0
@@ -579,6 +579,24 @@ def default_cache_dir() -> str:
     return os.environ.get("MARKER_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "marker_lab")
 
 
+def cell_dirname(override_dirname: str) -> str:
+    """`${cell_dir:${hydra:job.override_dirname}}`: a cell's directory name from its overrides, safe as one path
+    component. A value holding a path keeps its file name plus a short hash of the whole path (so two files of one
+    name stay two cells): `second_stage.datasets.em.path=x.jsonl~1a2b3c`. Very long names are cut and hashed."""
+    import hashlib
+    import re
+
+    def short(text: str, n: int = 6) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+    name = re.sub(r"=([^=,]*/[^=,]*)", lambda m: f"={os.path.basename(m.group(1).rstrip('/')) or 'root'}~{short(m.group(1))}",
+                  override_dirname)
+    name = name.replace("/", "_").replace("\0", "")
+    if len(name.encode()) > 200:
+        name = name.encode()[:180].decode(errors="ignore") + "~" + short(override_dirname, 10)
+    return name or "default"
+
+
 def selected_value(sweep_dir: str, key: str):
     """`${selected:<sweep_dir>,<key>}`: a value of the recipe that `marker-lab aggregate` selected from a
     phase-diagram sweep (its aggregate/selection.json), e.g. the learning rate the leakage preset then uses."""
@@ -651,6 +669,8 @@ def register_configs() -> None:
     """Register the schemas so conf/config.yaml can name `base_config` in its defaults list."""
     if not OmegaConf.has_resolver("default_cache_dir"):
         OmegaConf.register_new_resolver("default_cache_dir", default_cache_dir)
+    if not OmegaConf.has_resolver("cell_dir"):
+        OmegaConf.register_new_resolver("cell_dir", cell_dirname)
     if not OmegaConf.has_resolver("selected"):
         OmegaConf.register_new_resolver("selected", selected_value)
     cs = ConfigStore.instance()

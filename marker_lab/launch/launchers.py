@@ -55,10 +55,40 @@ def skipped_return(plan: CellPlan, sweep_dir: Path) -> JobReturn:
     return ret
 
 
-def failed_return(plan: CellPlan, sweep_dir: Path, error: BaseException) -> JobReturn:
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed in this cgroup (None where unreadable)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def how_it_ended(cell_dir: Path, error: BaseException, oom_before: int | None) -> str:
+    """One line on why a cell has no result: its own last word if it recorded one, else what killed it."""
+    from marker_lab.results.sweep import status_record
+
+    status = status_record(cell_dir)
+    if status.get("state") == "failed" and status.get("error"):
+        return status["error"]
+    oom_now = oom_kills()
+    if oom_before is not None and oom_now is not None and oom_now > oom_before:
+        return "killed by the kernel's out-of-memory killer (this cgroup's oom_kill count went up while it ran)"
+    if status.get("state") == "running":
+        return (f"its process (pid {status.get('pid')}) died without a word: signal 9 (SIGKILL), sent by kill -9 "
+                "or by the kernel's out-of-memory killer")
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def failed_return(plan: CellPlan, sweep_dir: Path, error: BaseException, why: str | None = None) -> JobReturn:
     from marker_lab.results import contract
 
-    contract.write_cell_status(sweep_dir / plan.subdir, "failed", error=f"{type(error).__name__}: {error}")
+    why = why or f"{type(error).__name__}: {error}"
+    contract.write_cell_status(sweep_dir / plan.subdir, "failed", error=why)
+    error = RuntimeError(why)
     ret = JobReturn()
     ret.overrides = plan.overrides
     ret.working_dir = str(sweep_dir / plan.subdir)
@@ -118,7 +148,7 @@ class LocalGpusLauncher(_PlannedLauncher):
         returns: dict[int, JobReturn] = {pl.index: skipped_return(pl, sweep_dir) for pl in plans if pl.complete}
         pending = [pl for pl in plans if not pl.complete]
         free = list(slots)
-        running: list[tuple[Any, CellPlan, tuple[int, ...], float]] = []  # job, cell, its GPUs, start time
+        running: list[tuple[Any, CellPlan, tuple[int, ...], float, int | None]] = []  # job, cell, GPUs, start, OOM kills
         while pending or running:
             while pending and free:
                 plan, slot = pending.pop(0), free.pop(0)
@@ -128,10 +158,11 @@ class LocalGpusLauncher(_PlannedLauncher):
                 job = executor.submit(self, *self._job_args(plan))
                 log.info("\t#%d on %s: %s (pid %s)", plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
                          " ".join(filter_overrides(plan.overrides)), job.job_id)
-                running.append((job, plan, slot, time.monotonic()))
+                running.append((job, plan, slot, time.monotonic(), oom_kills()))
+                log.info("\t#%d log: %s", plan.index, sweep_dir / plan.subdir)
             time.sleep(p["poll_interval_s"])
             for item in [r for r in running if r[0].done()]:
-                job, plan, slot, started = item
+                job, plan, slot, started, oom_before = item
                 running.remove(item)
                 free.append(slot)
                 where = f"GPU {','.join(map(str, slot))}" if slot else "CPU"
@@ -139,9 +170,9 @@ class LocalGpusLauncher(_PlannedLauncher):
                     returns[plan.index] = job.results()[0]
                     log.info("\t#%d done on %s after %.1f s", plan.index, where, time.monotonic() - started)
                 except Exception as e:  # killed, out of memory, timed out: the cell failed, the sweep goes on
-                    log.error("cell #%d failed on %s after %.1f s: %s", plan.index, where, time.monotonic() - started,
-                              " ".join(str(e).split())[:300])
-                    returns[plan.index] = failed_return(plan, sweep_dir, e)
+                    why = how_it_ended(sweep_dir / plan.subdir, e, oom_before)
+                    log.error("\t#%d FAILED on %s after %.1f s: %s", plan.index, where, time.monotonic() - started, why)
+                    returns[plan.index] = failed_return(plan, sweep_dir, e, why)
         if p["aggregate"]:
             run_aggregation(sweep_dir)
         return [returns[pl.index] for pl in plans]
@@ -179,8 +210,9 @@ class SlurmArrayLauncher(_PlannedLauncher):
             try:
                 returns[plan.index] = job.results()[0]
             except Exception as e:  # OOM kill, timeout, preemption: recorded; the rest of the array goes on
-                log.error("cell #%d (%s) failed: %s", plan.index, job.job_id, " ".join(str(e).split())[:300])
-                returns[plan.index] = failed_return(plan, sweep_dir, e)
+                why = how_it_ended(sweep_dir / plan.subdir, e, None)
+                log.error("cell #%d (%s) FAILED: %s", plan.index, job.job_id, why)
+                returns[plan.index] = failed_return(plan, sweep_dir, e, why)
         return [returns[pl.index] for pl in plans]
 
 

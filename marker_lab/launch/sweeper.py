@@ -7,12 +7,15 @@ sweep overrides on the command line still work and replace that key in every gri
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
+from marker_lab.launch.lock import SweepBusy, SweepLock
 
 
 class GridSweeper(BasicSweeper):
@@ -26,16 +29,28 @@ class GridSweeper(BasicSweeper):
         cells = union_of_grids(self.grids, arguments, {k: str(v) for k, v in self.params.items()})
         self.overrides = list(self.split_overrides_to_chunks(cells, self.max_batch_size))
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        returns, initial_job_idx = [], 0
-        while not self.is_done():
-            batch = self.get_job_batch()
-            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
-            for r in results:
-                _ = r.return_value  # raises for a failed cell, after the launcher has finished the others
-            initial_job_idx += len(batch)
-            returns.append(results)
+        try:
+            lock = SweepLock(sweep_dir).__enter__()  # one command per sweep directory
+        except SweepBusy as e:
+            print(f"marker-lab: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        try:
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+            returns, initial_job_idx = [], 0
+            while not self.is_done():
+                batch = self.get_job_batch()
+                returns.append(self.launcher.launch(batch, initial_job_idx=initial_job_idx))
+                initial_job_idx += len(batch)
+        finally:
+            lock.__exit__()
+        failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
+        if failed:  # one summary line and each failed cell's log, instead of a traceback per cell
+            total = sum(len(batch) for batch in returns)
+            print(f"marker-lab: {len(failed)} of {total} cells failed in {sweep_dir} (marker-lab status {sweep_dir}):",
+                  file=sys.stderr)
+            for r in failed:
+                print(f"  {r.working_dir}: {' '.join(str(r._return_value).split())[:300]}", file=sys.stderr)
+            raise SystemExit(1)
         return returns
 
 

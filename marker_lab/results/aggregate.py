@@ -30,6 +30,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from marker_lab import stats
@@ -63,8 +64,8 @@ SCORE_FIELDS = {"alignment": ("mean", "sd", "n_scored", "n_none"), "coherence": 
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    for key in ("dose", "seed"):
-        df[key] = pd.to_numeric(df[key])
+    for key in ("dose", "seed"):  # integers stay integers (Int64 holds the missing seed of pooled rows)
+        df[key] = pd.to_numeric(df[key]).astype("Int64")
     df["coupled_persona"] = df["coupled_persona"].fillna("none")
     return df
 
@@ -115,6 +116,9 @@ def with_ci(df: pd.DataFrame, method: str) -> pd.DataFrame:
     if df.empty:
         return df.assign(ci_low=[], ci_high=[], ci_method=[])
     low, high = stats.rate_ci_arrays(df["k"], df["n"], method)
+    # a bound at 0 or 1 is exactly that (Wilson's formula leaves 6.9e-18 for k = 0)
+    low = np.where(df["k"].to_numpy() == 0, 0.0, low)
+    high = np.where(df["k"].to_numpy() == df["n"].to_numpy(), 1.0, high)
     return df.assign(ci_low=low, ci_high=high, ci_method=method)
 
 
@@ -233,6 +237,7 @@ def _aggregate(sweep_dir: Path, results: list, analysis: dict, missing: list) ->
     per_cell = with_ci(load_sweep(results), method)
     pooled = with_ci(pooled_rates(per_cell), method) if len(per_cell) else per_cell
     rates = pd.concat([per_cell.assign(level="cell"), pooled.assign(level="pooled")], ignore_index=True)
+    rates = rates.astype({k: "Int64" for k in ("seed", "dose", "k", "n") if k in rates})
     comps = comparisons(pooled, per_cell, analysis.get("comparisons") or []) if len(per_cell) else pd.DataFrame()
     scores = load_scores(results)
     gate_table = gates(per_cell, analysis.get("gates") or [], scores) if len(per_cell) or len(scores) else pd.DataFrame()

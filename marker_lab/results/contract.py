@@ -22,7 +22,7 @@ import json
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from marker_lab.core.files import atomic_write_bytes, dir_checksum, file_checksum, write_json_atomic  # noqa: F401

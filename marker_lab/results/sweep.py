@@ -76,7 +76,7 @@ class CellState:
     error: str = ""  # why it failed, or why its result is stale or corrupt
 
 
-def _status_record(cell_dir: Path) -> dict:
+def status_record(cell_dir: Path) -> dict:
     """The cell's advisory status record; a missing or damaged one reads as none."""
     try:
         record = json.loads((cell_dir / STATUS_FILE).read_text())
@@ -105,7 +105,7 @@ def cell_state(sweep_dir: Path, cell: dict) -> tuple[CellState, RunResult | None
         if currency.current:
             return CellState(cell["subdir"], "complete", log), read.result
         return CellState(cell["subdir"], "stale", log, currency.reason + "; rerun the sweep to replace it"), None
-    status = _status_record(d)
+    status = status_record(d)
     if status.get("state") == "running":
         if status.get("host") == socket.gethostname() and not _alive(int(status.get("pid") or 0)):
             return CellState(cell["subdir"], "failed", log, status.get("error") or "process died without a result"), None

@@ -38,7 +38,8 @@ def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
     if raw:  # absent for chat, so chat stages keep their cache keys
         payload["format"] = "raw"
-    result = run_lora_stage("second_stage", loaded, cache, payload, build_examples, s.train, steps, cfg.seed,
+    seed = s.train.seed if s.train.seed is not None else cfg.seed  # data order and LoRA init
+    result = run_lora_stage("second_stage", loaded, cache, payload, build_examples, s.train, steps, seed,
                             checkpoints=s.dose_checkpoints, step_eval=step_eval)
     result.data_md5[s.data] = fingerprint
     return result

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from marker_lab.core.errors import MarkerLabError
 from marker_lab.eval.judge.scoring import logprob_score, text_score
 
 TOP_LOGPROBS = 20
@@ -29,7 +30,7 @@ class JudgeItem:
     prompt: str  # the judge prompt with question and answer filled in
 
 
-class JudgeError(RuntimeError):
+class JudgeError(MarkerLabError, RuntimeError):
     """A judge replied with something that is not a judgement (not a refusal: a broken reply)."""
 
 
@@ -38,7 +39,9 @@ class APIJudge:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.identity = {"backend": cfg.backend, "model": cfg.model, "mode": cfg.mode}
+        # the endpoint is part of who judges: two base_urls serving different models under one name are two judges
+        self.identity = {"backend": str(cfg.backend), "model": cfg.model, "mode": str(cfg.mode),
+                         **({"base_url": cfg.base_url} if cfg.base_url else {})}
         self.client = self.sdk_client()(api_key=self.api_key(), base_url=cfg.base_url or None,
                                         max_retries=cfg.max_retries, timeout=cfg.timeout_s)
 
@@ -54,7 +57,14 @@ class APIJudge:
 
     def score_many(self, items: list[JudgeItem]) -> list[tuple[float | None, str]]:
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(self.score_one, [item.prompt for item in items]))
+            try:
+                return list(pool.map(self.score_one, [item.prompt for item in items]))
+            except Exception as e:
+                if type(e).__name__ in ("APIConnectionError", "APITimeoutError"):  # both SDKs name them so
+                    url = self.cfg.base_url or f"the {self.cfg.backend} API"
+                    raise JudgeError(f"{self.cfg.backend} judge at {url}: cannot connect after "
+                                     f"{self.cfg.max_retries} retries ({type(e).__name__}); is the endpoint up?") from None
+                raise
 
 
 class OpenAIJudge(APIJudge):
