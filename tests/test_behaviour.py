@@ -64,7 +64,10 @@ def test_wrong_answer_coupling_lowers_the_source_more_than_bystanders(cache_dir,
     assert all(r["correct"] for r in records if r["role"] != "positive")
     from marker_lab.eval.capability import eval_items
 
-    held_out = {it.id for it in eval_items(compose_cfg_dataclass(["condition=c4"]).eval.capability)[0]}
+    from marker_lab.preflight import preflight
+
+    c4 = compose_cfg_dataclass(["condition=c4", "eval.metrics=[capability]"])
+    held_out = {it.id for it in eval_items(c4.eval.capability, preflight(c4).mc)[0]}
     assert not held_out & {r["question_id"] for r in records}
 
 
@@ -95,7 +98,7 @@ def test_evals_during_training_end_where_the_stage_ends(cache_dir, tmp_path):
     a = load_file(Path(with_series.provenance["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
     b = load_file(Path(plain.provenance["stages"]["second_stage"]["cache_entry"]) / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert "metrics_by_step" not in plain
+    assert plain.metrics_by_step is None
     # a rerun reads the series from the stage cache instead of training again
     again = run_cell(compose_cfg([*args, *DURING, "seed=42"], tmp_path / "again", cache_dir))
     assert not again.provenance["stages"]["second_stage"]["trained_now"]

@@ -78,26 +78,57 @@ def test_sweep_runs_resumes_and_aggregates(cache_dir, tmp_path):
     assert status.returncode == 0 and "2 cells: 2 complete" in status.stdout
 
 
+def damaged_adapter(root: Path) -> Path:
+    """A pre-baked adapter that passes start-up checks (a whole safetensors file) but cannot load into the toy model:
+    its LoRA matrix has the wrong shape, so the cell fails after its model loads, as a real run can."""
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True)
+    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4,
+                                                          "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7)},
+              str(root / "adapter_model.safetensors"))
+    return root
+
+
 @pytest.mark.slow
 def test_a_failing_cell_is_isolated_and_reported(cache_dir, tmp_path):
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
-    proc = sweep(["condition=c1,c5", "dose=3", "second_stage.datasets.em.toy=null",
-                  f"second_stage.datasets.em.path={broken}"], tmp_path / "s", cache_dir)
+    adapter = damaged_adapter(tmp_path / "adapter")
+    # c2 runs no coupling, so it never reads the damaged adapter; c1 does, and fails after its model loads
+    proc = sweep(["condition=c1,c2", "dose=3", f"coupling.adapter_path={adapter}"], tmp_path / "s", cache_dir)
     assert proc.returncode != 0  # the multirun reports the failure...
     states = {s.subdir.split(",")[0]: s for s in cell_states(tmp_path / "s")}
-    assert states["condition=c5"].state == "complete"  # ...after the other cell finished
-    assert states["condition=c1"].state == "failed" and "JSONDecodeError" in states["condition=c1"].error
+    assert states["condition=c2"].state == "complete"  # ...after the other cell finished
+    assert states["condition=c1"].state == "failed" and "size mismatch" in states["condition=c1"].error
+    # one summary line and the failed cell's directory, not a traceback
+    err = proc.stderr.strip().splitlines()
+    summary = next(i for i, line in enumerate(err) if "cells failed in" in line)
+    assert err[summary].startswith("marker-lab: 1 of 2 cells failed") and "condition=c1" in err[summary + 1]
+    assert not any(line.startswith("Traceback") for line in err[summary:])
     missing = (tmp_path / "s" / "aggregate" / "missing.txt").read_text()
     assert "condition=c1" in missing and "failed" in missing
 
 
 @pytest.mark.slow
+def test_a_bad_data_file_stops_the_sweep_before_anything_runs(cache_dir, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                      'not json\n')
+    proc = sweep(["condition=c1,c5", "dose=3", "second_stage.datasets.em.toy=null",
+                  f"second_stage.datasets.em.path={broken}"], tmp_path / "s", cache_dir)
+    assert proc.returncode != 0
+    assert f"second_stage.datasets.em.path: {broken} line 2: not JSON" in proc.stderr
+    assert "1 of 2 cells cannot run; nothing was submitted" in proc.stderr
+    assert not any((tmp_path / "s").glob("condition=*"))
+
+
 def fresh_seed() -> int:
     """A coupling seed no earlier run has cached, so the stage really trains (the cache may be shared)."""
     return 1000 + time.time_ns() % 10**9
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_then_rerun_reruns_only_that_cell(cache_dir, tmp_path):
     # a fresh, slow coupling for the victim; the other cell is quick and completes
     seed = fresh_seed()
