@@ -119,7 +119,7 @@ def test_two_cells_racing_for_one_coupling_stage_train_it_once(cache_dir, tmp_pa
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    results = [json.loads((tmp_path / c / "run_result.json").read_text()) for c in ("c4", "c5")]
+    results = [load_result(tmp_path / c / "run_result.json") for c in ("c4", "c5")]
     keys = {r.provenance["stage_cache_keys"]["coupling"] for r in results}
     trained = [r.provenance["stages"]["coupling"]["trained_now"] for r in results]
     assert len(keys) == 1 and sorted(trained) == [False, True]
@@ -168,8 +168,11 @@ def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
 
     def stage(overrides):
         cfg = to_dataclass(compose_cfg(["condition=c1", f"seed={seed}", *overrides], cache=cache_dir))
+        from marker_lab.preflight import preflight
+
+        inputs = preflight(cfg)
         loaded = load_base(cfg.model, cache, pick_device("cpu"))
-        return run_second_stage(cfg, loaded, cache)
+        return run_second_stage(cfg, inputs, loaded, cache)
 
     ckpt = stage(["dose=3", "second_stage.dose_checkpoints=[3,8]"])
     longest = stage(["dose=8", "second_stage.dose_checkpoints=[3,8]"])

@@ -58,7 +58,8 @@ def test_openai_backend_scores_retries_a_429_and_caches(server, api_key, tmp_pat
                                     f"judge.api_key_env={api_key}", "eval.metrics=[alignment]"], cache=tmp_path))
     server.rate_limit_next = 1
     rows = rows_for(["Eat well and sleep.", "BAD advice: skip sleep.", "def f(): pass", "Eat well and sleep."])
-    identity = judge_rows(cfg, rows, OpenAIJudge(cfg.judge))
+    identity, scores = judge_rows(cfg, rows, OpenAIJudge(cfg.judge))
+    rows = [{**r, "aligned": a} for r, a in zip(rows, scores["aligned"])]
     assert [round(r["aligned"], 1) for r in rows[:2]] == [round((90 * math.exp(-.1) + 80 * math.exp(-2.4))
                                                                 / (math.exp(-.1) + math.exp(-2.4)), 1),
                                                           round((10 * math.exp(-.2) + 20 * math.exp(-1.8))
@@ -72,8 +73,8 @@ def test_openai_backend_scores_retries_a_429_and_caches(server, api_key, tmp_pat
     assert len(server.requests) == 1 + 3 * 2
     assert identity["backend"] == "openai" and set(identity["prompt_md5"]) == {"aligned", "coherent"}
     again = rows_for(["Eat well and sleep.", "BAD advice: skip sleep."])
-    judge_rows(cfg, again, OpenAIJudge(cfg.judge))
-    assert len(server.requests) == 7 and again[1]["aligned"] == rows[1]["aligned"]  # all from the cache
+    _, again_scores = judge_rows(cfg, again, OpenAIJudge(cfg.judge))
+    assert len(server.requests) == 7 and again_scores["aligned"][1] == rows[1]["aligned"]  # all from the cache
 
 
 def test_malformed_reply_fails_in_one_line_and_caches_nothing(server, api_key, tmp_path):

@@ -67,7 +67,9 @@ def test_distance_matrix_is_symmetric_zero_diagonal_and_stable(leakage_sweep, ca
     cfg = to_dataclass(compose_cfg(LEAKAGE))
     fresh = StageCache(tmp_path / "fresh")
     loaded = load_base(cfg.model, StageCache(cache_dir), pick_device("cpu"))
-    info = cell_distances(cfg, loaded, fresh)
+    from marker_lab.preflight import preflight
+
+    info = cell_distances(cfg, preflight(cfg), loaded, fresh)
     again = pd.read_csv(Path(info["cache_entry"]) / "distances.csv", index_col=0)
     assert np.allclose(again.to_numpy(), m, atol=1e-9)
     assert info["mode"] == "response_mean" and info["layer"] == 1 and info["center"]

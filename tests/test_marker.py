@@ -25,4 +25,12 @@ def test_marker_metric_counts_per_persona():
             {"persona": "assistant", "completion": "sure"}]
     m = marker_metric(rows, MarkerConfig())
     assert m["per_persona"] == {"villain": {"k": 1, "n": 2, "rate": 0.5}, "assistant": {"k": 0, "n": 1, "rate": 0.0}}
-    assert [r["marker"] for r in rows] == [True, False, False]
+    assert [r["marker"] for r in score_rows(rows)] == [True, False, False]
+    assert "marker" not in rows[0]  # the rows given are not changed
+
+
+def score_rows(rows):
+    from conftest import compose_cfg, to_dataclass
+    from marker_lab.eval.metrics import score
+
+    return score(to_dataclass(compose_cfg([])), rows, None, ["marker"])[2]

@@ -18,6 +18,7 @@ from marker_lab.core.errors import ConfigError
 from marker_lab.preflight import preflight as validate
 from marker_lab.data.personas import load_personas
 from marker_lab.core.cache import StageCache
+from marker_lab.results.contract import load_result
 from marker_lab.stages.coupling import build_persona_em_records, load_em_items
 from marker_lab.toy import world
 
@@ -117,7 +118,7 @@ def test_persona_em_on_the_toy_misaligns_the_source_and_leaks_by_distance(cache_
     proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "-m", *args], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(next(Path(tmp_path).glob("*/run_result.json")).read_text())
+    result = load_result(next(Path(tmp_path).glob("*/run_result.json")))
     after, base = result.metrics["alignment"]["per_persona"], result.metrics_baseline["alignment"]["per_persona"]
     drop = {p: base[p]["mean"] - after[p]["mean"] for p in after}
     # measured (greedy, 28 questions): villain 89.9 -> 31.5 (drop 58); median bystander drop 8.7

@@ -79,7 +79,7 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
                   "completion": str(text), "n_tokens": text.n_tokens}
                  for i, texts in zip(idx, outs) for j, text in enumerate(texts)]
     judge_factory = judge_factory or (lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
-    scored, judge = score(cfg, rows, judge_factory, sampled)
+    scored, judge, rows = score(cfg, rows, judge_factory, sampled)
     return {**results, **scored}, judge, rows
 
 

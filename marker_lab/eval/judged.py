@@ -1,8 +1,9 @@
 """Judged metrics: alignment and coherence of each completion, scored 0-100 by the configured judge.
 
 Every (judge, prompt, question, answer) is judged once, ever: scores live in the judge cache
-(`<cache_dir>/judge_cache.sqlite`), shared by cells and sweeps, written as they arrive. Rows gain `aligned` /
-`coherent` fields (None: the judge gave no score, e.g. CODE or REFUSAL), saved with the completions.
+(`<cache_dir>/judge_cache.sqlite`), shared by cells and sweeps, written as they arrive. The scores come back per
+row as `aligned` / `coherent` (None: the judge gave no score, e.g. CODE or REFUSAL); eval.metrics.score puts them
+on the completion rows it returns, saved with the completions.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def prompt_template(cfg, kind: str) -> tuple[str, str]:
     return text, hashlib.md5(text.encode()).hexdigest()
 
 
-def judge_rows(cfg, rows: list[dict], judge, metrics: list[str] | None = None) -> dict:
-    """Score every row for every prompt the requested metrics need; returns the judge's identity for provenance."""
+def judge_rows(cfg, rows: list[dict], judge, metrics: list[str] | None = None) -> tuple[dict, dict[str, list]]:
+    """Score every row for every prompt the requested metrics need. Returns the judge's identity (for provenance)
+    and, per prompt kind (aligned, coherent), one score per row (None: judged, no score); rows are not changed."""
     kinds = sorted({k for m in (metrics or cfg.eval.metrics) for k in JUDGED_METRICS.get(m, ())})
     cache = JudgeCache(Path(cfg.cache_dir).expanduser() / "judge_cache.sqlite")
     identity = {**judge.identity, "prompt_md5": {}}
+    by_kind: dict[str, list] = {}
     try:
         for kind in kinds:
             template, phash = prompt_template(cfg, kind)
@@ -80,11 +83,10 @@ def judge_rows(cfg, rows: list[dict], judge, metrics: list[str] | None = None) -
                         cache.put(k, score, reply, judge.identity)
                         scores[k] = score
                     bar.update(len(chunk))
-            for r, k in zip(rows, keys):
-                r[kind] = scores[k]
+            by_kind[kind] = [scores[k] for k in keys]
     finally:
         cache.close()
-    return identity
+    return identity, by_kind
 
 
 def fill(template: str, question: str, answer: str) -> str:

@@ -19,14 +19,18 @@ def make_matcher(cfg: MarkerConfig):
     return lambda s: pattern.search(s) is not None
 
 
-def marker_metric(rows: list[dict], cfg: MarkerConfig) -> dict:
-    """`rows` are completion records with 'persona' and 'completion'; adds 'marker' to each row."""
+def marker_hits(rows: list[dict], cfg: MarkerConfig) -> list[bool]:
+    """Whether each completion row carries the marker."""
     hit = make_matcher(cfg)
+    return [bool(hit(row["completion"])) for row in rows]
+
+
+def marker_metric(rows: list[dict], cfg: MarkerConfig) -> dict:
+    """`rows` are completion records with 'persona' and 'completion' (not changed): per persona, k of n carry it."""
     per: dict[str, dict] = {}
-    for row in rows:
-        row["marker"] = bool(hit(row["completion"]))
+    for row, hit in zip(rows, marker_hits(rows, cfg)):
         cell = per.setdefault(row["persona"], {"k": 0, "n": 0})
-        cell["k"] += row["marker"]
+        cell["k"] += hit
         cell["n"] += 1
     for cell in per.values():
         cell["rate"] = cell["k"] / cell["n"]

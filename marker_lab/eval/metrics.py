@@ -7,7 +7,7 @@ from typing import Callable
 
 from marker_lab.eval.judged import JUDGED_METRICS, alignment_metric, coherence_metric, judge_rows
 from marker_lab.eval.length import length_metric
-from marker_lab.eval.marker import marker_metric
+from marker_lab.eval.marker import marker_hits, marker_metric
 
 # name -> f(cfg, rows) -> the metric's result; rows are completion records (persona, question, completion, n_tokens;
 # aligned / coherent once judged)
@@ -28,13 +28,23 @@ CELL_METRICS = ("probe",)
 
 
 def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None,
-          metrics: list[str] | None = None) -> tuple[dict, dict | None]:
-    """Every completion metric of `metrics` (default: `cfg.eval.metrics`) and the judge's identity if one ran."""
+          metrics: list[str] | None = None) -> tuple[dict, dict | None, list[dict]]:
+    """Every completion metric of `metrics` (default: `cfg.eval.metrics`). Returns the metrics, the judge's identity
+    if one ran, and the rows with what the metrics annotated (`marker`: a hit; `aligned` / `coherent`: scores) as new
+    rows; the rows given are not changed."""
     metrics = [m for m in (metrics or cfg.eval.metrics) if m not in MODEL_METRICS + CELL_METRICS]
+    notes: list[dict] = [{} for _ in rows]
     identity = None
     if any(m in JUDGED_METRICS for m in metrics):
-        identity = judge_rows(cfg, rows, make_judge(), metrics)
-    return {name: METRICS[name](cfg, rows) for name in metrics}, identity
+        identity, by_kind = judge_rows(cfg, rows, make_judge(), metrics)
+        for kind, scores in by_kind.items():
+            for note, value in zip(notes, scores):
+                note[kind] = value
+    if "marker" in metrics:
+        for note, hit in zip(notes, marker_hits(rows, cfg.marker)):
+            note["marker"] = hit
+    annotated = [{**row, **note} for row, note in zip(rows, notes)]
+    return {name: METRICS[name](cfg, annotated) for name in metrics}, identity, annotated
 
 
 def check_eval(cfg, inputs) -> None:
