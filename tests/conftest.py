@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,17 @@ from marker_lab.run import CONF_DIR
 os.environ.setdefault("TQDM_MININTERVAL", "5")
 
 
+# The tests never fill a user's own cache ($MARKER_LAB_CACHE): they use $MARKER_LAB_TEST_CACHE when it is set (CI
+# points it at the cache its default run just built), else one fresh temporary directory for the session. Set here,
+# at import, so that every config composed by any test (and every CLI it starts) resolves cache_dir to it.
+TEST_CACHE = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or tempfile.mkdtemp(prefix="marker_lab_test_cache_"))
+os.environ["MARKER_LAB_CACHE"] = str(TEST_CACHE)
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
+def cache_dir() -> Path:
     """One stage cache for the whole session, so the toy model is pretrained once."""
-    path = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or os.environ.get("MARKER_LAB_CACHE")
-                or tmp_path_factory.mktemp("stage_cache"))
-    os.environ["MARKER_LAB_CACHE"] = str(path)
-    return path
+    return TEST_CACHE
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None):

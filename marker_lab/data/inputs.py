@@ -76,8 +76,9 @@ class CellInputs:
         """{config key: {path, checksum}} of every input file, as the result records them."""
         return {k: f.record() for k, f in sorted(self.files.items())}
 
-    def checksum(self, key: str) -> str:
-        return self.files[key].checksum
+    def checksum(self, key: str) -> str | None:
+        """The checksum of the input at config key `key`; None when this cell does not read it."""
+        return self.files[key].checksum if key in self.files else None
 
     def require_persona(self, key: str, name: str | None, cfg: Config) -> None:
         """A persona a config key names must be in the set (one line naming the key and the set)."""

@@ -167,9 +167,12 @@ class LocalGpusLauncher(_PlannedLauncher):
                 free.append(slot)
                 where = f"GPU {','.join(map(str, slot))}" if slot else "CPU"
                 try:
-                    returns[plan.index] = job.results()[0]
+                    ret = job.results()[0]
+                    if ret.status == JobStatus.FAILED:  # the cell raised: Hydra caught it in the job
+                        raise ret._return_value
+                    returns[plan.index] = ret
                     log.info("\t#%d done on %s after %.1f s", plan.index, where, time.monotonic() - started)
-                except Exception as e:  # killed, out of memory, timed out: the cell failed, the sweep goes on
+                except Exception as e:  # raised, killed, out of memory, timed out: the cell failed, the sweep goes on
                     why = how_it_ended(sweep_dir / plan.subdir, e, oom_before)
                     log.error("\t#%d FAILED on %s after %.1f s: %s", plan.index, where, time.monotonic() - started, why)
                     returns[plan.index] = failed_return(plan, sweep_dir, e, why)
@@ -208,8 +211,11 @@ class SlurmArrayLauncher(_PlannedLauncher):
             log.info("slurm: aggregation job %s (afterany:%s)", agg_job.job_id, array_id)
         for job, plan in zip(jobs, todo):
             try:
-                returns[plan.index] = job.results()[0]
-            except Exception as e:  # OOM kill, timeout, preemption: recorded; the rest of the array goes on
+                ret = job.results()[0]
+                if ret.status == JobStatus.FAILED:  # the cell raised: Hydra caught it in the job
+                    raise ret._return_value
+                returns[plan.index] = ret
+            except Exception as e:  # raised, OOM kill, timeout, preemption: recorded; the rest of the array goes on
                 why = how_it_ended(sweep_dir / plan.subdir, e, None)
                 log.error("cell #%d (%s) FAILED: %s", plan.index, job.job_id, why)
                 returns[plan.index] = failed_return(plan, sweep_dir, e, why)
