@@ -14,9 +14,10 @@ USAGE = """marker-lab <command> [args]
 commands:
   run [overrides...]        run one train-then-eval cell (Hydra overrides, e.g. condition=c4 seed=137)
   run -m [overrides...]     run a sweep: every cell of a grid (e.g. +experiment=marker_transfer), resumable
-  status <sweep_dir>        every expected cell of a sweep: pending / running / complete / failed
+  status <sweep_dir>        every expected cell of a sweep: complete / running / pending / failed / stale / corrupt
   aggregate <sweep_dir>     tables of a sweep's results (runs by itself after a sweep)
-  bench [--model M] [--out F]  speed of one 7B cell on this GPU: baseline vs fast path (random init)
+  bench [--model M] [--out F]  speed of one 7B cell on this GPU: baseline vs fast path (random init);
+                            `bench --model toy --quick` checks every code path on CPU (numbers mean nothing)
 
 `marker-lab run --help` shows Hydra's help; `marker-lab run --cfg job` prints the composed config.
 """
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_main(rest)
     elif command in ("status", "aggregate"):
         parser = argparse.ArgumentParser(prog=f"marker-lab {command}")
-        parser.add_argument("sweep_dir", help="a sweep directory (it holds manifest.json)")
+        parser.add_argument("sweep_dir", help="a sweep directory (with its manifest.json), or any directory holding "
+                                              "run_result.json files, e.g. outputs/runs")
         args = parser.parse_args(rest)
         import logging
 
