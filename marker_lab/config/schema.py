@@ -7,6 +7,7 @@ impossible combination) live in `marker_lab.config.validate`.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -184,7 +185,8 @@ class GateLevel(Choice):
 
 
 # choice fields whose values are not identifiers (OmegaConf enums go by name): checked when the config is built
-OPS = (">=", "<=", ">", "<")
+COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}  # gates, misaligned rules
+OPS = tuple(COMPARE)
 ALTERNATIVES = ("two-sided", "larger", "smaller")
 # judged metric -> the judge prompts it needs (the misaligned share needs coherence too)
 JUDGED_PROMPTS = {"alignment": ("aligned", "coherent"), "coherence": ("coherent",)}

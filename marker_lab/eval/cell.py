@@ -3,15 +3,15 @@ readout (eval.baseline) and the evals a stage runs while it trains (eval.during_
 
 from __future__ import annotations
 
-import copy
 import json
+from dataclasses import replace
 import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from marker_lab.config.schema import Config
+from marker_lab.config.schema import Config, KVCache
 from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.data.inputs import CellInputs
 from marker_lab.data.questions import with_question_system
@@ -114,15 +114,14 @@ def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedMod
 def series_config(cfg: Config, stage: str) -> Config:
     """The config a during-training series evaluates with: the stage's own seed (so shared stages stay shared), the
     series' sample count, and stock `generate` (the static-cache path is measured on merged eval models only, not
-    yet on a LoRA model mid-training). A copy: the cell's config is not changed."""
+    yet on a LoRA model mid-training). A new config: the cell's is not changed."""
     d = cfg.eval.during_training
-    at = copy.deepcopy(cfg)
-    at.seed = cfg.coupling.seed if stage == "coupling" else cfg.seed
-    at.eval.engine.cache = "dynamic"
-    if d.samples_per_question:
-        at.eval.generation.samples_per_question = d.samples_per_question
-        at.eval.file_samples = False  # the series' own sample count wins over a question file's
-    return at
+    generation = replace(cfg.eval.generation, samples_per_question=d.samples_per_question) \
+        if d.samples_per_question else cfg.eval.generation
+    evaluation = replace(cfg.eval, engine=replace(cfg.eval.engine, cache=KVCache.dynamic), generation=generation,
+                         # the series' own sample count wins over a question file's
+                         file_samples=cfg.eval.file_samples and not d.samples_per_question)
+    return replace(cfg, seed=cfg.coupling.seed if stage == "coupling" else cfg.seed, eval=evaluation)
 
 
 def eval_settings_read(eval_cfg, with_metrics: bool = True) -> dict:

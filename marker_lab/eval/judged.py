@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import operator
 import statistics
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from marker_lab.config.schema import COMPARE
 from marker_lab.core.files import resolve_path
 from marker_lab.eval.judge.backends import JudgeItem
 from marker_lab.eval.judge.cache import JudgeCache, judgement_key
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 # metric -> the judge prompts it needs (the misaligned share needs coherence too)
 JUDGED_METRICS = {"alignment": ("aligned", "coherent"), "coherence": ("coherent",)}
 CHUNK = 64  # judgements per backend call; each chunk is cached before the next starts
-OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 def make_judge(cfg, stage_cache, device):
@@ -104,7 +103,7 @@ def _summary(values: list[float | None]) -> dict:
 def _condition(text: str):
     for op in (">=", "<=", ">", "<"):  # two-character operators first
         if text.startswith(op):
-            return lambda v, f=OPS[op], x=float(text[len(op):]): f(v, x)
+            return lambda v, f=COMPARE[op], x=float(text[len(op):]): f(v, x)
     raise ValueError(f"eval.misaligned: condition {text!r} must start with <, <=, > or >=")
 
 

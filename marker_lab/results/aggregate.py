@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from marker_lab import stats
+from marker_lab.config.schema import COMPARE
 from marker_lab.core.files import atomic_write_bytes
 from marker_lab.results import drift, figures, leakage, probe, report
 from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS, cell_states, complete_results, role_of
@@ -162,7 +163,6 @@ def comparisons(pooled: pd.DataFrame, per_cell: pd.DataFrame, specs: list[dict])
     return pd.DataFrame(rows)
 
 
-OPS = {">=": lambda x, v: x >= v, "<=": lambda x, v: x <= v, ">": lambda x, v: x > v, "<": lambda x, v: x < v}
 
 
 def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -183,7 +183,7 @@ def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = 
             results, detail = [], []
             for check in spec.get("checks", []):
                 value = _check_value(check, select_rows(target_r, where), select_rows(target_s, where))
-                results.append(None if value != value else bool(OPS[check["op"]](value, check["value"])))
+                results.append(None if value != value else bool(COMPARE[check["op"]](value, check["value"])))
                 name = f"{check['persona']} {check.get('metric', 'marker')}{'.' + check['field'] if check.get('field') else ''}"
                 detail.append(f"{name}={value:.3f} {check['op']} {check['value']}" if value == value else f"{name}: no data")
             result = "NO DATA" if not results or None in results else ("PASS" if all(results) else "FAIL")
