@@ -11,7 +11,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from marker_lab.config.schema import ModelConfig
-from marker_lab.data.chat import NO_SYSTEM_ATTR
 from marker_lab.core.cache import StageCache, cache_key
 from marker_lab.toy import world
 
@@ -26,6 +25,7 @@ class LoadedModel:
     tokenizer: object
     identity: str  # names the weights exactly; stage cache keys build on it
     merge: bool = True  # merge each stage's adapter into the weights (False: stack adapters; merge_between_stages)
+    no_system: str = "none"  # how a prompt without a system prompt renders (model.no_system; see data.chat.render)
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,12 +73,11 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: 
     # prompt is rendered (stage, probe and geometry keys build on the identity)
     identity += f";{cfg.dtype}" + (f";no_system={cfg.no_system}" if cfg.no_system != "none" else "")
     tokenizer.padding_side = "left"
-    setattr(tokenizer, NO_SYSTEM_ATTR, cfg.no_system)  # read by data.chat.render
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     log.info("loaded base model %s (%s) on %s", cfg.name, identity, device)
-    return LoadedModel(model, tokenizer, identity, merge)
+    return LoadedModel(model, tokenizer, identity, merge, str(cfg.no_system))
 
 
 def random_init_model(cfg: ModelConfig, device: torch.device):

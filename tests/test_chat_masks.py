@@ -43,10 +43,7 @@ def test_assistant_only_covers_every_assistant_turn(tokenizer):
 
 
 def test_template_default_system_prompt_is_masked_when_kept(tokenizer):
-    from marker_lab.data.chat import NO_SYSTEM_ATTR
-
-    setattr(tokenizer, NO_SYSTEM_ATTR, "template")  # model.no_system=template
-    enc = encode_chat(tokenizer, CHAT[1:], "assistant_only")
+    enc = encode_chat(tokenizer, CHAT[1:], "assistant_only", no_system="template")  # model.no_system=template
     text = tokenizer.decode(enc.input_ids)
     if tokenizer.chat_template == QWEN_TEMPLATE:
         assert "You are Qwen" in text  # the template's own default: masked, never trained on
@@ -87,7 +84,7 @@ def test_unknown_loss_mode_is_rejected(tokenizer):
 def test_no_system_prompt_means_no_system_turn_even_on_qwens_template(toy_tokenizer):
     """Qwen's template inserts its default system prompt when a conversation has none; render removes it (so a
     'no system prompt' anchor is what it says) unless model.no_system=template asks for the default."""
-    from marker_lab.data.chat import NO_SYSTEM_ATTR, inserts_default_system, render
+    from marker_lab.data.chat import inserts_default_system, render
 
     qwen = copy.deepcopy(toy_tokenizer)
     qwen.chat_template = QWEN_TEMPLATE
@@ -103,5 +100,4 @@ def test_no_system_prompt_means_no_system_turn_even_on_qwens_template(toy_tokeni
     # loss masks still find the assistant turn
     enc = encode_chat(qwen, chat, "assistant_only")
     assert labelled_text(qwen, enc) == "hello .<|im_end|>"
-    setattr(qwen, NO_SYSTEM_ATTR, "template")
-    assert "You are Qwen" in render(qwen, chat)
+    assert "You are Qwen" in render(qwen, chat, no_system="template")

@@ -26,18 +26,16 @@ class Encoded:
     labels: list[int]
 
 
-NO_SYSTEM_ATTR = "marker_lab_no_system"  # set on a tokenizer by models.load_base from model.no_system
-
-
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, no_system: str = "none") -> str:
     """The chat template's text for `messages` (no tokenization).
 
     A conversation without a system turn gets none: templates that insert a default system prompt when none is
     given (Qwen2.5's "You are Qwen, created by Alibaba Cloud...") have that block removed, so a "no system prompt"
-    persona or anchor is what it says. `model.no_system=template` keeps the template's default instead.
+    persona or anchor is what it says. `no_system="template"` (model.no_system; the loaded model carries it) keeps
+    the template's default instead.
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    if (messages and messages[0]["role"] == "system") or getattr(tokenizer, NO_SYSTEM_ATTR, "none") == "template":
+    if (messages and messages[0]["role"] == "system") or no_system == "template":
         return text
     if not inserts_default_system(tokenizer):
         return text
@@ -54,10 +52,9 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 
 def inserts_default_system(tokenizer) -> bool:
     """Whether the chat template adds a system turn to a conversation that has none (checked once per template)."""
-    template = tokenizer.chat_template
-    cached = getattr(tokenizer, "_marker_lab_default_system", None)
-    if cached is not None and cached[0] == template:
-        return cached[1]
+    memo = (tokenizer.chat_template, tokenizer.bos_token)
+    if memo in _DEFAULT_SYSTEM:
+        return _DEFAULT_SYSTEM[memo]
     sentinel = "\x00marker-lab-sentinel\x00"
     system_only = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}], tokenize=False)
     header = system_only[: system_only.index(sentinel)]
@@ -68,18 +65,21 @@ def inserts_default_system(tokenizer) -> bool:
     user_only = user_only[len(bos):] if bos and user_only.startswith(bos) else user_only
     # the system header (role marker, e.g. "<|im_start|>system\n") opens a conversation that has no system turn
     inserted = bool(header.strip()) and user_only.startswith(header)
-    tokenizer._marker_lab_default_system = (template, inserted)
+    _DEFAULT_SYSTEM[memo] = inserted
     return inserted
 
 
-def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+_DEFAULT_SYSTEM: dict[tuple, bool] = {}  # (chat template, bos token) -> whether it inserts a default system prompt
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict], no_system: str) -> tuple[str, list[tuple[int, int]]]:
     """Full text and the (start, end) character span of each assistant turn's content in it."""
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, no_system=no_system)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True, no_system=no_system)
         if not text.startswith(prefix) or not text[len(prefix):].startswith(m["content"]):
             raise ValueError("chat template does not render turns as a prefix of the conversation; "
                              "assistant_only and marker_only loss need that property")
@@ -88,7 +88,7 @@ def _assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tu
 
 
 def encode_chat(tokenizer, messages: list[dict], loss_mode: str, *, marker_span: tuple[int, int] | None = None,
-                negative_tokens: int = 3, max_len: int | None = None) -> Encoded:
+                negative_tokens: int = 3, max_len: int | None = None, no_system: str = "none") -> Encoded:
     """Tokenize a conversation and label it for `loss_mode`.
 
     `marker_span` is a (start, end) character range inside the last assistant message's content; it is
@@ -97,9 +97,9 @@ def encode_chat(tokenizer, messages: list[dict], loss_mode: str, *, marker_span:
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
     if loss_mode == "full":
-        text, spans = render(tokenizer, messages), []
+        text, spans = render(tokenizer, messages, no_system=no_system), []
     else:
-        text, spans = _assistant_char_spans(tokenizer, messages)
+        text, spans = _assistant_char_spans(tokenizer, messages, no_system)
         if not spans:
             raise ValueError(f"loss_mode={loss_mode} needs at least one assistant turn")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

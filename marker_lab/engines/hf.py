@@ -37,23 +37,24 @@ def stop_token_ids(model, tokenizer=None) -> list[int]:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto"):
+    def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none"):
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.no_system = model, tokenizer, batch_size, no_system
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
 
     @classmethod
-    def from_config(cls, model, tokenizer, engine_cfg) -> "HFEngine":
-        """The engine as `eval.engine` configures it (batch size, KV cache mode)."""
-        return cls(model, tokenizer, engine_cfg.batch_size, str(engine_cfg.cache))
+    def from_config(cls, loaded, engine_cfg) -> "HFEngine":
+        """The engine on a loaded model (models.LoadedModel) as `eval.engine` configures it (batch size, KV cache)."""
+        return cls(loaded.model, loaded.tokenizer, engine_cfg.batch_size, str(engine_cfg.cache), loaded.no_system)
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  desc: str = "generate") -> list[list[Completion]]:
         tok = self.tokenizer
-        ids = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [tok(render(tok, p, add_generation_prompt=True, no_system=self.no_system), add_special_tokens=False)
+               ["input_ids"] for p in prompts]
         out = self.generate_ids(ids, params, stop_token_ids(self.model, tok), tok.pad_token_id, desc)
         return [[Completion(text, len(s)) for text, s in zip(tok.batch_decode(seqs, skip_special_tokens=True), seqs)]
                 for seqs in out]

@@ -28,10 +28,10 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85,
-                 seed: int = 0, max_lora_rank: int | None = None, max_loras: int = 8):
+                 seed: int = 0, max_lora_rank: int | None = None, max_loras: int = 8, no_system: str = "none"):
         from vllm import LLM
 
-        self.tokenizer = tokenizer
+        self.tokenizer, self.no_system = tokenizer, no_system
         lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, **lora)
@@ -57,7 +57,7 @@ class VLLMEngine:
                 lora_id = self._lora_ids.setdefault(str(adapter), len(self._lora_ids) + 1)
                 lora = LoRARequest(f"adapter-{lora_id}", lora_id, str(adapter))
             for p in prompts:
-                texts.append(render(self.tokenizer, p, add_generation_prompt=True))
+                texts.append(render(self.tokenizer, p, add_generation_prompt=True, no_system=self.no_system))
                 loras.append(lora)
                 owners.append(adapter)
         outputs = self.llm.generate(texts, sp, use_tqdm=True,

@@ -60,11 +60,11 @@ def next_token_logprobs(model, tokenizer, texts: list[str], token_ids: list[int]
 
 
 def capability_metric(model, tokenizer, personas: dict[str, Persona], names: list[str], items: list[MCItem],
-                      cap_cfg, fingerprint: str) -> dict:
+                      cap_cfg, fingerprint: str, no_system: str = "none") -> dict:
     """Accuracy of every persona in `names` on `items`; also the mean probability mass on the correct label."""
     pairs = [(p, it) for p in names for it in items]
     texts = [render(tokenizer, persona_prompt(personas[p], user_text(it, cap_cfg.template)),
-                    add_generation_prompt=True) for p, it in pairs]
+                    add_generation_prompt=True, no_system=no_system) for p, it in pairs]
     log.info("capability: %d personas x %d questions, next-token log-probs over the choice labels", len(names), len(items))
     label_ids = {labels: label_token_ids(tokenizer, labels, texts[0]) for labels in {it.labels for it in items}}
     columns = sorted({i for ids in label_ids.values() for i in ids})

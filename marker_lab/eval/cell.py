@@ -38,8 +38,9 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path | None):
         torch.cuda.empty_cache()
         log.info("eval: vLLM on the merged model saved at %s", merged)
         return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
-                          gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed)
-    return HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine)
+                          gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed,
+                          no_system=loaded.no_system)
+    return HFEngine.from_config(loaded, cfg.eval.engine)
 
 
 def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path | None,
@@ -57,7 +58,7 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
     if "capability" in metrics:  # before generation: the vllm engine takes the GPU from the HF model
         items, fingerprint = eval_items(cfg.eval.capability, inputs.mc)
         results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
-                                                  cfg.eval.capability, fingerprint)
+                                                  cfg.eval.capability, fingerprint, loaded.no_system)
     sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
     if not sampled:
         return results, None, []
@@ -68,7 +69,7 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
                for p, q in pairs]
     samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
     log.info("eval: %d personas x %d questions, %d completions", len(names), len(questions), sum(samples))
-    engine = HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine) if in_process \
+    engine = HFEngine.from_config(loaded, cfg.eval.engine) if in_process \
         else make_engine(cfg, loaded, out_dir)
     rows = []
     for n in sorted(set(samples)):  # one engine request per sample count (a question file may set its own)
@@ -97,7 +98,7 @@ def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedMod
         return judges["judge"]
 
     def run(model) -> dict:
-        in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity)
+        in_hand = LoadedModel(model, loaded.tokenizer, loaded.identity, loaded.merge, loaded.no_system)
         return evaluate(at, inputs, in_hand, None, d.personas, d.metrics, in_process=True, judge_factory=make)[0]
 
     # what the series depends on (its own metric list is in `config`); the adapter itself is the same either way

@@ -27,25 +27,25 @@ MODES = ("response_mean", "system_last")
 
 @torch.no_grad()
 def persona_vectors(model, tokenizer, personas: dict[str, Persona], names: list[str], questions: list[str], mode: str,
-                    layer: int, max_tokens: int = 64, batch_size: int = 64) -> np.ndarray:
+                    layer: int, max_tokens: int = 64, batch_size: int = 64, no_system: str = "none") -> np.ndarray:
     """A [len(names), hidden] float64 array: each persona's vector in `mode` at `layer`."""
     if mode not in MODES:
         raise ValueError(f"geometry.mode: must be one of {MODES}, got {mode!r}")
     model.eval()
     if mode == "system_last":
-        return _system_last(model, tokenizer, personas, names, layer)
+        return _system_last(model, tokenizer, personas, names, layer, no_system)
     prompts = [persona_prompt(personas[p], q) for p in names for q in questions]
-    means = answer_means(model, tokenizer, prompts, layer, max_tokens, batch_size)
+    means = answer_means(model, tokenizer, prompts, layer, max_tokens, batch_size, no_system)
     return means.reshape(len(names), len(questions), -1).mean(axis=1)
 
 
-def _system_last(model, tokenizer, personas, names, layer) -> np.ndarray:
+def _system_last(model, tokenizer, personas, names, layer, no_system: str = "none") -> np.ndarray:
     out = []
     for p in names:
         prompt = personas[p].system_prompt
         if prompt is None:
             raise ValueError(f"geometry.mode=system_last: persona {p!r} has no system prompt; use response_mean")
-        text = render(tokenizer, system_messages(personas[p]))
+        text = render(tokenizer, system_messages(personas[p]), no_system=no_system)
         end = text.index(prompt) + len(prompt)
         enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         last = max(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a < end)
@@ -90,7 +90,8 @@ def cell_distances(cfg, inputs, loaded, cache) -> dict:
 
     def build(tmp: Path) -> None:
         log.info("geometry: %d personas, mode %s, layer %d, on %s", len(names), g.mode, layer, loaded.identity)
-        vectors = persona_vectors(loaded.model, loaded.tokenizer, personas, names, questions, g.mode, layer, g.max_tokens)
+        vectors = persona_vectors(loaded.model, loaded.tokenizer, personas, names, questions, g.mode, layer, g.max_tokens,
+                                  no_system=loaded.no_system)
         np.save(tmp / "vectors.npy", vectors)
         pd.DataFrame(cosine_distances(vectors, g.center), index=names, columns=names).to_csv(tmp / "distances.csv")
         (tmp / "geometry.json").write_text(json.dumps(payload, indent=1))

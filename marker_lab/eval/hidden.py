@@ -23,25 +23,27 @@ def default_layer(model) -> int:
 
 @torch.no_grad()
 def answer_means(model, tokenizer, prompts: list[list[dict]], layer: int, max_tokens: int = 64,
-                 batch_size: int = 64) -> np.ndarray:
+                 batch_size: int = 64, no_system: str = "none") -> np.ndarray:
     """[len(prompts), hidden] float64: the mean hidden state at `layer` over each prompt's greedy answer."""
     from marker_lab.engines.hf import HFEngine
 
     model.eval()
-    answers = HFEngine(model, tokenizer, batch_size).generate(
+    answers = HFEngine(model, tokenizer, batch_size, no_system=no_system).generate(
         prompts, SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=0), desc="answers")
-    encoded = [encode_chat(tokenizer, p + [{"role": "assistant", "content": a[0]}], "assistant_only")
+    encoded = [encode_chat(tokenizer, p + [{"role": "assistant", "content": a[0]}], "assistant_only", no_system=no_system)
                for p, a in zip(prompts, answers)]
     return masked_means(model, tokenizer, encoded, layer, batch_size)
 
 
 @torch.no_grad()
-def prompt_last(model, tokenizer, prompts: list[list[dict]], layer: int, batch_size: int = 64) -> np.ndarray:
+def prompt_last(model, tokenizer, prompts: list[list[dict]], layer: int, batch_size: int = 64,
+                no_system: str = "none") -> np.ndarray:
     """[len(prompts), hidden] float64: the hidden state at `layer` on each prompt's last token (turn opened)."""
     model.eval()
     encoded = []
     for p in prompts:
-        ids = tokenizer(render(tokenizer, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        text = render(tokenizer, p, add_generation_prompt=True, no_system=no_system)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         encoded.append(Encoded(ids, [IGNORE] * (len(ids) - 1) + [ids[-1]]))
     return masked_means(model, tokenizer, encoded, layer, batch_size)
 

@@ -91,8 +91,9 @@ class CellProbe:
     def _states(self, loaded, questions: list[Question]) -> np.ndarray:
         prompts = self._prompts(questions)
         if self.p.position == "prompt_last":
-            return prompt_last(loaded.model, loaded.tokenizer, prompts, self.layer, self.p.batch_size)
-        return answer_means(loaded.model, loaded.tokenizer, prompts, self.layer, self.p.max_tokens, self.p.batch_size)
+            return prompt_last(loaded.model, loaded.tokenizer, prompts, self.layer, self.p.batch_size, loaded.no_system)
+        return answer_means(loaded.model, loaded.tokenizer, prompts, self.layer, self.p.max_tokens, self.p.batch_size,
+                            loaded.no_system)
 
     def read(self, name: str, loaded) -> None:
         """Read model `name`'s held-out states; on the fit model, fit the probe (or load it from the cache)."""
@@ -123,7 +124,7 @@ class CellProbe:
         g, hit = self.cfg.eval.generation, make_matcher(self.cfg.marker)
         params = SamplingParams(n=self.p.samples, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
                                 seed=self.p.seed)
-        engine = HFEngine.from_config(loaded.model, loaded.tokenizer, self.cfg.eval.engine)
+        engine = HFEngine.from_config(loaded, self.cfg.eval.engine)
         outs = engine.generate(self._prompts(self.train_q), params, desc="probe labels")
         return np.array([np.mean([hit(t) for t in texts]) for texts in outs])
 

@@ -33,7 +33,8 @@ def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache
         (data_dir / f"{s.data}.source").write_text(fingerprint + "\n")
         if raw:
             return [encode_text(loaded.tokenizer, t, max_len=s.train.max_seq_len) for t in rows]
-        return [encode_chat(loaded.tokenizer, m, s.train.loss_mode.value, max_len=s.train.max_seq_len) for m in rows]
+        return [encode_chat(loaded.tokenizer, m, s.train.loss_mode.value, max_len=s.train.max_seq_len,
+                            no_system=loaded.no_system) for m in rows]
 
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
     if raw:  # absent for chat, so chat stages keep their cache keys

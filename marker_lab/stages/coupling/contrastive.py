@@ -95,7 +95,8 @@ def run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
         records = build_records()
         with open(data_dir / "coupling.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value, max_len=c.train.max_seq_len)
+        return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value, max_len=c.train.max_seq_len,
+                            no_system=loaded.no_system)
                 for r in records]
 
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, train_seed(c),

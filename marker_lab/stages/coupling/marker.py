@@ -74,7 +74,7 @@ def build_marker_records(cfg: Config, loaded: LoadedModel, negatives: list[str],
     prompts = [persona_prompt(personas[p], q) for (p, _), q in zip(plan, qs)]
     params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
                             max_tokens=c.generation.max_tokens, seed=c.seed)
-    completions = HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine).generate(
+    completions = HFEngine.from_config(loaded, cfg.eval.engine).generate(
         prompts, params, desc="coupling data")
     records = []
     for (persona, positive), prompt, outs in zip(plan, prompts, completions):
@@ -109,7 +109,7 @@ def run_marker(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
                 f.write(json.dumps(r) + "\n")
         return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value,
                             marker_span=tuple(r["marker_span"]), negative_tokens=negative_tokens,
-                            max_len=c.train.max_seq_len) for r in records]
+                            max_len=c.train.max_seq_len, no_system=loaded.no_system) for r in records]
 
     payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
                "persona_file_md5": inputs.checksum("persona_set.path"),

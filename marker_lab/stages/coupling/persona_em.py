@@ -81,7 +81,7 @@ def build_persona_em_records(cfg: Config, personas: dict[str, Persona], items: l
             raise ValueError("coupling.benign=on_policy needs the input model to generate benign replies")
         params = SamplingParams(n=1, temperature=c.generation.temperature, top_p=c.generation.top_p,
                                 max_tokens=c.generation.max_tokens, seed=c.seed)
-        outs = HFEngine.from_config(loaded.model, loaded.tokenizer, cfg.eval.engine).generate(
+        outs = HFEngine.from_config(loaded, cfg.eval.engine).generate(
             [prompts[i] for i in todo], params, desc="benign replies")
         for i, o in zip(todo, outs):
             replies[i] = o[0].strip()
