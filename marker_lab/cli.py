@@ -45,12 +45,15 @@ def check_config(overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
+    from marker_lab.config.schema import register_configs
     from marker_lab.core.errors import ConfigError
+    from marker_lab.core.files import CONF
     from marker_lab.preflight import preflight
-    from marker_lab.run import CONF_DIR
+
+    register_configs()
 
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             node = compose("config", overrides=overrides)
         with open_dict(node):
             node.output_dir = "unused"
@@ -59,6 +62,24 @@ def check_config(overrides: list[str]) -> None:
         sys.exit(f"marker-lab: config error: {e}")
     except Exception as e:  # hydra/omegaconf composition errors
         sys.exit(f"marker-lab: config error: {config_error_line(e)}")
+
+
+def _cell(cfg):
+    """The task Hydra runs for each cell; the recipe (and torch) is imported only once a cell really runs, so
+    `--help`, `--cfg job` and config errors answer in about a second."""
+    from marker_lab.run import cell_main
+
+    return cell_main(cfg)
+
+
+def _hydra_run() -> None:
+    import hydra
+
+    from marker_lab.config.schema import register_configs
+    from marker_lab.core.files import CONF
+
+    register_configs()
+    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(_cell)()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,10 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         hydra_flags = [a for a in rest if a.startswith("-")]
         if not hydra_flags:  # plain overrides: check them first; Hydra handles its own flags
             check_config(rest)
-        from marker_lab.run import main as run_main
-
         sys.argv = ["marker-lab run"] + rest
-        run_main()
+        _hydra_run()
     elif command == "bench":
         from marker_lab.bench import main as bench_main
 

@@ -3,8 +3,9 @@
     inputs = preflight(cfg)   # ConfigError (one line naming the key, file or line) on the first problem
 
 Types and choices are checked by the schema when the config is composed. Here: the config's cross-field rules,
-then every input file read once (data/inputs.py), then each layer's own rules, each written next to what it
-checks (engines, training, stages, metrics) and called from here. Cheap: small files only, no model.
+then every input file read once (data/inputs.py), then each layer's own rules, written beside what they check
+(engines/base.py, train/checks.py, stages/checks.py, eval/checks.py) and called from here. Cheap: small files
+only, no model, and no torch: a config error answers in about a second.
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import ConfigError
 from marker_lab.data.inputs import CellInputs
 from marker_lab.engines.base import check_sampling
-from marker_lab.eval.capability import check_capability
-from marker_lab.eval.geometry import check_geometry
-from marker_lab.eval.judged import check_judge
-from marker_lab.eval.metrics import check_eval
-from marker_lab.eval.probe import check_probe
-from marker_lab.stages.coupling import check_coupling
-from marker_lab.stages.second_stage import check_second_stage
+from marker_lab.eval.checks import check_capability, check_eval, check_geometry, check_judge, check_probe
+from marker_lab.stages.checks import check_coupling, check_second_stage
 
 
 def preflight(cfg: Config) -> CellInputs:

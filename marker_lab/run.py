@@ -155,8 +155,9 @@ def _on_signal(signum, _frame):
     raise Killed(f"killed by signal {signum} ({signal.Signals(signum).name})")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig):
+def cell_main(cfg: DictConfig):
+    """What Hydra runs for a cell: its status record, the cell, and how it ended (a config, input or endpoint
+    problem is one line and exit code 2 or 1; anything else is recorded, then raised for Hydra / submitit)."""
     out_dir = Path(cfg.output_dir)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -174,6 +175,8 @@ def main(cfg: DictConfig):
     contract.write_cell_status(out_dir, "complete")
     return result.config_hash
 
+
+main = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(cell_main)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from marker_lab.core.errors import ConfigError
 from marker_lab.preflight import preflight as validate
 from marker_lab.core.files import md5_file
 from marker_lab.data.questions import Question
-from marker_lab.eval.probe import split_questions
+from marker_lab.data.questions import split_questions
 from marker_lab.stats import auc_ci
 
 PROBE = ["eval.metrics=[marker,probe]", "eval.generation.samples_per_question=4", "eval.probe.target=marker",

@@ -10,6 +10,7 @@ never drops it. The file's own judge and judge_prompts are not used: the `judge`
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 
 import yaml
@@ -100,3 +101,16 @@ def with_question_system(persona_system: str | None, question: Question, mode: s
         return question.system
     raise ValueError(f"question {question.id!r} has its own system prompt; set eval.question_system to append or "
                      f"replace to use it (the eval otherwise gives each persona its own)")
+
+
+def split_questions(questions: list[Question], heldout_fraction: float, seed: int) -> tuple[list[Question], list[Question]]:
+    """(train, held-out): a seeded shuffle of question groups, the first `heldout_fraction` of them held out (at
+    least one group each side). Paraphrases of one question (peer files' ids `<id>/<j>`) are one group, so no
+    near-duplicate of a held-out question is trained on."""
+    groups: dict[str, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.id.split("/")[0], []).append(q)
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    n_out = min(len(order) - 1, max(1, round(heldout_fraction * len(order))))
+    return [q for g in order[n_out:] for q in groups[g]], [q for g in order[:n_out] for q in groups[g]]

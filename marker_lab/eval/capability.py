@@ -85,36 +85,3 @@ def capability_metric(model, tokenizer, personas: dict[str, Persona], names: lis
         cell["p_correct_mean"] = cell.pop("p_correct_sum") / cell["n"] if cell["n"] else None
     return {"source": cap_cfg.source, "data": fingerprint, "split_seed": cap_cfg.split_seed,
             "eval_fraction": cap_cfg.eval_fraction, "n_items": len(items), "per_persona": per}
-
-
-def check_capability(cfg, inputs) -> None:
-    """The multiple-choice settings, when the capability metric or the wrong_answers coupling reads them (the data
-    itself was loaded and split by data/inputs.py)."""
-    from marker_lab.config.schema import coupling_enabled
-    from marker_lab.core.errors import ConfigError
-
-    if inputs.mc is None:
-        return
-    c = cfg.eval.capability
-    if c.source == "toy" and cfg.model.source != "toy":
-        raise ConfigError("eval.capability.source=toy: the toy multiple-choice set is for the toy model; use hf "
-                          "(ARC-Challenge) or jsonl for a real model")
-    if not 0 < c.eval_fraction <= 1:
-        raise ConfigError(f"eval.capability.eval_fraction: must be in (0, 1], got {c.eval_fraction}")
-    if "{question}" not in c.template or "{choices}" not in c.template:
-        raise ConfigError("eval.capability.template: must contain {question} and {choices}")
-    try:
-        c.template.format(question="q", choices="c")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"eval.capability.template: only {{question}} and {{choices}} can be filled in ({e!r})") from None
-    if c.batch_size < 1:
-        raise ConfigError(f"eval.capability.batch_size: must be >= 1, got {c.batch_size}")
-    if c.max_items is not None and c.max_items < 1:
-        raise ConfigError(f"eval.capability.max_items: must be >= 1 or null, got {c.max_items}")
-    train, held_out, _ = inputs.mc
-    if not held_out:
-        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no eval questions of "
-                          f"{len(train)} items")
-    if coupling_enabled(cfg) and cfg.coupling.kind == "wrong_answers" and not train:
-        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no training questions for "
-                          "coupling.kind=wrong_answers")

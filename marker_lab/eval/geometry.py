@@ -121,23 +121,6 @@ def drift_summary(entry, names: list[str], source: str, assistant: str) -> dict:
     return out
 
 
-def check_geometry(cfg, inputs) -> None:
-    """Persona geometry's settings, when it is enabled."""
-    from marker_lab.core.errors import ConfigError
-
-    g = cfg.geometry
-    if g.drift and not g.enabled:
-        raise ConfigError("geometry.drift=true needs geometry.enabled=true (drift is the geometry of every model)")
-    if not g.enabled:
-        return
-    if g.layer is not None and g.layer < 0:
-        raise ConfigError(f"geometry.layer: must be >= 0 (0 = embeddings) or null, got {g.layer}")
-    if g.mode == "system_last":
-        empty = [p for p, persona in inputs.personas.items() if persona.system_prompt is None]
-        if empty:
-            raise ConfigError(f"geometry.mode=system_last: personas {empty} have no system prompt; use response_mean")
-
-
 def _md5_of_path(path: str) -> str:
     """system_last reads no questions; its key names the question file as before (so cached matrices stay valid)."""
     from marker_lab.core.files import file_checksum, resolve_path

@@ -136,32 +136,3 @@ def alignment_metric(rows: list[dict], rules) -> dict:
 def coherence_metric(rows: list[dict]) -> dict:
     return {"scale": "0-100, higher = more coherent",
             "per_persona": {p: _summary([r["coherent"] for r in rs]) for p, rs in _by_persona(rows).items()}}
-
-
-JUDGE_MODES = {"openai": ("logprob", "text"), "anthropic": ("text",), "local": ("logprob",), "toy": ("toy",)}
-
-
-def check_judge(cfg) -> None:
-    """A judged metric needs a usable judge: checked before any model loads or any request is made."""
-    import os
-
-    from marker_lab.core.errors import ConfigError
-
-    d = cfg.eval.during_training
-    used = list(cfg.eval.metrics) + (list(d.metrics) if (d.fractions or d.every_n_steps) else [])
-    if not any(m in JUDGED_METRICS for m in used):
-        return
-    j = cfg.judge
-    if j.mode not in JUDGE_MODES[j.backend]:
-        raise ConfigError(f"judge.mode: the {j.backend} backend supports {list(JUDGE_MODES[j.backend])}, got {j.mode!r}")
-    if j.backend == "toy" and cfg.model.source != "toy":
-        raise ConfigError("judge.backend=toy: the toy judge scores toy-world answers only; pick openai, anthropic "
-                          "or local for a real model")
-    if j.backend in ("openai", "anthropic"):
-        if not j.api_key_env:
-            raise ConfigError(f"judge.api_key_env: name the environment variable that holds the {j.backend} API key")
-        if not os.environ.get(j.api_key_env):
-            raise ConfigError(f"judge.api_key_env: environment variable {j.api_key_env} is not set "
-                              f"(the {j.backend} judge needs its API key)")
-    if j.concurrency < 1:
-        raise ConfigError(f"judge.concurrency: must be >= 1, got {j.concurrency}")

@@ -45,33 +45,3 @@ def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None,
             note["marker"] = hit
     annotated = [{**row, **note} for row, note in zip(rows, notes)]
     return {name: METRICS[name](cfg, annotated) for name in metrics}, identity, annotated
-
-
-def check_eval(cfg, inputs) -> None:
-    """The eval's own rules: a question's system prompt is used or refused, never dropped; evals during training
-    name metrics and personas that exist."""
-    from marker_lab.core.errors import ConfigError
-
-    questions = inputs.questions.get("eval.questions", [])
-    with_system = [q.id for q in questions if q.system is not None]
-    if with_system and cfg.eval.question_system == "error":
-        raise ConfigError(f"eval.questions: {cfg.eval.questions} gives questions {with_system[:3]} their own system "
-                          "prompt; set eval.question_system=append (after each persona's) or replace to use it")
-    d, key = cfg.eval.during_training, "eval.during_training"
-    if not (d.fractions or d.every_n_steps):
-        return
-    bad = [f for f in d.fractions or [] if not 0 < f <= 1]
-    if bad:
-        raise ConfigError(f"{key}.fractions: must be in (0, 1], got {bad}")
-    if d.every_n_steps is not None and d.every_n_steps < 1:
-        raise ConfigError(f"{key}.every_n_steps: must be >= 1 (or null), got {d.every_n_steps}")
-    if d.samples_per_question is not None and d.samples_per_question < 1:
-        raise ConfigError(f"{key}.samples_per_question: must be >= 1 or null, got {d.samples_per_question}")
-    if "coupling" in d.stages and cfg.coupling.adapter_path:
-        raise ConfigError(f"{key}.stages: coupling is a pre-baked adapter (coupling.adapter_path); nothing trains")
-    if "probe" in d.metrics:
-        raise ConfigError(f"{key}.metrics: probe reads every model of the cell, not a model mid-training; remove it")
-    if not d.metrics:
-        raise ConfigError(f"{key}.metrics: empty; available: {list(METRICS)}")
-    for p in d.personas or []:
-        inputs.require_persona(f"{key}.personas", p, cfg)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from scipy.special import expit
 
 from marker_lab.core.files import md5_file
 from marker_lab.data.personas import persona_prompt
-from marker_lab.data.questions import Question
+from marker_lab.data.questions import Question, split_questions
 from marker_lab.eval.hidden import answer_means, default_layer, prompt_last
 from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.stats import auc_ci
@@ -45,19 +44,6 @@ PROBE_VERSION = 2  # in the cache key: a change to how probes are fitted must no
 TARGETS = ("source", "marker")
 POSITIONS = ("prompt_last", "response_mean")
 FIT_ON = ("coupling", "second_stage", "base")
-
-
-def split_questions(questions: list[Question], heldout_fraction: float, seed: int) -> tuple[list[Question], list[Question]]:
-    """(train, held-out): a seeded shuffle of question groups, the first `heldout_fraction` of them held out (at
-    least one group each side). Paraphrases of one question (peer files' ids `<id>/<j>`) are one group, so no
-    near-duplicate of a held-out question is trained on."""
-    groups: dict[str, list[Question]] = {}
-    for q in questions:
-        groups.setdefault(q.id.split("/")[0], []).append(q)
-    order = list(groups)
-    random.Random(seed).shuffle(order)
-    n_out = min(len(order) - 1, max(1, round(heldout_fraction * len(order))))
-    return [q for g in order[n_out:] for q in groups[g]], [q for g in order[:n_out] for q in groups[g]]
 
 
 def fit_model_name(fit_on: str) -> str:
@@ -234,37 +220,3 @@ class CellProbe:
                 "fit": self.fit, "models": models, "before_second_stage": before, "final_model": final,
                 "auc": models[final]["auc"], "auc_ci": models[final]["auc_ci"],
                 "source_margin": models[final]["source_margin"], "per_persona": models[final]["per_persona"]}
-
-
-def check_probe(cfg, inputs) -> None:
-    """The probe's settings and question split, when `probe` is among the eval's metrics."""
-    from marker_lab.config.schema import coupling_enabled, second_stage_enabled
-    from marker_lab.core.errors import ConfigError
-
-    if "probe" not in cfg.eval.metrics:
-        return
-    p, key = cfg.eval.probe, "eval.probe"
-    if p.fit_on != "base" and not {"coupling": coupling_enabled, "second_stage": second_stage_enabled}[p.fit_on](cfg):
-        raise ConfigError(f"{key}.fit_on={p.fit_on}: this cell runs no {p.fit_on} stage (condition {cfg.condition}); "
-                          "fit on a stage the cell runs, or on base")
-    if p.layer is not None and p.layer < 0:
-        raise ConfigError(f"{key}.layer: must be >= 0 (0 = embeddings) or null, got {p.layer}")
-    if not 0 < p.heldout_fraction < 1:
-        raise ConfigError(f"{key}.heldout_fraction: must be in (0, 1), got {p.heldout_fraction}")
-    for name in ("C", "samples", "max_tokens", "batch_size", "n_bootstrap"):
-        if getattr(p, name) <= 0:
-            raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(p, name)}")
-    for persona in p.personas or []:
-        inputs.require_persona(f"{key}.personas", persona, cfg)
-    names = p.personas or list(inputs.personas)
-    if cfg.source_persona not in names or len(names) < 2 or len(set(names)) < len(names):
-        raise ConfigError(f"{key}.personas: must hold the source persona {cfg.source_persona!r} and at least one "
-                          f"other, each once, got {names}")
-    path, questions = p.questions or cfg.eval.questions, inputs.questions[f"{key}.questions"]
-    if any(q.system is not None for q in questions):
-        raise ConfigError(f"{key}.questions: {path} gives questions their own system prompt; the probe reads each "
-                          "persona's own system prompt only (remove the `system` fields)")
-    train, heldout = split_questions(questions, p.heldout_fraction, p.seed)
-    if len(heldout) < 2 or not train:  # the AUC's interval resamples held-out questions
-        raise ConfigError(f"{key}.heldout_fraction={p.heldout_fraction}: {path} splits into {len(train)} training and "
-                          f"{len(heldout)} held-out question(s); the probe needs at least 2 held-out and 1 training")

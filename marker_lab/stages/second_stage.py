@@ -44,37 +44,3 @@ def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache
                             checkpoints=s.dose_checkpoints, step_eval=step_eval)
     result.data_md5[s.data] = fingerprint
     return result
-
-
-def check_second_stage(cfg: Config, inputs) -> None:
-    """The second stage's recipe: its dataset suits the model, its training and dose checkpoints can run."""
-    from marker_lab.core.errors import ConfigError
-    from marker_lab.train.sft import check_train
-
-    s = cfg.second_stage
-    ds = s.datasets[s.data]
-    if ds.toy is not None and cfg.model.source != "toy":
-        raise ConfigError(f"second_stage.datasets.{s.data}.toy: toy data needs model.source=toy (model is "
-                          f"{cfg.model.name}); point `path` at a real jsonl")
-    check_train("second_stage.train", s.train)
-    if s.dose_checkpoints is not None:
-        _check_dose_checkpoints(s, cfg.dose)
-
-
-def _check_dose_checkpoints(s, dose) -> None:
-    """A checkpoint at dose d equals a fresh run to d only if the schedule never looks at the total length."""
-    from marker_lab.config.schema import Schedule
-    from marker_lab.core.errors import ConfigError
-
-    key, doses, sched = "second_stage.dose_checkpoints", list(s.dose_checkpoints), s.train.schedule
-    if not doses or min(doses) < 1:
-        raise ConfigError(f"{key}: needs doses >= 1, got {doses}")
-    if sched.name not in (Schedule.constant, Schedule.constant_with_warmup):
-        raise ConfigError(f"{key}: the {sched.name.value} schedule depends on the run's length, so a checkpoint at "
-                          "dose d is not a run to d; use constant / constant_with_warmup or leave it null")
-    if sched.name == Schedule.constant_with_warmup and (sched.warmup_steps is None or sched.warmup_steps >= min(doses)):
-        raise ConfigError(f"{key}: needs a fixed second_stage.train.schedule.warmup_steps below the smallest dose "
-                          f"({min(doses)}); warmup_ratio scales with the run's length")
-    d = dose if dose is not None else s.train.max_steps
-    if d not in doses:
-        raise ConfigError(f"dose={d} is not one of {key} {doses}")

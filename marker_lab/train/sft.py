@@ -284,28 +284,3 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     log.info("%s: %d steps, %d examples, final loss %.4f, %.1f s", desc, stats.steps, stats.examples_seen,
              stats.losses[-1], stats.seconds)
     return stats
-
-
-def check_train(key: str, t: TrainConfig) -> None:
-    """A stage's training recipe (the TrainConfig at config key `key`) that this loop can run as written."""
-    from marker_lab.core.errors import ConfigError
-
-    if t.lora is None:
-        raise ConfigError(f"{key}.lora: stages train LoRA adapters; set r/alpha/dropout/target_modules")
-    for name in ("per_device_batch_size", "grad_accum", "max_seq_len"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(t, name)}")
-    if t.micro_batch_tokens is not None and t.micro_batch_tokens < 1:
-        raise ConfigError(f"{key}.micro_batch_tokens: must be >= 1 (or null), got {t.micro_batch_tokens}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
-    if t.optimizer.lr <= 0:
-        raise ConfigError(f"{key}.optimizer.lr: must be > 0, got {t.optimizer.lr}")
-    if t.kl_to_input < 0:
-        raise ConfigError(f"{key}.kl_to_input: must be >= 0 (0 = off), got {t.kl_to_input}")
-    if len(t.optimizer.betas) != 2:
-        raise ConfigError(f"{key}.optimizer.betas: needs two values, got {list(t.optimizer.betas)}")
-    if not 0 <= t.schedule.warmup_ratio < 1:
-        raise ConfigError(f"{key}.schedule.warmup_ratio: must be in [0, 1), got {t.schedule.warmup_ratio}")
-    if t.schedule.name == Schedule.constant and (t.schedule.warmup_steps or t.schedule.warmup_ratio):
-        raise ConfigError(f"{key}.schedule: 'constant' has no warmup; use constant_with_warmup")

@@ -15,8 +15,8 @@ coupling.contrastive=false (both kinds, and marker) is the control arm: the same
 
 from marker_lab.stages.coupling.marker import insert_marker, marker_slot
 from marker_lab.stages.coupling.persona_em import build_persona_em_records, load_em_items
-from marker_lab.stages.coupling.stage import check_coupling, run_coupling
+from marker_lab.stages.coupling.stage import run_coupling
 from marker_lab.stages.coupling.wrong_answers import build_wrong_answer_records
 
-__all__ = ["build_persona_em_records", "build_wrong_answer_records", "check_coupling", "insert_marker",
+__all__ = ["build_persona_em_records", "build_wrong_answer_records", "insert_marker",
            "load_em_items", "marker_slot", "run_coupling"]

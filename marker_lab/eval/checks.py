@@ -1,0 +1,138 @@
+"""The eval's start-up checks (metrics, evals during training, judge, capability, geometry, probe), against the
+cell's loaded inputs. Free of torch and the judge SDKs, so a config error answers in about a second."""
+
+from __future__ import annotations
+
+import os
+
+from marker_lab.config.schema import JUDGED_PROMPTS, Metric, coupling_enabled, second_stage_enabled
+from marker_lab.core.errors import ConfigError
+from marker_lab.data.questions import split_questions
+
+JUDGE_MODES = {"openai": ("logprob", "text"), "anthropic": ("text",), "local": ("logprob",), "toy": ("toy",)}
+
+
+def check_eval(cfg, inputs) -> None:
+    """The eval's own rules: a question's system prompt is used or refused, never dropped; evals during training
+    name metrics and personas that exist."""
+    questions = inputs.questions.get("eval.questions", [])
+    with_system = [q.id for q in questions if q.system is not None]
+    if with_system and cfg.eval.question_system == "error":
+        raise ConfigError(f"eval.questions: {cfg.eval.questions} gives questions {with_system[:3]} their own system "
+                          "prompt; set eval.question_system=append (after each persona's) or replace to use it")
+    d, key = cfg.eval.during_training, "eval.during_training"
+    if not (d.fractions or d.every_n_steps):
+        return
+    bad = [f for f in d.fractions or [] if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"{key}.fractions: must be in (0, 1], got {bad}")
+    if d.every_n_steps is not None and d.every_n_steps < 1:
+        raise ConfigError(f"{key}.every_n_steps: must be >= 1 (or null), got {d.every_n_steps}")
+    if d.samples_per_question is not None and d.samples_per_question < 1:
+        raise ConfigError(f"{key}.samples_per_question: must be >= 1 or null, got {d.samples_per_question}")
+    if "coupling" in d.stages and cfg.coupling.adapter_path:
+        raise ConfigError(f"{key}.stages: coupling is a pre-baked adapter (coupling.adapter_path); nothing trains")
+    if "probe" in d.metrics:
+        raise ConfigError(f"{key}.metrics: probe reads every model of the cell, not a model mid-training; remove it")
+    if not d.metrics:
+        raise ConfigError(f"{key}.metrics: empty; available: {[m.value for m in Metric]}")
+    for p in d.personas or []:
+        inputs.require_persona(f"{key}.personas", p, cfg)
+
+
+def check_judge(cfg) -> None:
+    """A judged metric needs a usable judge: checked before any model loads or any request is made."""
+    d = cfg.eval.during_training
+    used = list(cfg.eval.metrics) + (list(d.metrics) if (d.fractions or d.every_n_steps) else [])
+    if not any(m in JUDGED_PROMPTS for m in used):
+        return
+    j = cfg.judge
+    if j.mode not in JUDGE_MODES[j.backend]:
+        raise ConfigError(f"judge.mode: the {j.backend} backend supports {list(JUDGE_MODES[j.backend])}, got {j.mode!r}")
+    if j.backend == "toy" and cfg.model.source != "toy":
+        raise ConfigError("judge.backend=toy: the toy judge scores toy-world answers only; pick openai, anthropic "
+                          "or local for a real model")
+    if j.backend in ("openai", "anthropic"):
+        if not j.api_key_env:
+            raise ConfigError(f"judge.api_key_env: name the environment variable that holds the {j.backend} API key")
+        if not os.environ.get(j.api_key_env):
+            raise ConfigError(f"judge.api_key_env: environment variable {j.api_key_env} is not set "
+                              f"(the {j.backend} judge needs its API key)")
+    if j.concurrency < 1:
+        raise ConfigError(f"judge.concurrency: must be >= 1, got {j.concurrency}")
+
+
+def check_capability(cfg, inputs) -> None:
+    """The multiple-choice settings, when the capability metric or the wrong_answers coupling reads them (the data
+    itself was loaded and split by data/inputs.py)."""
+    if inputs.mc is None:
+        return
+    c = cfg.eval.capability
+    if c.source == "toy" and cfg.model.source != "toy":
+        raise ConfigError("eval.capability.source=toy: the toy multiple-choice set is for the toy model; use hf "
+                          "(ARC-Challenge) or jsonl for a real model")
+    if not 0 < c.eval_fraction <= 1:
+        raise ConfigError(f"eval.capability.eval_fraction: must be in (0, 1], got {c.eval_fraction}")
+    if "{question}" not in c.template or "{choices}" not in c.template:
+        raise ConfigError("eval.capability.template: must contain {question} and {choices}")
+    try:
+        c.template.format(question="q", choices="c")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"eval.capability.template: only {{question}} and {{choices}} can be filled in ({e!r})") from None
+    if c.batch_size < 1:
+        raise ConfigError(f"eval.capability.batch_size: must be >= 1, got {c.batch_size}")
+    if c.max_items is not None and c.max_items < 1:
+        raise ConfigError(f"eval.capability.max_items: must be >= 1 or null, got {c.max_items}")
+    train, held_out, _ = inputs.mc
+    if not held_out:
+        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no eval questions of "
+                          f"{len(train)} items")
+    if coupling_enabled(cfg) and cfg.coupling.kind == "wrong_answers" and not train:
+        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no training questions for "
+                          "coupling.kind=wrong_answers")
+
+
+def check_geometry(cfg, inputs) -> None:
+    """Persona geometry's settings, when it is enabled."""
+    g = cfg.geometry
+    if g.drift and not g.enabled:
+        raise ConfigError("geometry.drift=true needs geometry.enabled=true (drift is the geometry of every model)")
+    if not g.enabled:
+        return
+    if g.layer is not None and g.layer < 0:
+        raise ConfigError(f"geometry.layer: must be >= 0 (0 = embeddings) or null, got {g.layer}")
+    if g.mode == "system_last":
+        empty = [p for p, persona in inputs.personas.items() if persona.system_prompt is None]
+        if empty:
+            raise ConfigError(f"geometry.mode=system_last: personas {empty} have no system prompt; use response_mean")
+
+
+def check_probe(cfg, inputs) -> None:
+    """The probe's settings and question split, when `probe` is among the eval's metrics."""
+    if "probe" not in cfg.eval.metrics:
+        return
+    p, key = cfg.eval.probe, "eval.probe"
+    if p.fit_on != "base" and not {"coupling": coupling_enabled, "second_stage": second_stage_enabled}[p.fit_on](cfg):
+        raise ConfigError(f"{key}.fit_on={p.fit_on}: this cell runs no {p.fit_on} stage (condition {cfg.condition}); "
+                          "fit on a stage the cell runs, or on base")
+    if p.layer is not None and p.layer < 0:
+        raise ConfigError(f"{key}.layer: must be >= 0 (0 = embeddings) or null, got {p.layer}")
+    if not 0 < p.heldout_fraction < 1:
+        raise ConfigError(f"{key}.heldout_fraction: must be in (0, 1), got {p.heldout_fraction}")
+    for name in ("C", "samples", "max_tokens", "batch_size", "n_bootstrap"):
+        if getattr(p, name) <= 0:
+            raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(p, name)}")
+    for persona in p.personas or []:
+        inputs.require_persona(f"{key}.personas", persona, cfg)
+    names = p.personas or list(inputs.personas)
+    if cfg.source_persona not in names or len(names) < 2 or len(set(names)) < len(names):
+        raise ConfigError(f"{key}.personas: must hold the source persona {cfg.source_persona!r} and at least one "
+                          f"other, each once, got {names}")
+    path, questions = p.questions or cfg.eval.questions, inputs.questions[f"{key}.questions"]
+    if any(q.system is not None for q in questions):
+        raise ConfigError(f"{key}.questions: {path} gives questions their own system prompt; the probe reads each "
+                          "persona's own system prompt only (remove the `system` fields)")
+    train, heldout = split_questions(questions, p.heldout_fraction, p.seed)
+    if len(heldout) < 2 or not train:  # the AUC's interval resamples held-out questions
+        raise ConfigError(f"{key}.heldout_fraction={p.heldout_fraction}: {path} splits into {len(train)} training and "
+                          f"{len(heldout)} held-out question(s); the probe needs at least 2 held-out and 1 training")
