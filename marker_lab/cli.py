@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from marker_lab.core.errors import config_error_line
+
 USAGE = """marker-lab <command> [args]
 
 commands:
@@ -21,23 +23,6 @@ commands:
 
 `marker-lab run --help` shows Hydra's help; `marker-lab run --cfg job` prints the composed config.
 """
-
-
-def config_error_line(exc: BaseException) -> str:
-    """One line for a composition or validation failure, naming the key."""
-    parts, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        msg = " ".join(str(e).split())
-        msg = msg.split(" full_key:")[0].split(" Set the environment variable HYDRA_FULL_ERROR")[0]
-        if msg and msg not in parts and "$" not in msg and len(parts) < 2:
-            parts.append(msg)
-        key = getattr(e, "full_key", None)
-        if key and not any(p.startswith("key: ") for p in parts):
-            parts.append(f"key: {key}")
-        e = e.__cause__ or e.__context__
-    return "; ".join(parts)
 
 
 def check_config(overrides: list[str]) -> None:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from marker_lab.core.errors import config_error_line
 from marker_lab.results import contract
 from marker_lab.results.sweep import cell_state, write_manifest as _write_manifest
 
@@ -41,7 +42,11 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
     saved_hydra = HydraConfig.instance().cfg
     try:
         for i, overrides in enumerate(job_overrides):
-            cell_cfg = config_loader.load_sweep_config(config, list(overrides))
+            try:
+                cell_cfg = config_loader.load_sweep_config(config, list(overrides))
+            except Exception as e:  # a group option that does not exist, a wrong type: one line per cell
+                errors.append(f"cell {' '.join(overrides)}: {config_error_line(e)}")
+                continue
             HydraConfig.instance().set_config(cell_cfg)  # lets ${hydra:...} resolve as in the job
             subdir = str(OmegaConf.select(cell_cfg, "hydra.sweep.subdir"))
             task_cfg = copy.deepcopy(cell_cfg)

@@ -25,6 +25,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, write_manifest
+from marker_lab.launch.progress import SweepProgress
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class LocalGpusLauncher(_PlannedLauncher):
         log.info("local_gpus: %s", f"GPU slots {slots}" if gpus else f"{len(slots)} CPU cell(s) at a time")
         returns: dict[int, JobReturn] = {pl.index: skipped_return(pl, sweep_dir) for pl in plans if pl.complete}
         pending = [pl for pl in plans if not pl.complete]
+        progress = SweepProgress(sweep_dir, len(plans), len(returns), len(slots))
         free = list(slots)
         running: list[tuple[Any, CellPlan, tuple[int, ...], float, int | None]] = []  # job, cell, GPUs, start, OOM kills
         while pending or running:
@@ -156,10 +158,9 @@ class LocalGpusLauncher(_PlannedLauncher):
                 executor.update_parameters(timeout_min=p["timeout_min"], gpus_per_node=len(slot),
                                            visible_gpus=slot, stderr_to_stdout=p["stderr_to_stdout"])
                 job = executor.submit(self, *self._job_args(plan))
-                log.info("\t#%d on %s: %s (pid %s)", plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
-                         " ".join(filter_overrides(plan.overrides)), job.job_id)
+                progress.started(plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
+                                 " ".join(filter_overrides(plan.overrides)), job.job_id, plan.subdir)
                 running.append((job, plan, slot, time.monotonic(), oom_kills()))
-                log.info("\t#%d log: %s", plan.index, sweep_dir / plan.subdir)
             time.sleep(p["poll_interval_s"])
             for item in [r for r in running if r[0].done()]:
                 job, plan, slot, started, oom_before = item
@@ -171,13 +172,14 @@ class LocalGpusLauncher(_PlannedLauncher):
                     if ret.status == JobStatus.FAILED:  # the cell raised: Hydra caught it in the job
                         raise ret._return_value
                     returns[plan.index] = ret
-                    log.info("\t#%d done on %s after %.1f s", plan.index, where, time.monotonic() - started)
+                    progress.finished(plan.index, where, time.monotonic() - started, plan.subdir)
                 except Exception as e:  # raised, killed, out of memory, timed out: the cell failed, the sweep goes on
                     why = how_it_ended(sweep_dir / plan.subdir, e, oom_before)
-                    log.error("\t#%d FAILED on %s after %.1f s: %s", plan.index, where, time.monotonic() - started, why)
+                    progress.finished(plan.index, where, time.monotonic() - started, plan.subdir, why)
                     returns[plan.index] = failed_return(plan, sweep_dir, e, why)
         if p["aggregate"]:
             run_aggregation(sweep_dir)
+        progress.summary(p["aggregate"])
         return [returns[pl.index] for pl in plans]
 
 

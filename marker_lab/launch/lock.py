@@ -62,3 +62,12 @@ class SweepLock:
             return json.loads((self.sweep_dir / HOLDER_FILE).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    def remove_files(self) -> None:
+        """Remove the lock's files, and the sweep directory if that leaves it empty (a command that planned nothing)."""
+        for name in (LOCK_FILE, HOLDER_FILE):
+            (self.sweep_dir / name).unlink(missing_ok=True)
+        try:
+            self.sweep_dir.rmdir()
+        except OSError:  # not empty: other things live there
+            pass

@@ -35,14 +35,16 @@ class GridSweeper(BasicSweeper):
             print(f"marker-lab: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         try:
-            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
             returns, initial_job_idx = [], 0
             while not self.is_done():
                 batch = self.get_job_batch()
                 returns.append(self.launcher.launch(batch, initial_job_idx=initial_job_idx))
                 initial_job_idx += len(batch)
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # once cells ran: Hydra's record of the sweep
         finally:
             lock.__exit__()
+            if not (sweep_dir / "manifest.json").is_file():  # nothing was planned (a config error): leave nothing
+                lock.remove_files()
         failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
         if failed:  # one summary line and each failed cell's log, instead of a traceback per cell
             total = sum(len(batch) for batch in returns)
