@@ -4,6 +4,7 @@ unpadded generation, n samples per prompt, max_tokens and stop at end of turn ar
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from marker_lab.config.schema import ModelConfig
@@ -115,3 +116,20 @@ def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
     engine = VLLMEngine(str(path), tok, dtype="float32", max_lora_rank=8)
     got = engine.generate_many({a: PROMPTS[:4] for a in adapters}, greedy)
     assert got == expected
+
+
+@pytest.mark.slow
+def test_the_shipped_toy_model_is_what_the_project_s_script_builds(tmp_path):
+    """The first run uses the shipped toy weights instead of pretraining (about 4 minutes on 2 cores): they must be
+    exactly what `train/toy_pretrain.py` builds from the default settings, so shipping changes no number."""
+    from safetensors.torch import load_file
+
+    from marker_lab.models import SHIPPED_TOY
+    from marker_lab.train.toy_pretrain import build_toy_model
+
+    shipped, key = toy_model_dir(ModelConfig(), StageCache(tmp_path / "cache"))
+    assert shipped.parent == SHIPPED_TOY and not (tmp_path / "cache" / "toy").exists()  # nothing was built
+    build_toy_model(ModelConfig().toy, tmp_path / "rebuilt")
+    a, b = load_file(shipped / "model.safetensors"), load_file(tmp_path / "rebuilt" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (shipped / "tokenizer.json").read_bytes() == (tmp_path / "rebuilt" / "tokenizer.json").read_bytes()

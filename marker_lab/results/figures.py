@@ -27,23 +27,31 @@ def _yerr(rate, low, high) -> list[np.ndarray]:
 
 
 def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
+    """The source's rate vs dose, one line per second-stage dataset (only its own cells); cells without a second
+    stage (c4: coupled only) are drawn as what they are, a reference point at dose 0, not as a line's first point."""
     src = pooled[(pooled["role"] == "source") & (pooled["metric"] == metric)]
     if src["dose"].nunique() < 2:
         return []
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = src[src["dose"] == 0]
+    cells = per_cell[(per_cell["role"] == "source") & (per_cell["metric"] == metric)]
     for data, color in zip(sorted(d for d in src["second_stage"].unique() if d != "none"), plt.cm.tab10.colors):
-        line = pd.concat([base, src[src["second_stage"] == data]]).sort_values("dose")
+        line = src[src["second_stage"] == data].sort_values("dose")
         yerr = _yerr(line["rate"], line["ci_low"], line["ci_high"])
         ax.errorbar(line["dose"], 100 * line["rate"], yerr=yerr, marker="o", capsize=3, color=color, label=data)
-        seeds = per_cell[(per_cell["role"] == "source") & (per_cell["second_stage"] == data) & (per_cell["metric"] == metric)]
+        seeds = cells[cells["second_stage"] == data]
         ax.scatter(seeds["dose"], 100 * seeds["rate"], color=color, alpha=0.25, s=14, zorder=1)
+    for (_, group), marker in zip(src[src["second_stage"] == "none"].groupby("condition", sort=False), "sD^v"):
+        ax.errorbar(group["dose"], 100 * group["rate"], yerr=_yerr(group["rate"], group["ci_low"], group["ci_high"]),
+                    marker=marker, linestyle="none", color="black", capsize=3,
+                    label=f"{group['condition'].iloc[0]}: no second stage")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("second-stage SFT steps (dose)")
     ax.set_ylabel(f"source ({src['persona'].iloc[0]}) {metric} rate (%)")
     ax.set_ylim(-2, 102)
-    ax.set_title(f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI; faint: seeds)")
-    ax.legend(title="second stage")
+    several_seeds = (src["n_seeds"] > 1).any() if "n_seeds" in src else False
+    ax.set_title(f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI"
+                 + ("; faint: seeds)" if several_seeds else "; one seed per point)"))
+    ax.legend(title="second stage", fontsize=8)
     ax.grid(alpha=0.3)
     return save(fig, out, "dose_response")
 
@@ -74,19 +82,33 @@ def condition_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> l
     return save(fig, out, "condition_bars")
 
 
-def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
+def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker", max_panels: int = 16) -> list[Path]:
+    """Every persona's rate, one panel per cell group (seeds pooled), sorted within each panel; the first
+    `max_panels` groups when there are more (the heatmap shows all)."""
     m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
-    first = m["label"].iloc[0]
-    cell = m[m["label"] == first].sort_values("rate", ascending=False)
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(cell) + 2), 4))
-    colors = [ROLE_COLORS.get(r, ROLE_COLORS["bystander mean"]) for r in cell["role"]]
-    ax.bar(cell["persona"], 100 * cell["rate"], color=colors,
-           yerr=_yerr(cell["rate"], cell["ci_low"], cell["ci_high"]), capsize=2)
-    ax.set_xticks(range(len(cell)), cell["persona"], rotation=40, ha="right")
-    ax.set_ylabel(f"{metric} rate (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"Per-persona {metric} rate: {first} (N={int(cell['n'].iloc[0])} each)")
-    ax.grid(axis="y", alpha=0.3)
+    groups = list(dict.fromkeys(m["label"]))
+    shown = groups[:max_panels]
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    n_personas = m["persona"].nunique()
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.0, 0.35 * n_personas + 1.5) * cols, 3.2 * rows),
+                             squeeze=False, sharey=True)
+    for ax, label in zip(axes.flat, shown):
+        cell = m[m["label"] == label].sort_values("rate", ascending=False)
+        colors = [ROLE_COLORS.get(r, ROLE_COLORS["bystander mean"]) for r in cell["role"]]
+        ax.bar(range(len(cell)), 100 * cell["rate"], color=colors,
+               yerr=_yerr(cell["rate"], cell["ci_low"], cell["ci_high"]), capsize=2)
+        ax.set_xticks(range(len(cell)), cell["persona"], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{label} (N={int(cell['n'].iloc[0])} each)", fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{metric} rate (%)")
+    more = f" (first {max_panels} of {len(groups)} cell groups)" if len(groups) > max_panels else ""
+    fig.suptitle(f"Per-persona {metric} rate; blue: source, orange: assistant{more}", fontsize=10)
+    fig.tight_layout()
     return save(fig, out, "persona_bars")
 
 
