@@ -87,18 +87,32 @@ def test_missing_cells_are_shown_never_dropped(toy_sweep, tmp_path):
     assert load_sweep(partial)["cell"].nunique() == 8
 
 
-def test_browse_notebook_runs_on_a_toy_sweep(toy_sweep, monkeypatch):
+def run_notebook(sweep: Path, monkeypatch) -> str:
+    """Execute notebooks/browse_results.ipynb on `sweep`; fail on any error; return its text and data outputs."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     notebook = Path(__file__).resolve().parent.parent / "notebooks" / "browse_results.ipynb"
     nb = nbformat.read(notebook, as_version=4)
-    monkeypatch.setenv("MARKER_LAB_SWEEP", str(toy_sweep))
+    monkeypatch.setenv("MARKER_LAB_SWEEP", str(sweep))
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(notebook.parent)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") for o in outputs) + "".join(str(o.get("data", {})) for o in outputs)
+    return "".join(o.get("text", "") for o in outputs) + "".join(str(o.get("data", {})) for o in outputs)
+
+
+def test_browse_notebook_runs_on_a_toy_sweep(toy_sweep, monkeypatch):
+    text = run_notebook(toy_sweep, monkeypatch)
     assert "9 complete cells" in text and "image/png" in text and "EM vs benign on the source" in text
+
+
+def test_browse_notebook_runs_on_one_loose_result(toy_sweep, tmp_path, monkeypatch):
+    """One c4 result and no manifest: no comparison matches (an empty comparisons.csv), one seed, no dose curve."""
+    c4 = next(p for p in sorted(toy_sweep.iterdir()) if p.name.startswith("condition=c4"))
+    (tmp_path / "one").mkdir()
+    shutil.copy(c4 / "run_result.json", tmp_path / "one" / "run_result.json")
+    text = run_notebook(tmp_path, monkeypatch)
+    assert "1 complete cells" in text and "No comparisons declared" in text and "c4 / villain / marker" in text
 
 
 def test_any_set_of_result_files_aggregates_without_a_manifest(toy_sweep, tmp_path):
