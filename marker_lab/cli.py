@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from marker_lab.core.errors import config_error_line
 
@@ -25,8 +26,9 @@ commands:
 """
 
 
-def check_config(overrides: list[str]) -> None:
-    """Compose and check a single-run config and its inputs; exit 1 with one line on error."""
+def check_config(overrides: list[str], config_dir: str | None = None) -> None:
+    """Compose and check a single-run config and its inputs (with a user's config folder on the search path, as
+    Hydra's --config-dir puts it); exit 1 with one line on error."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
@@ -39,7 +41,8 @@ def check_config(overrides: list[str]) -> None:
 
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            node = compose("config", overrides=overrides)
+            extra = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
+            node = compose("config", overrides=extra + overrides)
         with open_dict(node):
             node.output_dir = "unused"
         preflight(OmegaConf.to_object(node))
@@ -47,6 +50,16 @@ def check_config(overrides: list[str]) -> None:
         sys.exit(f"marker-lab: config error: {e}")
     except Exception as e:  # hydra/omegaconf composition errors
         sys.exit(f"marker-lab: config error: {config_error_line(e)}")
+
+
+def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
+    """Hydra's `--config-dir DIR` / `-cd DIR` (a user's own config folder, layered on conf/), and the other args."""
+    for i, a in enumerate(args):
+        if a in ("--config-dir", "-cd") and i + 1 < len(args):
+            return args[i + 1], args[:i] + args[i + 2:]
+        if a.startswith("--config-dir="):
+            return a.split("=", 1)[1], args[:i] + args[i + 1:]
+    return None, args
 
 
 def _cell(cfg):
@@ -74,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "run":
-        hydra_flags = [a for a in rest if a.startswith("-")]
-        if not hydra_flags:  # plain overrides: check them first; Hydra handles its own flags
-            check_config(rest)
+        config_dir, plain = _config_dir(rest)
+        if not any(a.startswith("-") for a in plain):  # plain overrides: check them first; Hydra handles its flags
+            check_config(plain, config_dir)
         sys.argv = ["marker-lab run"] + rest
         _hydra_run()
     elif command == "bench":

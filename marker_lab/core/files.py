@@ -14,7 +14,10 @@ import tempfile
 from pathlib import Path
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
-CONF = Path(__file__).resolve().parent.parent.parent / "conf"
+# the configs: inside the package when installed from a wheel (setup.py copies conf/ there), else the repository's
+# top-level conf/ (a checkout, or an editable install)
+_PACKAGED_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent.parent / "conf"
 
 FULL_HASH_BYTES = 1 << 30  # files up to 1 GiB are hashed whole; larger ones by size, head and tail (see below)
 _EDGE = 1 << 20
