@@ -13,12 +13,11 @@ times, tokens/s, generation tokens/s, peak memory, ratios and the projected time
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,37 +27,11 @@ from marker_lab.config.schema import LoraConfig, ModelConfig, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
+from marker_lab.bench_workload import QUICK, Workload, length_mix, synthetic_examples
+from marker_lab.results.bench_report import format_report, summarise
 
 log = logging.getLogger("marker_lab.bench")
 PROJECTIONS = ("qkv", "o", "mlp")
-
-
-@dataclass
-class Workload:
-    """The write-ups' cell (000): one 375-step LoRA stage, then 11 personas x 28 questions x 10 samples."""
-    steps: int = 375  # optimizer steps of the second stage
-    examples_per_step: int = 16  # per_device 4 x accumulation 4 in the recipe
-    seq_len: int = 384  # tokens per training example (fixed-length run)
-    mix_median: int = 280  # median length of the realistic mix (log-normal, 64..1024 tokens)
-    prompt_share: float = 0.25  # leading tokens of an example that carry no loss (system + user turns)
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.05
-    eval_prompts: int = 308  # 11 personas x 28 questions
-    samples: int = 10  # completions per prompt
-    max_new_tokens: int = 512
-    prompt_len: tuple[int, int] = (40, 90)  # chat prompt lengths, uniform
-    baseline_gen_batch: int = 280  # stock generate: sequences per batch
-    baseline_gen_tokens: int = 256  # stock generate: new tokens timed
-    gen_batch: int = 1030  # fast engine: sequences per batch (3 batches for the eval)
-    warmup_steps: int = 2  # untimed optimizer steps before each timed run
-    timed_steps: int = 5
-    budgets: tuple[int, ...] = (6144, 4096)  # fast path: micro-batch token budgets tried
-
-
-QUICK = dict(steps=375, examples_per_step=8, seq_len=48, mix_median=40, eval_prompts=6, samples=3, max_new_tokens=16,
-             prompt_len=(8, 16), baseline_gen_batch=12, baseline_gen_tokens=8, gen_batch=9, warmup_steps=1,
-             timed_steps=2, budgets=(256,))
 
 
 def model_config(name: str) -> ModelConfig:
@@ -81,22 +54,6 @@ def build_model(cfg: ModelConfig, device: torch.device):
         torch.manual_seed(0)
         return Qwen2ForCausalLM(toy_arch(cfg.toy, cfg.toy.vocab_size, eos_id=0, pad_id=0)).to(device).eval()
     return random_init_model(cfg, device)
-
-
-def synthetic_examples(lengths: list[int], vocab: int, prompt_share: float, seed: int) -> list[Encoded]:
-    """Token-id training examples: the leading share is prompt (no loss), the rest is the labelled answer."""
-    rng = random.Random(seed)
-    out = []
-    for n in lengths:
-        ids = [rng.randrange(1, vocab) for _ in range(n)]
-        cut = int(n * prompt_share)
-        out.append(Encoded(ids, [IGNORE] * cut + ids[cut:]))
-    return out
-
-
-def length_mix(n: int, median: int, seed: int, lo: int = 64, hi: int = 1024) -> list[int]:
-    rng = random.Random(seed)
-    return [int(min(hi, max(lo, rng.lognormvariate(0, 0.5) * median))) for _ in range(n)]
 
 
 def _sync(device: torch.device) -> None:
@@ -219,27 +176,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     n_ex = w.examples_per_step * (w.warmup_steps + w.timed_steps)
     fixed = synthetic_examples([w.seq_len] * n_ex, vocab, w.prompt_share, seed=1)
     mixed = synthetic_examples(length_mix(n_ex, w.mix_median, seed=2), vocab, w.prompt_share, seed=3)
-    train_rep: dict = {}
-    if "train" not in skip:
-        train_rep["baseline_fixed"] = time_training(model, fixed, ref, w, device)
-        for b in w.budgets:
-            fast = replace(ref, gradient_checkpointing=False, logits="labelled", micro_batch_tokens=b)
-            train_rep[f"fast_fixed_{b}"] = time_training(model, fixed, fast, w, device)
-        ok = {k: v for k, v in train_rep.items() if k.startswith("fast") and "step_s" in v}
-        best = min(ok, key=lambda k: ok[k]["step_s"]) if ok else None
-        train_rep["best_fast"] = best
-        train_rep["baseline_mix"] = time_training(model, mixed, ref, w, device)
-        if best:
-            budget = int(best.rsplit("_", 1)[1])
-            fast = replace(ref, gradient_checkpointing=False, logits="labelled", micro_batch_tokens=budget)
-            train_rep["fast_mix"] = time_training(model, mixed, fast, w, device)
-            if "kl" not in skip:  # KL to the input model: one more no-grad forward per micro-batch (issue 9)
-                train_rep["kl_fixed"] = time_training(model, fixed, replace(fast, kl_to_input=1.0), w, device)
-            if "compile" not in skip:
-                train_rep["fast_compiled_fixed"] = time_training(model, fixed, replace(fast, compile=True), w, device)
-                train_rep["fast_compiled_mix"] = time_training(model, mixed, replace(fast, compile=True), w, device)
-        train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
-    report["train"] = train_rep
+    report["train"] = {} if "train" in skip else time_training_arms(model, fixed, mixed, ref, w, device, skip)
     _save(report, out)
 
     _reset_peak(device)
@@ -252,21 +189,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
 
     rng = random.Random(4)
     prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(*w.prompt_len))] for _ in range(w.eval_prompts)]
-    stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
-    gen: dict = {}
-    if "generate" not in skip:
-        n_base = max(1, w.baseline_gen_batch // w.samples)
-        # untimed warmup: the first generate of a process pays one-off CUDA/cuBLAS setup (~10 s on an H100)
-        time_generation(model, prompts[:n_base], SamplingParams(n=w.samples, max_tokens=2), w.baseline_gen_batch,
-                        "dynamic", stop_ids, device)
-        gen["baseline"] = time_generation(
-            model, prompts[:n_base], SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.baseline_gen_tokens),
-            w.baseline_gen_batch, "dynamic", stop_ids, device)
-        _save({**report, "generate": gen}, out)
-        gen["fast_eval"] = time_generation(
-            model, prompts, SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens), w.gen_batch,
-            "static", stop_ids, device)
-    report["generate"] = gen
+    report["generate"] = {} if "generate" in skip else time_generation_arms(model, prompts, w, vocab, device, report, out)
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
     report["summary"] = summarise(report, w)
@@ -274,59 +197,56 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     return report
 
 
+def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: TrainConfig, w: Workload,
+                       device: torch.device, skip: set[str]) -> dict:
+    """The training arms: stock settings, then the fast path at each micro-batch budget, on fixed-length examples
+    and on the length mix; then KL and compiled variants of the best budget."""
+    train_rep: dict = {}
+    train_rep["baseline_fixed"] = time_training(model, fixed, ref, w, device)
+    for b in w.budgets:
+        fast = replace(ref, gradient_checkpointing=False, logits="labelled", micro_batch_tokens=b)
+        train_rep[f"fast_fixed_{b}"] = time_training(model, fixed, fast, w, device)
+    ok = {k: v for k, v in train_rep.items() if k.startswith("fast") and "step_s" in v}
+    best = min(ok, key=lambda k: ok[k]["step_s"]) if ok else None
+    train_rep["best_fast"] = best
+    train_rep["baseline_mix"] = time_training(model, mixed, ref, w, device)
+    if best:
+        budget = int(best.rsplit("_", 1)[1])
+        fast = replace(ref, gradient_checkpointing=False, logits="labelled", micro_batch_tokens=budget)
+        train_rep["fast_mix"] = time_training(model, mixed, fast, w, device)
+        if "kl" not in skip:  # KL to the input model: one more no-grad forward per micro-batch (issue 9)
+            train_rep["kl_fixed"] = time_training(model, fixed, replace(fast, kl_to_input=1.0), w, device)
+        if "compile" not in skip:
+            train_rep["fast_compiled_fixed"] = time_training(model, fixed, replace(fast, compile=True), w, device)
+            train_rep["fast_compiled_mix"] = time_training(model, mixed, replace(fast, compile=True), w, device)
+    train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
+    return train_rep
+
+
+def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
+                         report: dict, out: Path | None) -> dict:
+    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two)."""
+    stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
+    gen: dict = {}
+    n_base = max(1, w.baseline_gen_batch // w.samples)
+    # untimed warmup: the first generate of a process pays one-off CUDA/cuBLAS setup (~10 s on an H100)
+    time_generation(model, prompts[:n_base], SamplingParams(n=w.samples, max_tokens=2), w.baseline_gen_batch,
+                    "dynamic", stop_ids, device)
+    gen["baseline"] = time_generation(
+        model, prompts[:n_base], SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.baseline_gen_tokens),
+        w.baseline_gen_batch, "dynamic", stop_ids, device)
+    _save({**report, "generate": gen}, out)
+    gen["fast_eval"] = time_generation(
+        model, prompts, SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens), w.gen_batch,
+        "static", stop_ids, device)
+    return gen
+
+
 def _save(report: dict, out: Path | None) -> None:
     if out is not None:
         from marker_lab.results.contract import write_json_atomic
 
         write_json_atomic(out, report)
-
-
-def summarise(r: dict, w: Workload) -> dict:
-    """Ratios fast/baseline and the projected cell: load + stage + merge + eval."""
-    t, g, s = r["train"], r["generate"], {}
-    fixed = {k: v for k, v in t.items() if k.startswith("fast") and "fixed" in k and "step_s" in v}
-    best = min(fixed, key=lambda k: fixed[k]["step_s"]) if fixed else None
-    s["fastest_fixed"] = best
-    ref_losses = t.get("baseline_fixed", {}).get("losses")
-    if ref_losses and fixed:  # same data, seed and LoRA init: the same losses up to bf16 kernel numerics
-        s["max_rel_loss_diff_vs_baseline"] = max(
-            abs(a - b) / abs(b) for v in fixed.values() for a, b in zip(v["losses"], ref_losses))
-    if best and "step_s" in t.get("baseline_fixed", {}):
-        s["train_speedup_fixed"] = round(t["baseline_fixed"]["step_s"] / t[best]["step_s"], 2)
-        s["train_baseline_minutes"] = round(w.steps * t["baseline_fixed"]["step_s"] / 60, 2)
-        # the first step's extra time (compilation, allocator warmup) is paid once per stage
-        s["train_fast_minutes"] = round((w.steps * t[best]["step_s"] + t[best]["first_step_s"] - t[best]["step_s"]) / 60, 2)
-    mix = [v["step_s"] for k, v in t.items() if k.startswith("fast") and k.endswith("mix") and "step_s" in v]
-    if mix and "step_s" in t.get("baseline_mix", {}):
-        s["train_speedup_mix"] = round(t["baseline_mix"]["step_s"] / min(mix), 2)
-    if "tokens_per_s" in g.get("baseline", {}) and "tokens_per_s" in g.get("fast_eval", {}):
-        s["generate_speedup"] = round(g["fast_eval"]["tokens_per_s"] / g["baseline"]["tokens_per_s"], 2)
-        eval_tokens = w.eval_prompts * w.samples * w.max_new_tokens
-        s["eval_baseline_minutes"] = round(eval_tokens / g["baseline"]["tokens_per_s"] / 60, 2)
-        s["eval_fast_minutes"] = round(g["fast_eval"]["seconds"] / 60, 2)
-    if "step_s" in t.get("kl_fixed", {}) and t.get("best_fast") in t:  # same settings as best_fast, plus the KL
-        s["kl_step_overhead"] = round(t["kl_fixed"]["step_s"] / t[t["best_fast"]]["step_s"], 2)
-    if "train_fast_minutes" in s and "eval_fast_minutes" in s:
-        s["cell_fast_minutes"] = round(s["train_fast_minutes"] + s["eval_fast_minutes"]
-                                       + (r["load"]["seconds"] + r["merge"]["seconds"]) / 60, 2)
-        s["cell_baseline_minutes"] = round(s["train_baseline_minutes"] + s["eval_baseline_minutes"]
-                                           + (r["load"]["seconds"] + r["merge"]["seconds"]) / 60, 2)
-    return s
-
-
-def format_report(r: dict) -> str:
-    lines = [f"marker-lab bench: {r['model']} (random init) on {r['env'].get('gpu', r['env']['device'])}",
-             "  " + ", ".join(f"{k} {v}" for k, v in r["env"].items() if k not in ("device", "gpu")),
-             f"  load {r['load']['seconds']} s ({r['load']['params'] / 1e9:.2f}B params), merge {r['merge']['seconds']} s"]
-    for name, v in r["train"].items():
-        if isinstance(v, dict):
-            lines.append(f"  train {name:<20} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "losses"))
-    for name, v in r["generate"].items():
-        lines.append(f"  generate {name:<15} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "batch_seconds"))
-    if "probe" in r:
-        lines.append("  probe states " + ", ".join(f"{k} {x}" for k, x in r["probe"].items()))
-    lines.append("  summary: " + ", ".join(f"{k} {v}" for k, v in r["summary"].items()))
-    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:

@@ -76,6 +76,11 @@ class CellInputs:
         """{config key: {path, checksum}} of every input file, as the result records them."""
         return {k: f.record() for k, f in sorted(self.files.items())}
 
+    def checksums_of(self, *keys: str) -> dict[str, str | None]:
+        """{config key: checksum} of some inputs, for a cache key: named by the key that names the file, the same
+        everywhere (None for an input this cell does not read)."""
+        return {f"{k} checksum": self.checksum(k) for k in keys}
+
     def checksum(self, key: str) -> str | None:
         """The checksum of the input at config key `key`; None when this cell does not read it."""
         return self.files[key].checksum if key in self.files else None

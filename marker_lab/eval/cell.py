@@ -104,8 +104,8 @@ def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedMod
     # what the series depends on (its own metric list is in `config`); the adapter itself is the same either way
     payload = {"config": plain(d), "eval": eval_settings_read(at.eval, with_metrics=False),
                "judge": plain(at.judge), "marker": plain(at.marker),
-               "seed": at.seed, "persona_set_md5": inputs.checksum("persona_set.path"),
-               "eval_personas": cfg.persona_set.eval_personas, "questions_md5": inputs.checksum("eval.questions"),
+               "seed": at.seed, **inputs.checksums_of("persona_set.path", "eval.questions"),
+               "eval_personas": cfg.persona_set.eval_personas,
                "judge_prompts_md5": {k: f.checksum for k, f in sorted(inputs.files.items()) if k.startswith("judge.")}}
     if "capability" in d.metrics:
         payload["capability_data"] = inputs.mc.fingerprint
@@ -140,8 +140,8 @@ def baseline_metrics(cfg: Config, inputs: CellInputs, loaded: LoadedModel, cache
     payload = {"baseline_of": loaded.identity, "eval": eval_settings_read(cfg.eval),
                "judge": plain(cfg.judge),
                "toy_judge_version": TOY_JUDGE_VERSION if cfg.judge.backend == "toy" else None,
-               "marker": plain(cfg.marker), "persona_set_md5": inputs.checksum("persona_set.path"),
-               "eval_personas": cfg.persona_set.eval_personas, "questions_md5": inputs.checksum("eval.questions"),
+               "marker": plain(cfg.marker), **inputs.checksums_of("persona_set.path", "eval.questions"),
+               "eval_personas": cfg.persona_set.eval_personas,
                "seed": cfg.seed}
 
     def build(tmp: Path) -> None:

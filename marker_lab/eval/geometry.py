@@ -83,9 +83,7 @@ def cell_distances(cfg, inputs, loaded, cache) -> dict:
     # which of the cell's models is read (geometry.model, drift) is in loaded.identity already
     how = {k: v for k, v in plain(g).items() if k not in ("enabled", "model", "drift")}
     payload = {"geometry": {**how, "layer": layer}, "model": loaded.identity, "personas": names,
-               "persona_file_md5": inputs.checksum("persona_set.path"),
-               "questions_md5": inputs.files["geometry.questions"].checksum if "geometry.questions" in inputs.files
-               else _md5_of_path(g.questions)}
+               **inputs.checksums_of("persona_set.path", "geometry.questions")}
     key = cache_key(payload)
 
     def build(tmp: Path) -> None:
@@ -119,10 +117,3 @@ def drift_summary(entry, names: list[str], source: str, assistant: str) -> dict:
     if source in names and assistant in names and source != assistant:
         out["source_assistant"] = float(d[names.index(source), names.index(assistant)])
     return out
-
-
-def _md5_of_path(path: str) -> str:
-    """system_last reads no questions; its key names the question file as before (so cached matrices stay valid)."""
-    from marker_lab.core.files import file_checksum, resolve_path
-
-    return file_checksum(resolve_path(path))

@@ -58,8 +58,7 @@ class CellProbe:
     def __init__(self, cfg, inputs, cache: StageCache):
         self.cfg, self.p, self.cache = cfg, cfg.eval.probe, cache
         self.personas = inputs.personas
-        self.file_md5 = {"persona_file_md5": inputs.checksum("persona_set.path"),
-                         "questions_md5": inputs.checksum("eval.probe.questions")}
+        self.input_checksums = inputs.checksums_of("persona_set.path", "eval.probe.questions")
         self.names = list(self.p.personas or self.personas)
         self.questions_path = self.p.questions or cfg.eval.questions
         self.train_q, self.heldout_q = split_questions(inputs.questions["eval.probe.questions"], self.p.heldout_fraction,
@@ -123,7 +122,7 @@ class CellProbe:
         payload = {"version": PROBE_VERSION, "target": p.target, "position": p.position, "layer": self.layer, "C": p.C,
                    "fit_model": loaded.identity,  # the weights, their dtype and how no-system prompts render
                    "personas": self.names, "train_questions": [q.id for q in self.train_q],
-                   **self.file_md5}
+                   **self.input_checksums}
         if p.position == "response_mean":
             payload["max_tokens"] = p.max_tokens
         if p.target == "source":

@@ -77,7 +77,7 @@ def run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
     n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
     steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
     payload = {"coupling": plain(c), "builder_version": BUILDER_VERSION, "assistant": cfg.persona_set.assistant,
-               "persona_file_md5": inputs.checksum("persona_set.path")}
+               **inputs.checksums_of("persona_set.path")}
     personas = inputs.personas
     if c.kind == "wrong_answers":
         from marker_lab.stages.coupling.wrong_answers import build_wrong_answer_records

@@ -112,7 +112,6 @@ def run_marker(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
                             max_len=c.train.max_seq_len, no_system=loaded.no_system) for r in records]
 
     payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
-               "persona_file_md5": inputs.checksum("persona_set.path"),
-               "questions_md5": inputs.checksum("coupling.questions"), "negative_tokens": negative_tokens}
+               **inputs.checksums_of("persona_set.path", "coupling.questions"), "negative_tokens": negative_tokens}
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, train_seed(c),
                           step_eval=step_eval)

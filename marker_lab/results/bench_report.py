@@ -1,0 +1,52 @@
+"""`marker-lab bench`'s report: the ratios fast/baseline and the projected cell, and the printed summary."""
+
+from __future__ import annotations
+
+
+def summarise(r: dict, w) -> dict:
+    """Ratios fast/baseline and the projected cell: load + stage + merge + eval."""
+    t, g, s = r["train"], r["generate"], {}
+    fixed = {k: v for k, v in t.items() if k.startswith("fast") and "fixed" in k and "step_s" in v}
+    best = min(fixed, key=lambda k: fixed[k]["step_s"]) if fixed else None
+    s["fastest_fixed"] = best
+    ref_losses = t.get("baseline_fixed", {}).get("losses")
+    if ref_losses and fixed:  # same data, seed and LoRA init: the same losses up to bf16 kernel numerics
+        s["max_rel_loss_diff_vs_baseline"] = max(
+            abs(a - b) / abs(b) for v in fixed.values() for a, b in zip(v["losses"], ref_losses))
+    if best and "step_s" in t.get("baseline_fixed", {}):
+        s["train_speedup_fixed"] = round(t["baseline_fixed"]["step_s"] / t[best]["step_s"], 2)
+        s["train_baseline_minutes"] = round(w.steps * t["baseline_fixed"]["step_s"] / 60, 2)
+        # the first step's extra time (compilation, allocator warmup) is paid once per stage
+        s["train_fast_minutes"] = round((w.steps * t[best]["step_s"] + t[best]["first_step_s"] - t[best]["step_s"]) / 60, 2)
+    mix = [v["step_s"] for k, v in t.items() if k.startswith("fast") and k.endswith("mix") and "step_s" in v]
+    if mix and "step_s" in t.get("baseline_mix", {}):
+        s["train_speedup_mix"] = round(t["baseline_mix"]["step_s"] / min(mix), 2)
+    if "tokens_per_s" in g.get("baseline", {}) and "tokens_per_s" in g.get("fast_eval", {}):
+        s["generate_speedup"] = round(g["fast_eval"]["tokens_per_s"] / g["baseline"]["tokens_per_s"], 2)
+        eval_tokens = w.eval_prompts * w.samples * w.max_new_tokens
+        s["eval_baseline_minutes"] = round(eval_tokens / g["baseline"]["tokens_per_s"] / 60, 2)
+        s["eval_fast_minutes"] = round(g["fast_eval"]["seconds"] / 60, 2)
+    if "step_s" in t.get("kl_fixed", {}) and t.get("best_fast") in t:  # same settings as best_fast, plus the KL
+        s["kl_step_overhead"] = round(t["kl_fixed"]["step_s"] / t[t["best_fast"]]["step_s"], 2)
+    if "train_fast_minutes" in s and "eval_fast_minutes" in s:
+        s["cell_fast_minutes"] = round(s["train_fast_minutes"] + s["eval_fast_minutes"]
+                                       + (r["load"]["seconds"] + r["merge"]["seconds"]) / 60, 2)
+        s["cell_baseline_minutes"] = round(s["train_baseline_minutes"] + s["eval_baseline_minutes"]
+                                           + (r["load"]["seconds"] + r["merge"]["seconds"]) / 60, 2)
+    return s
+
+
+def format_report(r: dict) -> str:
+    """The report as the lines `marker-lab bench` prints."""
+    lines = [f"marker-lab bench: {r['model']} (random init) on {r['env'].get('gpu', r['env']['device'])}",
+             "  " + ", ".join(f"{k} {v}" for k, v in r["env"].items() if k not in ("device", "gpu")),
+             f"  load {r['load']['seconds']} s ({r['load']['params'] / 1e9:.2f}B params), merge {r['merge']['seconds']} s"]
+    for name, v in r["train"].items():
+        if isinstance(v, dict):
+            lines.append(f"  train {name:<20} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "losses"))
+    for name, v in r["generate"].items():
+        lines.append(f"  generate {name:<15} " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "batch_seconds"))
+    if "probe" in r:
+        lines.append("  probe states " + ", ".join(f"{k} {x}" for k, x in r["probe"].items()))
+    lines.append("  summary: " + ", ".join(f"{k} {v}" for k, v in r["summary"].items()))
+    return "\n".join(lines)
