@@ -1,1 +1,1 @@
-"""Config schemas, composition and validation."""
+"""The config schemas: typed dataclasses (and enums for every choice field) that Hydra composes conf/ into."""

@@ -6,19 +6,11 @@ personas shuffled.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from marker_lab.config.schema import Config, CouplingConfig
-from marker_lab.core.cache import StageCache, plain
-from marker_lab.data.chat import encode_chat
 from marker_lab.data.personas import Persona, system_messages
-from marker_lab.models import LoadedModel
-from marker_lab.stages.during_training import StepEval
-from marker_lab.stages.lora_stage import StageResult, run_lora_stage
-from marker_lab.train.sft import resolve_steps
 
 # Part of every contrastive stage's cache key: bump it when a builder changes what it writes, so a cache built by
 # older code is not reused (keys cover configs and data, not code).
@@ -68,36 +60,3 @@ def contrastive_plan(cfg: Config, personas: dict[str, Persona], n_items: int) ->
     slots += [Slot(cfg.persona_set.assistant, rng.randrange(n_items), False, "anchor: assistant")
               for _ in range(c.n_anchor_assistant)]
     return slots
-
-
-def run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
-                     step_eval: StepEval | None) -> StageResult:
-    """wrong_answers and persona_em: build the dataset (saved as coupling.jsonl), train on the replies."""
-    c = cfg.coupling
-    n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
-    steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
-    payload = {"coupling": plain(c), "builder_version": BUILDER_VERSION, "assistant": cfg.persona_set.assistant,
-               **inputs.checksums_of("persona_set.path")}
-    personas = inputs.personas
-    if c.kind == "wrong_answers":
-        from marker_lab.stages.coupling.wrong_answers import build_wrong_answer_records
-
-        train_items, _, payload["mc_data"] = inputs.mc
-        payload["capability_split"] = plain(cfg.eval.capability)
-        build_records = lambda: build_wrong_answer_records(cfg, personas, train_items)  # noqa: E731
-    else:
-        from marker_lab.stages.coupling.persona_em import build_persona_em_records, load_em_items
-
-        em_items, payload["data"] = load_em_items(cfg, inputs)
-        build_records = lambda: build_persona_em_records(cfg, personas, em_items, loaded)  # noqa: E731
-
-    def build_examples(data_dir: Path):
-        records = build_records()
-        with open(data_dir / "coupling.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value, max_len=c.train.max_seq_len,
-                            no_system=loaded.no_system)
-                for r in records]
-
-    return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, train_seed(c),
-                          step_eval=step_eval)
