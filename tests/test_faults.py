@@ -337,3 +337,21 @@ def test_a_train_seed_changes_the_adapter(cache_dir, tmp_path):
 
     a, b, a_again = adapter(1), adapter(2), adapter(1)
     assert any(not (a[k] == b[k]).all() for k in a) and all((a[k] == a_again[k]).all() for k in a)
+
+
+def test_results_read_where_their_inputs_are_absent_stay_current(tmp_path):
+    """Aggregating on another machine: an input that is not there cannot be re-checked, so it does not make the
+    result stale (a run there would stop at start-up on the missing file); a changed one does."""
+    from marker_lab.results.contract import RunResult
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("x\n")
+    from marker_lab.core.files import file_checksum
+
+    prov = {"config_hash": "h", "inputs": {"a": {"path": str(data), "checksum": file_checksum(data)},
+                                          "b": {"path": str(tmp_path / "elsewhere.yaml"), "checksum": "0"}}}
+    result = RunResult(cell={}, metrics={}, provenance=prov, timing={})
+    currency = is_current(result, "h")
+    assert currency.current and currency.unverified == ("b",)
+    data.write_text("y\n")
+    assert not is_current(result, "h").current

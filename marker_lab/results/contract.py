@@ -108,21 +108,26 @@ class Currency:
     """Whether a result still stands for a cell, and if not, why."""
     current: bool
     reason: str = ""  # which input changed, or that the config differs
+    unverified: tuple[str, ...] = ()  # inputs not found here (results read on another machine): not re-checked
 
 
 def is_current(result: RunResult, config_hash: str) -> Currency:
     """A result is current for a cell when it was made from the cell's config (same hash) and every input file
-    it read still has the checksum it had then. Files are re-hashed by path (cheap: md5 of small files, memoised)."""
+    it read still has the checksum it had then. Files are re-hashed by path (cheap: md5 of small files, memoised).
+    An input that is not there at all (results copied to another machine) cannot be re-checked and does not make the
+    result stale; running the cell again would stop at start-up on the missing file, so nothing is silently reused."""
     if result.config_hash != config_hash:
         return Currency(False, "config changed (the result is from another config)")
+    missing = []
     for key, recorded in sorted((result.provenance.get("inputs") or {}).items()):
         path = Path(recorded["path"])
         if not path.exists():
-            return Currency(False, f"input {key} is gone ({path})")
+            missing.append(key)
+            continue
         now = dir_checksum(path) if path.is_dir() else file_checksum(path)
         if now != recorded["checksum"]:
             return Currency(False, f"input {key} changed since the result was made ({path})")
-    return Currency(True)
+    return Currency(True, unverified=tuple(missing))
 
 
 def cell_keys(cfg) -> dict:
