@@ -260,7 +260,8 @@ def test_damaged_status_and_result_files(cache_dir, tmp_path):
     assert [s.state for s in cell_states(sweep)] == ["complete", "corrupt"]
     assert "1 complete, 1 corrupt" in format_status(sweep)
     out = aggregate(sweep)
-    assert pd.read_csv(out / "rates.csv")["cell"].unique().tolist() == ["a"]
+    rates = pd.read_csv(out / "rates.csv")
+    assert rates[rates["level"] == "cell"]["cell"].unique().tolist() == ["a"]
     again = run_cell(small_cfg(data, sweep / "b", cache_dir, "seed=12"))  # a corrupt result is run again
     assert again.metrics == results[1].metrics and [s.state for s in cell_states(sweep)] == ["complete", "complete"]
 

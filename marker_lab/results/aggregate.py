@@ -244,7 +244,7 @@ def _aggregate(sweep_dir: Path, results: list, analysis: dict, missing: list) ->
     by_step = load_by_step(results)
 
     atomic_write_bytes(out / "rates.csv", rates.to_csv(index=False).encode())
-    rates.astype({"seeds": str}).to_parquet(out / "rates.parquet.tmp", index=False)
+    rates.astype({"seeds": str} if "seeds" in rates else {}).to_parquet(out / "rates.parquet.tmp", index=False)
     (out / "rates.parquet.tmp").replace(out / "rates.parquet")
     atomic_write_bytes(out / "scores.csv", scores.to_csv(index=False).encode())
     atomic_write_bytes(out / "by_step.csv", by_step.to_csv(index=False).encode())
