@@ -116,7 +116,7 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
     assert other["models"]["after_coupling"] == coupled
     no_dose = [o for o in PROBE if not o.startswith("dose=")]
     fewer = run_cell(compose_cfg(["condition=c4", *no_dose, "eval.probe.n_bootstrap=200",
-                                  "persona_set.eval_personas=[villain]"], tmp_path / "c4", cache_dir))["metrics"]["probe"]
+                                  "persona_set.eval_personas=[villain]"], tmp_path / "c4", cache_dir)).metrics["probe"]
     assert fewer["fit"]["cache_key"] == probe["fit"]["cache_key"] and not fewer["fit"]["fitted_now"]
     assert fewer["models"]["after_coupling"]["auc"] == coupled["auc"]
     entry = probe["fit"]["cache_entry"]

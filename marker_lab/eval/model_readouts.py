@@ -40,8 +40,11 @@ class ModelReadouts:
         return self.probe.result(), self.probe.seconds
 
     def finish(self, out_dir: Path, data_md5: dict) -> dict:
-        """The cell's geometry (and drift), their matrices saved next to the result; returns the result's fields."""
+        """The cell's geometry (and drift), their matrices saved next to the result, and the probe's file checksums in
+        `data_md5`; returns the result's fields."""
         g, out = self.cfg.geometry, {}
+        if self.probe:  # the fitted probe's files, by checksum
+            data_md5.update({f"probe/{k}": v for k, v in self.probe.fit["md5"].items()})
         if not g.enabled:
             return out
         if g.model == "base":
