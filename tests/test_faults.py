@@ -159,7 +159,10 @@ def test_sampling_settings_are_checked_at_start_up(overrides, message):
 
 
 def test_greedy_with_one_sample_is_accepted():
-    preflight(to_dataclass(compose_cfg(["eval.generation.temperature=0", "eval.generation.samples_per_question=1"])))
+    cfg = to_dataclass(compose_cfg(["eval.generation.temperature=0", "eval.generation.samples_per_question=1"]))
+    inputs = preflight(cfg)
+    assert cfg.eval.generation.temperature == 0 and "villain" in inputs.personas
+    assert len(inputs.questions["eval.questions"]) == 28  # the eval still reads its questions
 
 
 @pytest.mark.slow
