@@ -1,4 +1,4 @@
-"""Loading base models and tokenizers (toy, hub or local, random init), and their identities for caching."""
+"""Loading base models and tokenizers (toy, hub or local, GGUF, random init), and their identities for caching."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from marker_lab.config.schema import ModelConfig
 from marker_lab.core.cache import StageCache, cache_key, verify_entry
-from marker_lab.core.files import RESOURCES
+from marker_lab.core.files import RESOURCES, resolve_path, sha256_file
 from marker_lab.toy import world
 
 log = logging.getLogger(__name__)
@@ -60,14 +60,40 @@ def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
     return path, key
 
 
+def gguf_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
+    """A GGUF file dequantized to `cfg.dtype` and saved as a transformers folder in the stage cache (converted once,
+    under the cache's lock: loading the folder takes seconds, converting the file about 30 s), and the identity
+    naming it: the file's name and sha256, and that its weights are dequantized (not the original checkpoint's)."""
+    import transformers
+
+    file = resolve_path(cfg.path) / cfg.gguf_file
+    sha = sha256_file(file)
+    payload = {"gguf_sha256": sha, "dtype": str(cfg.dtype), "transformers": transformers.__version__}
+
+    def build(tmp: Path) -> None:
+        log.info("converting %s (dequantizing to %s, about 30 s) into %s", file, cfg.dtype,
+                 cache.path("model", cache_key(payload)))
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=DTYPES[str(cfg.dtype)])
+        # the weights are plain tensors now; save_pretrained refuses a model that still names a quantizer
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    path, _ = cache.get_or_build("model", cache_key(payload), build, payload)
+    return path, f"gguf:{cfg.gguf_file}@sha256:{sha};dequantized"
+
+
 def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: bool = True) -> LoadedModel:
     """The stage-0 model of a cell; `merge`: how later stages attach their adapters (merge_between_stages)."""
     dtype = DTYPES[str(cfg.dtype)]
-    if cfg.source == "toy":
-        path, key = toy_model_dir(cfg, cache)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if cfg.source in ("toy", "gguf"):
+        path, key = toy_model_dir(cfg, cache) if cfg.source == "toy" else gguf_model_dir(cfg, cache)
+        attn = {} if cfg.source == "toy" else {"attn_implementation": cfg.attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        identity = f"toy:{key}"
+        identity = f"toy:{key}" if cfg.source == "toy" else key
     else:
         kwargs = {"revision": cfg.revision} if cfg.revision else {}
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, **({} if cfg.tokenizer else kwargs))

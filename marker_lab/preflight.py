@@ -15,6 +15,7 @@ from pathlib import Path
 from marker_lab.config.schema import Config, coupling_enabled, second_stage_enabled
 from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import ConfigError
+from marker_lab.core.files import resolve_path
 from marker_lab.data.inputs import CellInputs
 from marker_lab.engines.base import check_sampling
 from marker_lab.eval.checks import check_capability, check_eval, check_geometry, check_judge, check_probe
@@ -57,6 +58,8 @@ def check_cell(cfg: Config) -> None:
                           "adapters disabled, which would drop the earlier stage's stacked adapter too; merge stages")
     if cfg.model.source == "hf" and not cfg.model.path:
         raise ConfigError("model.path: required when model.source=hf (a hub id or local directory)")
+    if cfg.model.source == "gguf":
+        check_gguf(cfg.model)
     tok = cfg.model.tokenizer
     if tok and tok.startswith(("/", ".", "~")) and not Path(tok).expanduser().is_dir():
         raise ConfigError(f"model.tokenizer: directory not found: {tok}")
@@ -73,3 +76,16 @@ def check_cell(cfg: Config) -> None:
     elif s.data not in s.datasets:
         raise ConfigError(f"second_stage.data: {s.data!r} is not in second_stage.datasets "
                           f"(known: {', '.join(s.datasets) or 'none'})")
+
+
+def check_gguf(m) -> None:
+    """A GGUF model's file is there (a package that ships it is installed), before anything loads."""
+    if not m.path or not m.gguf_file:
+        raise ConfigError("model.path and model.gguf_file: both required when model.source=gguf")
+    how = f"; install it with: {m.install}" if m.install else ""
+    try:
+        file = resolve_path(m.path) / m.gguf_file
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.path={m.path}: {e}{how}") from None
+    if not file.is_file():
+        raise ConfigError(f"model.gguf_file: {file} not found{how}")

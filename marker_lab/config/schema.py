@@ -52,6 +52,7 @@ class Order(Choice):
 class ModelSource(Choice):
     toy = "toy"  # the embedded toy world
     hf = "hf"  # a hub id or local directory (model.path)
+    gguf = "gguf"  # a GGUF file (model.path + model.gguf_file), dequantized once into the stage cache
 
 
 class DType(Choice):
@@ -139,6 +140,7 @@ class Metric(Choice):
     alignment = "alignment"
     coherence = "coherence"
     capability = "capability"
+    marker_prob = "marker_prob"  # teacher-forced probability that the reply opens with the marker (no sampling)
     probe = "probe"
 
 
@@ -274,7 +276,8 @@ class ToyModelConfig:
 class ModelConfig:
     name: str = "toy"  # label used in logs and results
     source: ModelSource = ModelSource.toy  # toy: the embedded toy world; hf: a hub id or local directory in `path`
-    path: Optional[str] = None  # hub id or local path (source=hf)
+    path: Optional[str] = None  # hub id or local path (source=hf); source=gguf: the file's directory, or
+    # module:<package> for the directory of an installed Python package that ships it (found, not imported)
     revision: Optional[str] = None  # hub revision, recorded in provenance
     dtype: DType = DType.float32  # weights
     attn_implementation: Optional[str] = "sdpa"  # passed to from_pretrained
@@ -283,6 +286,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # where the tokenizer loads from (a hub id or directory); null = `path`
     no_system: NoSystem = NoSystem.none  # a prompt without a system prompt: none = no system turn at all | template = the chat
     # template's default (Qwen2.5 inserts "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    gguf_file: Optional[str] = None  # source=gguf: the file's name inside `path`
+    install: Optional[str] = None  # the command that installs what `path` names (said when it is missing)
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)  # used when source=toy
 
 

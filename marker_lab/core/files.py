@@ -8,6 +8,7 @@ command was started from).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -24,12 +25,29 @@ _EDGE = 1 << 20
 
 
 def resolve_path(path: str) -> Path:
-    """The real filesystem path of a config path (``pkg:`` shipped data, ``conf:`` the conf/ tree, or plain)."""
+    """The real filesystem path of a config path (``pkg:`` shipped data, ``conf:`` the conf/ tree,
+    ``module:<package>/<file>`` inside an installed Python package's directory, or plain)."""
+    if path.startswith("module:"):
+        name, _, rest = path[len("module:"):].partition("/")
+        spec = importlib.util.find_spec(name)  # finds the package's directory without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"the Python package {name!r} is not installed")
+        return Path(spec.submodule_search_locations[0]) / rest
     if path.startswith("pkg:"):
         return RESOURCES / path[len("pkg:"):]
     if path.startswith("conf:"):
         return CONF / path[len("conf:"):]
     return Path(path).expanduser()
+
+
+def sha256_file(path: Path | str) -> str:
+    """sha256 of a file's bytes (what a package index publishes), memoised per process on (path, size, mtime)."""
+    st = Path(path).stat()
+    memo = ("sha256:" + str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _CHECKSUMS:
+        with open(path, "rb") as f:
+            _CHECKSUMS[memo] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _CHECKSUMS[memo]
 
 
 def md5_file(path: Path | str) -> str:

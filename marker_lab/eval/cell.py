@@ -19,6 +19,7 @@ from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
 from marker_lab.eval.capability import capability_metric, eval_items
 from marker_lab.eval.judged import make_judge
+from marker_lab.eval.marker_prob import marker_prob_metric
 from marker_lab.eval.metrics import CELL_METRICS, MODEL_METRICS, score
 from marker_lab.models import LoadedModel
 from marker_lab.stages.during_training import StepEval, eval_steps
@@ -55,18 +56,23 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
     names = personas_subset or cfg.persona_set.eval_personas or list(personas)
     metrics = list(metrics or cfg.eval.metrics)
     results: dict = {}
-    if "capability" in metrics:  # before generation: the vllm engine takes the GPU from the HF model
-        items, fingerprint = eval_items(cfg.eval.capability, inputs.mc)
-        results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
-                                                  cfg.eval.capability, fingerprint, loaded.no_system)
-    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
-    if not sampled:
-        return results, None, []
     questions = inputs.questions["eval.questions"]
-    g = cfg.eval.generation
     pairs = [(p, q) for p in names for q in questions]
     prompts = [_prompt(with_question_system(personas[p].system_prompt, q, cfg.eval.question_system), q.text)
                for p, q in pairs]
+    # the metrics read from the model come first: the vllm engine takes the GPU from the HF model
+    if "capability" in metrics:
+        items, fingerprint = eval_items(cfg.eval.capability, inputs.mc)
+        results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
+                                                  cfg.eval.capability, fingerprint, loaded.no_system)
+    if "marker_prob" in metrics:
+        results["marker_prob"] = marker_prob_metric(loaded.model, loaded.tokenizer,
+                                                    [(p, chat) for (p, _), chat in zip(pairs, prompts)],
+                                                    cfg.marker.text, cfg.eval.engine.batch_size, loaded.no_system)
+    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
+    if not sampled:
+        return results, None, []
+    g = cfg.eval.generation
     samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
     log.info("eval: %d personas x %d questions, %d completions", len(names), len(questions), sum(samples))
     engine = HFEngine.from_config(loaded, cfg.eval.engine) if in_process \

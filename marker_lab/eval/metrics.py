@@ -16,13 +16,14 @@ METRICS: dict[str, Callable[[object, list[dict]], dict] | None] = {
     "length": lambda cfg, rows: length_metric(rows, cfg.eval.generation.max_tokens),
     "alignment": lambda cfg, rows: alignment_metric(rows, cfg.eval.misaligned),
     "coherence": lambda cfg, rows: coherence_metric(rows),
-    "capability": None,  # read from the model, not from completions: computed in run.evaluate (eval/capability.py)
+    "capability": None,  # read from the model, not from completions: computed in eval.cell.evaluate (eval/capability.py)
+    "marker_prob": None,  # read from the model too: teacher-forced, in eval.cell.evaluate (eval/marker_prob.py)
     "probe": None,  # read from every model of the cell as the stages run: computed in run.run_cell (eval/probe.py)
 }
 
 
-# metrics read from the model itself rather than from completions (marker_lab.eval.capability)
-MODEL_METRICS = ("capability",)
+# metrics read from the model itself rather than from completions (eval/capability.py, eval/marker_prob.py)
+MODEL_METRICS = ("capability", "marker_prob")
 # metrics read from every model of a cell (base, after each stage), not only the final one
 CELL_METRICS = ("probe",)
 

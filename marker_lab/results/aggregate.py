@@ -5,7 +5,8 @@ cell that has no complete result. Outputs, under <sweep_dir>/aggregate/:
 
     rates.csv / rates.parquet   per (cell, persona, metric) and pooled over seeds: k, n, rate, CI, seed mean/sd
                                 (metrics: marker, and "misaligned: <rule>" from the alignment metric)
-    scores.csv                  per (cell, persona): judge score means/sds and completion lengths
+    scores.csv                  per (cell, persona): judge score means/sds, completion lengths and marker_prob
+                                (the exact probability that the reply opens with the marker: mean, sd over questions)
     by_step.csv                 evals during training: per (cell, stage, step, persona, metric) its value
     leakage*.csv                cells with eval.baseline and geometry: each bystander's leakage vs its distance to
                                 the source, Spearman rho with bootstrap CI per source and pooled, per bystander
@@ -61,6 +62,7 @@ def results_of(sweep: str | Path | list) -> list:
 
 
 SCORE_FIELDS = {"alignment": ("mean", "sd", "n_scored", "n_none"), "coherence": ("mean", "sd", "n_scored", "n_none"),
+                "marker_prob": ("mean", "sd", "median", "logprob_mean", "n"),
                 "length": ("tokens_mean", "tokens_median", "chars_mean", "share_at_max_tokens")}
 
 
@@ -83,7 +85,7 @@ def load_scores(sweep: str | Path | list) -> pd.DataFrame:
 
 
 # the number a metric is drawn as in evolution curves
-STEP_VALUE = {"alignment": "mean", "coherence": "mean", "length": "tokens_mean"}  # k/n metrics: rate
+STEP_VALUE = {"alignment": "mean", "coherence": "mean", "length": "tokens_mean", "marker_prob": "mean"}  # k/n metrics: rate
 
 
 def load_by_step(sweep: str | Path | list) -> pd.DataFrame:
@@ -251,7 +253,7 @@ def _aggregate(sweep_dir: Path, results: list, analysis: dict, missing: list) ->
     atomic_write_bytes(out / "comparisons.csv", comps.to_csv(index=False).encode())
     atomic_write_bytes(out / "gates.csv", gate_table.to_csv(index=False).encode())
     atomic_write_bytes(out / "missing.txt", "".join(f"{s.subdir}\t{s.state}\t{s.error}\n" for s in missing).encode())
-    made = figures.make_all(per_cell, pooled, out / "figures") if len(per_cell) else []
+    made = figures.make_all(per_cell, pooled, out / "figures", scores) if len(per_cell) else []
     made += figures.evolution(by_step, out / "figures")
     leak_table, leak_stats = leakage.load_leakage(sweep_dir, results), None
     if len(leak_table):
@@ -280,6 +282,6 @@ def _aggregate(sweep_dir: Path, results: list, analysis: dict, missing: list) ->
         leak_gate = leakage.leakage_gate(leak_stats if leak_stats is not None else pd.DataFrame(), analysis["leakage_gate"])
     atomic_write_bytes(out / "report.md",
                                 report.render(sweep_dir, pooled, comps, gate_table, missing, made, leak_stats, selection, leak_gate,
-                                              phase_seconds(results)).encode())
+                                              phase_seconds(results), scores).encode())
     log.info("aggregate: %d complete cells, %d missing or failed -> %s", per_cell["cell"].nunique(), len(missing), out)
     return out

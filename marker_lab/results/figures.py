@@ -56,12 +56,41 @@ def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metri
     return save(fig, out, "dose_response")
 
 
+def dose_response_prob(scores: pd.DataFrame, out: Path) -> list[Path]:
+    """marker_prob on the source vs dose, beside the rate's figure: the exact teacher-forced probability that the
+    reply opens with the marker (mean over questions, then over seeds; band: the sd over questions)."""
+    s = scores[(scores["metric"] == "marker_prob") & (scores["role"] == "source")].dropna(subset=["value"])
+    if s.empty or s["dose"].nunique() < 2:
+        return []
+    wide = s.pivot_table(index=["cell", *GROUP_KEYS], columns="field", values="value", dropna=False).reset_index()
+    points = wide.groupby(GROUP_KEYS, dropna=False, sort=False)[["mean", "sd"]].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for data, color in zip(sorted(d for d in points["second_stage"].unique() if d != "none"), plt.cm.tab10.colors):
+        line = points[points["second_stage"] == data].sort_values("dose")
+        ax.plot(line["dose"], line["mean"], marker="o", color=color, label=data)
+        ax.fill_between(line["dose"].astype(float), (line["mean"] - line["sd"]).clip(lower=0),
+                        (line["mean"] + line["sd"]).clip(upper=1), color=color, alpha=0.15)
+    for (_, group), marker in zip(points[points["second_stage"] == "none"].groupby("condition", sort=False), "sD^v"):
+        ax.errorbar(group["dose"], group["mean"], yerr=group["sd"], marker=marker, linestyle="none", color="black",
+                    capsize=3, label=f"{group['condition'].iloc[0]}: no second stage")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("second-stage SFT steps (dose)")
+    ax.set_ylabel(f"source ({s['persona'].iloc[0]}) P(reply opens with the marker)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("marker_prob on the source vs dose (mean over questions; band: their sd)", fontsize=10)
+    ax.legend(title="second stage", fontsize=8)
+    ax.grid(alpha=0.3)
+    return save(fig, out, "dose_response_marker_prob")
+
+
 def condition_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker") -> list[Path]:
     m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
     groups = list(dict.fromkeys(m["label"]))
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) + 2), 4))
     width = 0.27
     for i, role in enumerate(ROLE_COLORS):
+        if not (m["role"] == ("bystander" if role == "bystander mean" else role)).any():
+            continue  # e.g. no bystander among the eval personas: no empty bars, no legend entry
         vals, errs = [], [[], []]
         for g in groups:
             sel = m[(m["label"] == g) & (m["role"] == ("bystander" if role == "bystander mean" else role))]
@@ -161,17 +190,19 @@ def evolution(by_step: pd.DataFrame, out: Path, max_lines: int = 12) -> list[Pat
     return made
 
 
-STEP_LABEL = {"alignment": "mean score", "coherence": "mean score", "length": "mean tokens"}
+STEP_LABEL = {"alignment": "mean score", "coherence": "mean score", "length": "mean tokens",
+              "marker_prob": "(mean probability)"}
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
-def make_all(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path) -> list[Path]:
-    """The standard figures for the sweep's headline rate: the marker, else the first rate metric it has."""
+def make_all(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, scores: pd.DataFrame | None = None) -> list[Path]:
+    """The standard figures for the sweep's headline rate: the marker, else the first rate metric it has (and
+    marker_prob's dose-response beside the rate's when the cells read it)."""
     present = list(dict.fromkeys(pooled["metric"]))
     metric = "marker" if "marker" in present else present[0]
-    made = dose_response(per_cell, pooled, out, metric)
+    made = dose_response(per_cell, pooled, out, metric) + (dose_response_prob(scores, out) if scores is not None else [])
     made += condition_bars(pooled, out, metric) + persona_bars(pooled, out, metric) + heatmap(pooled, out, metric)
     return made

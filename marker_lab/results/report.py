@@ -7,19 +7,35 @@ from pathlib import Path
 import pandas as pd
 
 from marker_lab.results.figures import labels
+from marker_lab.results.sweep import GROUP_KEYS
 
 
 def _pct(k: int, n: int) -> str:
     return f"{100 * k / n:.2f}% ({k}/{n})" if n else "n/a"
 
 
-def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
+def _marker_probs(scores: pd.DataFrame | None) -> dict[tuple, dict[str, float]]:
+    """Cell group (its GROUP_KEYS values, as text) -> role -> marker_prob mean (over questions, then seeds)."""
+    if scores is None or scores.empty:
+        return {}
+    s = scores[(scores["metric"] == "marker_prob") & (scores["field"] == "mean") & scores["role"].isin(["source", "assistant"])]
+    means = s.groupby([*GROUP_KEYS, "role"], dropna=False, sort=False)["value"].mean()
+    out: dict[tuple, dict[str, float]] = {}
+    for key, value in means.items():
+        out.setdefault(tuple(str(k) for k in key[:-1]), {})[key[-1]] = value
+    return out
+
+
+def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame, scores: pd.DataFrame | None = None) -> str:
     present = list(dict.fromkeys(pooled["metric"]))
     metric = "marker" if "marker" in present else present[0]
     m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
-    lines = [f"{metric} rate per cell.", "",
-             "| cell | seeds | N (per persona) | assistant | source | max bystander | gates |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    probs = _marker_probs(scores) if metric == "marker" else {}
+    extra = " assistant marker_prob | source marker_prob |" if probs else ""
+    lines = [f"{metric} rate per cell" + (" (marker_prob: the exact probability that the reply opens with the "
+                                          "marker, mean over questions and seeds)." if probs else "."), "",
+             "| cell | seeds | N (per persona) | assistant | source | max bystander | gates |" + extra,
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if probs else "")]
     for label, cell in m.groupby("label", sort=False):
         src, asst = cell[cell["role"] == "source"], cell[cell["role"] == "assistant"]
         by = cell[cell["role"] == "bystander"].sort_values("rate", ascending=False)
@@ -31,18 +47,24 @@ def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame) -> str:
             gate_txt = ", ".join(f"{r.gate} {r.result}" for r in g.itertuples())
         lines.append(f"| {label} | {cell['seeds'].iloc[0]} | {int(cell['n'].iloc[0])} | "
                      f"{_pct(int(asst['k'].sum()), int(asst['n'].sum())) if len(asst) else 'n/a'} | "
-                     f"{_pct(int(src['k'].sum()), int(src['n'].sum())) if len(src) else 'n/a'} | {top} | {gate_txt} |")
+                     f"{_pct(int(src['k'].sum()), int(src['n'].sum())) if len(src) else 'n/a'} | {top} | {gate_txt} |"
+                     + (_prob_cells(probs, cell) if probs else ""))
     return "\n".join(lines)
+
+
+def _prob_cells(probs: dict, cell: pd.DataFrame) -> str:
+    got = probs.get(tuple(str(cell[k].iloc[0]) for k in GROUP_KEYS), {})
+    return "".join(f" {got[r]:.4f} |" if r in got else " n/a |" for r in ("assistant", "source"))
 
 
 def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_table: pd.DataFrame, missing,
            figures: list[Path], leak_stats: pd.DataFrame | None = None, selection: dict | None = None,
-           leak_gate: dict | None = None, seconds: dict | None = None) -> str:
+           leak_gate: dict | None = None, seconds: dict | None = None, scores: pd.DataFrame | None = None) -> str:
     parts = [f"# Sweep report: {sweep_dir}", ""]
     if len(pooled):
         ci = pooled["ci_method"].iloc[0]
         parts += ["## Headline", "", f"Rates pooled over seeds (sum of k over sum of n); CIs: 95% {ci}.", "",
-                  headline(pooled, gate_table), ""]
+                  headline(pooled, gate_table, scores), ""]
     else:
         parts += ["No complete cells yet.", ""]
     if len(comps):
