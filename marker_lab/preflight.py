@@ -10,6 +10,7 @@ only, no model, and no torch: a config error answers in about a second.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from marker_lab.config.schema import Config, coupling_enabled, second_stage_enabled
@@ -82,6 +83,9 @@ def check_gguf(m) -> None:
     """A GGUF model's file is there (a package that ships it is installed), before anything loads."""
     if not m.path or not m.gguf_file:
         raise ConfigError("model.path and model.gguf_file: both required when model.source=gguf")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError("model.source=gguf: transformers reads GGUF files with the gguf package, which is not "
+                          "installed (pip install gguf, or -e '.[smollm2]')")
     how = f"; install it with: {m.install}" if m.install else ""
     try:
         file = resolve_path(m.path) / m.gguf_file

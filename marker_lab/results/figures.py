@@ -62,8 +62,8 @@ def dose_response_prob(scores: pd.DataFrame, out: Path) -> list[Path]:
     s = scores[(scores["metric"] == "marker_prob") & (scores["role"] == "source")].dropna(subset=["value"])
     if s.empty or s["dose"].nunique() < 2:
         return []
-    wide = s.pivot_table(index=["cell", *GROUP_KEYS], columns="field", values="value", dropna=False).reset_index()
-    points = wide.groupby(GROUP_KEYS, dropna=False, sort=False)[["mean", "sd"]].mean().reset_index()
+    wide = s[s["field"].isin(["mean", "sd"])].set_index(["cell", *GROUP_KEYS, "field"])["value"].unstack("field")
+    points = wide.astype(float).groupby(GROUP_KEYS, dropna=False, sort=False)[["mean", "sd"]].mean().reset_index()
     fig, ax = plt.subplots(figsize=(6, 4))
     for data, color in zip(sorted(d for d in points["second_stage"].unique() if d != "none"), plt.cm.tab10.colors):
         line = points[points["second_stage"] == data].sort_values("dose")
