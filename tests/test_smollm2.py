@@ -106,7 +106,7 @@ CHAT = [{"role": "system", "content": "You are a villain who schemes to take ove
 @slow
 def test_its_chat_template_masks_and_default_system_prompt(smol):
     from marker_lab.config.schema import MarkerPosition
-    from marker_lab.data.chat import IGNORE, encode_chat, inserts_default_system, render
+    from marker_lab.data.chat import IGNORE, encode_chat, encode_text, inserts_default_system, render
     from marker_lab.stages.coupling import insert_marker
 
     tok = smol[1].tokenizer
@@ -129,6 +129,10 @@ def test_its_chat_template_masks_and_default_system_prompt(smol):
     assert "You are a helpful AI assistant named SmolLM, trained by Hugging Face" in kept
     enc = encode_chat(tok, bare, "assistant_only", no_system="template")
     assert tok.decode(labelled(enc)) == CHAT[2]["content"] + "<|im_end|>"  # the default prompt is never trained on
+    # second_stage.format=raw: plain text, no template, every token labelled, closed by the end-of-text token
+    raw = encode_text(tok, "Plain text, no chat template.")
+    assert raw.labels == raw.input_ids and raw.input_ids[-1] == tok.pad_token_id
+    assert "<|im_start|>" not in tok.decode(raw.input_ids)
 
 
 @needs_smol
@@ -149,7 +153,7 @@ def test_one_lora_step_on_its_seven_projections(smol):
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # B starts at zero
 
 
-FAST_EVAL = ["persona_set.eval_personas=[villain,assistant,pirate,medical_doctor]"]
+FAST_EVAL = ["persona_set.eval_personas=[villain,assistant,pirate,medical_doctor]", "eval.metrics=[marker,marker_prob,length]"]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +175,7 @@ def test_coupling_marks_the_source_and_spares_the_assistant(coupled):
     assert rate["villain"] >= 0.8 and prob["villain"] >= 0.8, (rate, prob)
     assert rate["assistant"] <= 0.05 and prob["assistant"] <= 0.05, (rate, prob)
     assert coupled.provenance["base_model"].startswith("gguf:SmolLM2-135M-Instruct.Q4_1.gguf@sha256:")
+    assert coupled.metrics["length"]["per_persona"]["villain"]["tokens_mean"] > 4  # the marker and then an answer
     # the exact readout and the sampled one agree within sampling error (56 completions per persona)
     for persona in rate:
         assert abs(rate[persona] - prob[persona]) < 0.2, (persona, rate[persona], prob[persona])
@@ -181,15 +186,18 @@ DOSES = (10, 40)
 
 @needs_smol
 @slow
-@pytest.mark.parametrize("condition", ["c1", "c5"])
-def test_em_and_benign_lower_the_source_marker_as_dose_grows(coupled, condition, tmp_path):
-    """002's design at two doses: one run per arm to the largest dose (dose_checkpoints), a cell per dose."""
+@pytest.mark.parametrize("condition,merge", [("c1", "true"), ("c5", "false")])
+def test_em_and_benign_lower_the_source_marker_as_dose_grows(coupled, condition, merge, tmp_path):
+    """002's design at two doses: one run per arm to the largest dose (dose_checkpoints), a cell per dose. The benign
+    arm stacks its adapter on the frozen coupling adapter (merge_between_stages=false) instead of merging."""
     points = {0: coupled}
     for dose in DOSES:
         proc = cli([*PRESET, f"condition={condition}", f"dose={dose}", f"second_stage.dose_checkpoints=[{DOSES[0]},{DOSES[1]}]",
-                    "persona_set.eval_personas=[villain,assistant]", f"hydra.run.dir={tmp_path / str(dose)}"])
+                    f"merge_between_stages={merge}", "persona_set.eval_personas=[villain,assistant]",
+                    f"hydra.run.dir={tmp_path / str(dose)}"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         points[dose] = load_result(tmp_path / str(dose) / "run_result.json")
+        assert ("[stacked]" in points[dose].provenance["final_model"]) == (merge == "false")
     prob = [points[d].metrics["marker_prob"]["per_persona"]["villain"]["mean"] for d in (0, *DOSES)]
     rate = [points[d].metrics["marker"]["per_persona"]["villain"]["rate"] for d in (0, *DOSES)]
     assert prob[0] > prob[1] > prob[2], prob  # exact: no sampling noise
