@@ -56,20 +56,22 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
     names = personas_subset or cfg.persona_set.eval_personas or list(personas)
     metrics = list(metrics or cfg.eval.metrics)
     results: dict = {}
-    questions = inputs.questions["eval.questions"]
-    pairs = [(p, q) for p in names for q in questions]
-    prompts = [_prompt(with_question_system(personas[p].system_prompt, q, cfg.eval.question_system), q.text)
-               for p, q in pairs]
     # the metrics read from the model come first: the vllm engine takes the GPU from the HF model
     if "capability" in metrics:
         items, fingerprint = eval_items(cfg.eval.capability, inputs.mc)
         results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
                                                   cfg.eval.capability, fingerprint, loaded.no_system)
+    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
+    if not sampled and "marker_prob" not in metrics:
+        return results, None, []
+    questions = inputs.questions["eval.questions"]  # read only when a metric asks these questions
+    pairs = [(p, q) for p in names for q in questions]
+    prompts = [_prompt(with_question_system(personas[p].system_prompt, q, cfg.eval.question_system), q.text)
+               for p, q in pairs]
     if "marker_prob" in metrics:
         results["marker_prob"] = marker_prob_metric(loaded.model, loaded.tokenizer,
                                                     [(p, chat) for (p, _), chat in zip(pairs, prompts)],
                                                     cfg.marker.text, cfg.eval.engine.batch_size, loaded.no_system)
-    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
     if not sampled:
         return results, None, []
     g = cfg.eval.generation
