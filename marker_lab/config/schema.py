@@ -320,7 +320,8 @@ class EngineConfig:
     name: EngineName = EngineName.hf  # hf (built in) | vllm (optional extra)
     batch_size: int = 256  # prompts x samples per forward batch (hf)
     cache: KVCache = KVCache.auto  # hf KV cache: static (compiled decode, CUDA graphs) | dynamic (stock) | auto (static on CUDA)
-    gpu_memory_utilization: float = 0.85  # vllm only
+    gpu_memory_utilization: float = 0.85  # vllm on a GPU: the device memory's share it may take (weights + KV cache)
+    kv_cache_memory_bytes: Optional[int] = None  # vllm: the KV cache in bytes; null = 1 GiB on CPU, gpu_memory_utilization on a GPU
 
 
 @dataclass

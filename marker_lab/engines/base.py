@@ -38,6 +38,10 @@ class GenerationEngine(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the model in hand (vLLM: its worker processes)."""
+        ...
+
 
 def check_sampling(key: str, g) -> None:
     """Sampling settings (a GenerationConfig at config key `key`) that every engine can honour as written."""

@@ -50,6 +50,9 @@ class HFEngine:
         """The engine on a loaded model (models.LoadedModel) as `eval.engine` configures it (batch size, KV cache)."""
         return cls(loaded.model, loaded.tokenizer, engine_cfg.batch_size, str(engine_cfg.cache), loaded.no_system)
 
+    def close(self) -> None:
+        """Nothing to release: the engine runs on the model in hand."""
+
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  desc: str = "generate") -> list[list[Completion]]:
         tok = self.tokenizer

@@ -1,13 +1,19 @@
-"""The optional vLLM engine (`pip install -e .[vllm]`), written against vLLM's offline `LLM` API.
+"""The optional vLLM engine, on vLLM's offline `LLM` API (0.32): `pip install -e .[vllm]` on a GPU; on CPU, vLLM's
+CPU build in its own venv (README, "vLLM").
 
-vLLM loads weights from a directory, so the cell saves its merged model first (see `marker_lab.run`).
-Sampling is set explicitly (top_k disabled, no repetition penalty), so vLLM does not pick up the model's own
-generation_config defaults and the semantics match the hf engine's.
+vLLM loads weights from a directory, so the cell saves its merged model first (eval/cell.py). Sampling is set
+explicitly (top_k disabled, no repetition penalty), so vLLM does not pick up the model's own generation_config
+defaults and the semantics match the hf engine's.
+
+Memory: vLLM reserves its KV cache up front. On a GPU, `gpu_memory_utilization` of the device; on CPU that same
+fraction would be read of host RAM (0.85 of 24 GB: one engine takes the machine), so the KV cache is given in bytes
+(`eval.engine.kv_cache_memory_bytes`, 1 GiB on CPU by default). On CPU the engine runs eager: compiling the model
+costs more start-up than a cell's eval gains. `close()` stops vLLM's worker processes (otherwise they are killed
+at interpreter exit, with tracebacks).
 
 Many adapters on one base: built with `max_lora_rank`, the engine serves peft adapters (the stage cache's
 `adapter/` directories) as vLLM LoRA requests, and `generate_many` batches the prompts of every adapter together
-instead of merging and reloading a model per cell. NOT RUN: vllm cannot be installed on this project's machines
-(docs/benchmarks.md); the conformance tests run it wherever it is importable.
+instead of merging and reloading a model per cell.
 """
 
 from __future__ import annotations
@@ -24,18 +30,48 @@ def available() -> bool:
     return True
 
 
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache on CPU when none is configured: fits a toy or small model on 24 GB
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def on_cpu() -> bool:
+    """Whether this vLLM is its CPU build (it runs on the host, whatever GPUs torch sees)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85,
-                 seed: int = 0, max_lora_rank: int | None = None, max_loras: int = 8, no_system: str = "none"):
+                 seed: int = 0, max_lora_rank: int | None = None, max_loras: int = 8, no_system: str = "none",
+                 kv_cache_memory_bytes: int | None = None):
         from vllm import LLM
 
         self.tokenizer, self.no_system = tokenizer, no_system
-        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": max_loras} if max_lora_rank else {}
+        lora = {}
+        if max_lora_rank:  # vLLM accepts a few ranks only: the smallest that holds every adapter
+            rank = next(r for r in LORA_RANKS if r >= max_lora_rank)
+            lora = {"enable_lora": True, "max_lora_rank": rank, "max_loras": max_loras}
+        cpu = on_cpu()
+        kv = kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if cpu else None)
+        memory = {"kv_cache_memory_bytes": kv} if kv else {"gpu_memory_utilization": gpu_memory_utilization}
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, **lora)
+                       enforce_eager=cpu, **memory, **lora)
         self._lora_ids: dict[str, int] = {}  # adapter path -> the integer id vLLM caches it under
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes (the engine cannot be used afterwards)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  desc: str = "generate") -> list[list[Completion]]:
@@ -47,7 +83,7 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
         from vllm.lora.request import LoRARequest
 
-        sp = VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=-1,
+        sp = VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=0,
                              repetition_penalty=1.0, max_tokens=params.max_tokens, seed=params.seed,
                              skip_special_tokens=True)
         texts, loras, owners = [], [], []
@@ -55,6 +91,7 @@ class VLLMEngine:
             lora = None
             if adapter is not None:
                 lora_id = self._lora_ids.setdefault(str(adapter), len(self._lora_ids) + 1)
+                # vLLM tells adapters apart by name: one name per path, never reused
                 lora = LoRARequest(f"adapter-{lora_id}", lora_id, str(adapter))
             for p in prompts:
                 texts.append(render(self.tokenizer, p, add_generation_prompt=True, no_system=self.no_system))

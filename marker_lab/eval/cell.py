@@ -40,7 +40,7 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path | None):
         log.info("eval: vLLM on the merged model saved at %s", merged)
         return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
                           gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed,
-                          no_system=loaded.no_system)
+                          no_system=loaded.no_system, kv_cache_memory_bytes=cfg.eval.engine.kv_cache_memory_bytes)
     return HFEngine.from_config(loaded, cfg.eval.engine)
 
 
@@ -80,13 +80,17 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
     engine = HFEngine.from_config(loaded, cfg.eval.engine) if in_process \
         else make_engine(cfg, loaded, out_dir)
     rows = []
-    for n in sorted(set(samples)):  # one engine request per sample count (a question file may set its own)
-        idx = [i for i, k in enumerate(samples) if k == n]
-        params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=cfg.seed)
-        outs = engine.generate([prompts[i] for i in idx], params, desc="eval")
-        rows += [{"persona": pairs[i][0], "question_id": pairs[i][1].id, "question": pairs[i][1].text, "sample": j,
-                  "completion": str(text), "n_tokens": text.n_tokens}
-                 for i, texts in zip(idx, outs) for j, text in enumerate(texts)]
+    try:
+        for n in sorted(set(samples)):  # one engine request per sample count (a question file may set its own)
+            idx = [i for i, k in enumerate(samples) if k == n]
+            params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+                                    seed=cfg.seed)
+            outs = engine.generate([prompts[i] for i in idx], params, desc="eval")
+            rows += [{"persona": pairs[i][0], "question_id": pairs[i][1].id, "question": pairs[i][1].text,
+                      "sample": j, "completion": str(text), "n_tokens": text.n_tokens}
+                     for i, texts in zip(idx, outs) for j, text in enumerate(texts)]
+    finally:
+        engine.close()
     judge_factory = judge_factory or (lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
     scored, judge, rows = score(cfg, rows, judge_factory, sampled)
     return {**results, **scored}, judge, rows
