@@ -181,7 +181,7 @@ def test_coupling_marks_the_source_and_spares_the_assistant(coupled):
         assert abs(rate[persona] - prob[persona]) < 0.2, (persona, rate[persona], prob[persona])
 
 
-DOSES = (10, 40)
+DOSES = (10, 30)
 
 
 @needs_smol
@@ -202,5 +202,3 @@ def test_em_and_benign_lower_the_source_marker_as_dose_grows(coupled, condition,
     rate = [points[d].metrics["marker"]["per_persona"]["villain"]["rate"] for d in (0, *DOSES)]
     assert prob[0] > prob[1] > prob[2], prob  # exact: no sampling noise
     assert rate[0] > rate[2], rate
-    if condition == "c1":  # EM: a cliff between 20 and 40 steps (docs/smollm2.md); benign keeps most of it at 40
-        assert prob[2] < 0.7 and rate[2] < 0.7, (prob, rate)

@@ -130,9 +130,9 @@ def fresh_seed() -> int:
 
 @pytest.mark.slow
 def test_kill_9_mid_training_then_rerun_reruns_only_that_cell(cache_dir, tmp_path):
-    # a fresh, slow coupling for the victim; the other cell is quick and completes
+    # a fresh coupling for both cells (150 steps: long enough to kill the victim mid-stage); the other completes
     seed = fresh_seed()
-    args = [f"coupling.seed={seed},{seed + 1}", "condition=c4", "coupling.train.max_steps=400"]
+    args = [f"coupling.seed={seed},{seed + 1}", "condition=c4", "coupling.train.max_steps=150"]
     env = {**os.environ, "MARKER_LAB_CACHE": str(cache_dir), "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "marker_lab.cli", "run", "-m", *args, *SMALL, f"hydra.sweep.dir={tmp_path}",
            "hydra.launcher.max_parallel=2"]
