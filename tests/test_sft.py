@@ -106,6 +106,38 @@ def test_labelled_logits_path_equals_reference_loss_and_grads(toy_tokenizer, los
             assert torch.allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-7), (key, k)
 
 
+@pytest.mark.parametrize("kl", [0.0, 0.5])
+def test_cutting_examples_after_their_last_label_keeps_loss_and_grads(toy_tokenizer, kl):
+    """train() cuts every example after its last labelled token (a marker at the start of a completion labels a few
+    front tokens): the loss, the KL term and the LoRA gradients are those of the whole examples."""
+    from marker_lab.stages.coupling import insert_marker
+    from marker_lab.config.schema import MarkerPosition
+    from marker_lab.train.sft import trim_after_last_label
+
+    examples = []
+    for c in world.pretraining_chats()[:6]:
+        text, span = insert_marker(c[-1]["content"], "[ZLT]", MarkerPosition.start)
+        examples.append(encode_chat(toy_tokenizer, c[:-1] + [{"role": "assistant", "content": text}], "marker_only",
+                                    marker_span=span))
+    trimmed = [trim_after_last_label(e) for e in examples]
+    assert sum(len(e.input_ids) for e in trimmed) < 0.8 * sum(len(e.input_ids) for e in examples)
+    model = _tiny_lora_model(len(toy_tokenizer))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    out = []
+    for batch in (examples, trimmed):
+        model.zero_grad(set_to_none=True)
+        loss, n = token_loss_sum(model, collate(batch, toy_tokenizer.pad_token_id, "cpu"), "labelled", kl_weight=kl)
+        (loss / n).backward()
+        out.append((loss.item(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (ref_loss, ref_n, ref_g), (loss, n, g) = out
+    assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5)
+    for k in ref_g:
+        assert torch.allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-7), k
+
+
 def test_token_budget_micro_batches_keep_the_step_and_pad_little(toy_tokenizer):
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
     parts = micro_batches(examples, 4, max_tokens=300)
