@@ -117,9 +117,9 @@ def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker", max_pa
     m = pooled[pooled["metric"] == metric].assign(label=labels(pooled[pooled["metric"] == metric]))
     groups = list(dict.fromkeys(m["label"]))
     shown = groups[:max_panels]
-    cols = min(4, len(shown))
-    rows = -(-len(shown) // cols)
     n_personas = m["persona"].nunique()
+    cols = max(1, min(4, len(shown), 40 // max(n_personas, 1)))  # many personas: fewer, wider panels per row
+    rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.0, 0.35 * n_personas + 1.5) * cols, 3.2 * rows),
                              squeeze=False, sharey=True)
     for ax, label in zip(axes.flat, shown):
@@ -137,7 +137,7 @@ def persona_bars(pooled: pd.DataFrame, out: Path, metric: str = "marker", max_pa
         ax.set_ylabel(f"{metric} rate (%)")
     more = f" (first {max_panels} of {len(groups)} cell groups)" if len(groups) > max_panels else ""
     fig.suptitle(f"Per-persona {metric} rate; blue: source, orange: assistant{more}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title above the panels
     return save(fig, out, "persona_bars")
 
 
