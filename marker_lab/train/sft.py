@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,11 @@ from transformers import get_scheduler
 
 from marker_lab.config.schema import LoraConfig, Schedule, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
+
+# peft 0.21.2 (the newest) reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__
+# (peft/peft_model.py), which warns on every adapter attached, in every run; no call of ours reads it. Only that
+# one message is ignored, so any other deprecation still shows. Remove when peft reads is_activation_checkpointing.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 log = logging.getLogger(__name__)
 
