@@ -25,9 +25,8 @@ from transformers import get_scheduler
 from marker_lab.config.schema import LoraConfig, Schedule, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
 
-# peft 0.21.2 (the newest) reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__
-# (peft/peft_model.py), which warns on every adapter attached, in every run; no call of ours reads it. Only that
-# one message is ignored, so any other deprecation still shows. Remove when peft reads is_activation_checkpointing.
+# peft 0.21.2 (the newest) reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__: a warning
+# per adapter, every run; no call of ours reads it. Only that message is ignored; remove once peft stops reading it.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 log = logging.getLogger(__name__)
