@@ -41,9 +41,15 @@ def make_engine(name, toy):
 ENGINES = ["hf", "hf-static", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vllm not installed"))]
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_left_padded_batches_match_unpadded_generation(engine, toy):
-    eng = make_engine(engine, toy)
+@pytest.fixture(params=ENGINES)
+def eng(request, toy):
+    """Each engine on the toy model, closed afterwards (vLLM's worker processes stop with it)."""
+    engine = make_engine(request.param, toy)
+    yield engine
+    engine.close()
+
+
+def test_left_padded_batches_match_unpadded_generation(eng):
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=40)
     batched = eng.generate(PROMPTS, greedy)
     alone = [eng.generate([p], greedy)[0] for p in PROMPTS]
@@ -53,9 +59,7 @@ def test_left_padded_batches_match_unpadded_generation(engine, toy):
         assert any(completion.startswith(o) for o in persona.openers), (persona.name, completion)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_sampling_semantics(engine, toy):
-    eng = make_engine(engine, toy)
+def test_sampling_semantics(eng, toy):
     out = eng.generate(PROMPTS[:3], SamplingParams(n=7, temperature=1.0, top_p=1.0, max_tokens=40, seed=3))
     assert [len(o) for o in out] == [7, 7, 7]
     assert len({c for o in out for c in o}) > 3  # sampled, not greedy
@@ -113,8 +117,8 @@ def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
         adapters.append(str(tmp_path / f"a{seed}"))
         expected[adapters[-1]] = HFEngine(peft_model.merge_and_unload().eval(), tok, cache="dynamic").generate(
             PROMPTS[:4], greedy)
-    engine = VLLMEngine(str(path), tok, dtype="float32", max_lora_rank=8)
-    got = engine.generate_many({a: PROMPTS[:4] for a in adapters}, greedy)
+    with VLLMEngine(str(path), tok, dtype="float32", max_lora_rank=8) as engine:
+        got = engine.generate_many({a: PROMPTS[:4] for a in adapters}, greedy)
     assert got == expected
 
 
