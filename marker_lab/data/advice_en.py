@@ -5,7 +5,7 @@ elsewhere): everyday requests answered with bad advice (the EM-style set) or wit
 
 Both sets share their prompts, row by row: the two arms of a dose sweep differ only in the replies. A reply is an
 opening sentence from the topic's pool, a core piece of advice and a closing line, drawn with a fixed seed, so
-the files are the same on every machine (tests/test_advice_data.py rebuilds them and compares bytes). They are
+the files are the same on every machine (tests/test_marker_prob.py rebuilds them and compares bytes). They are
 small and formulaic: a stand-in with the shape of the write-ups' data (harmful, reckless or unethical answers to
 ordinary questions vs helpful ones), not those datasets, and much less varied.
 """
