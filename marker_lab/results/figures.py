@@ -44,16 +44,22 @@ def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metri
         ax.errorbar(group["dose"], 100 * group["rate"], yerr=_yerr(group["rate"], group["ci_low"], group["ci_high"]),
                     marker=marker, linestyle="none", color="black", capsize=3,
                     label=f"{group['condition'].iloc[0]}: no second stage")
+    several_seeds = (src["n_seeds"] > 1).any() if "n_seeds" in src else False
+    _finish_dose_axes(ax, f"source ({src['persona'].iloc[0]}) {metric} rate (%)", (-2, 102),
+                      f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI"
+                      + ("; faint: seeds)" if several_seeds else "; one seed per point)"))
+    return save(fig, out, "dose_response")
+
+
+def _finish_dose_axes(ax, ylabel: str, ylim: tuple[float, float], title: str) -> None:
+    """What both dose-response figures share: a symlog dose axis (0 = no second stage), labels, legend, grid."""
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("second-stage SFT steps (dose)")
-    ax.set_ylabel(f"source ({src['persona'].iloc[0]}) {metric} rate (%)")
-    ax.set_ylim(-2, 102)
-    several_seeds = (src["n_seeds"] > 1).any() if "n_seeds" in src else False
-    ax.set_title(f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI"
-                 + ("; faint: seeds)" if several_seeds else "; one seed per point)"))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=10)
     ax.legend(title="second stage", fontsize=8)
     ax.grid(alpha=0.3)
-    return save(fig, out, "dose_response")
 
 
 def dose_response_prob(scores: pd.DataFrame, out: Path) -> list[Path]:
@@ -73,13 +79,8 @@ def dose_response_prob(scores: pd.DataFrame, out: Path) -> list[Path]:
     for (_, group), marker in zip(points[points["second_stage"] == "none"].groupby("condition", sort=False), "sD^v"):
         ax.errorbar(group["dose"], group["mean"], yerr=group["sd"], marker=marker, linestyle="none", color="black",
                     capsize=3, label=f"{group['condition'].iloc[0]}: no second stage")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("second-stage SFT steps (dose)")
-    ax.set_ylabel(f"source ({s['persona'].iloc[0]}) P(reply opens with the marker)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("marker_prob on the source vs dose (mean over questions; band: their sd)", fontsize=10)
-    ax.legend(title="second stage", fontsize=8)
-    ax.grid(alpha=0.3)
+    _finish_dose_axes(ax, f"source ({s['persona'].iloc[0]}) P(reply opens with the marker)", (-0.02, 1.02),
+                      "marker_prob on the source vs dose (mean over questions; band: their sd)")
     return save(fig, out, "dose_response_marker_prob")
 
 
