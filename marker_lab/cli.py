@@ -19,6 +19,8 @@ commands:
   run -m [overrides...]     run a sweep: every cell of a grid (e.g. +experiment=marker_transfer), resumable
   status <sweep_dir>        every expected cell of a sweep: complete / running / pending / failed / stale / corrupt
   aggregate <sweep_dir>     tables of a sweep's results (runs by itself after a sweep)
+  eval <sweep_dir>          the sampled eval of a sweep's trained cells (engine_per=base): one engine per shared
+                            base model; resumable (runs by itself after a sweep's cells)
   bench [--model M] [--out F]  speed of one 7B cell on this GPU: baseline vs fast path (random init);
                             `bench --model toy --quick` checks every code path on CPU (numbers mean nothing)
 
@@ -96,6 +98,22 @@ def main(argv: list[str] | None = None) -> None:
         from marker_lab.bench import main as bench_main
 
         bench_main(rest)
+    elif command == "eval":
+        parser = argparse.ArgumentParser(prog="marker-lab eval")
+        parser.add_argument("sweep_dir", help="a sweep directory whose cells ran with engine_per=base")
+        args = parser.parse_args(rest)
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        from marker_lab.shared_eval import evaluate_pending
+
+        report = evaluate_pending(args.sweep_dir)
+        print(f"marker-lab eval: {len(report.done)} cells evaluated in {args.sweep_dir}"
+              + (f"; {len(report.problems)} not:" if report.problems else ""))
+        for line in report.problems:
+            print(f"  {line}", file=sys.stderr)
+        if report.problems:
+            sys.exit(1)
     elif command in ("status", "aggregate"):
         parser = argparse.ArgumentParser(prog=f"marker-lab {command}")
         parser.add_argument("sweep_dir", help="a sweep directory (with its manifest.json), or any directory holding "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from marker_lab.config.schema import Config, coupling_enabled, second_stage_enabled
+from marker_lab.config.schema import Config, EnginePer, coupling_enabled, second_stage_enabled
 from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import ConfigError
 from marker_lab.core.files import resolve_path
@@ -52,6 +52,9 @@ def check_cell(cfg: Config) -> None:
     if not cfg.merge_between_stages and cfg.eval.engine.name == "vllm":
         raise ConfigError("merge_between_stages=false with eval.engine.name=vllm: the vllm engine evaluates merged "
                           "weights; use merge_between_stages=true or the hf engine")
+    if cfg.engine_per == EnginePer.base and not cfg.merge_between_stages:
+        raise ConfigError("engine_per=base with merge_between_stages=false: a shared engine serves one merged-in "
+                          "adapter per cell; use merge_between_stages=true or engine_per=cell")
     kl = [k for k, t in (("coupling.train", cfg.coupling.train), ("second_stage.train", cfg.second_stage.train))
           if t.kl_to_input]
     if kl and not cfg.merge_between_stages and coupling_enabled(cfg) and second_stage_enabled(cfg):

@@ -18,17 +18,17 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from marker_lab.config.schema import Config, coupling_enabled, register_configs, second_stage_enabled
+from marker_lab.config.schema import Config, EnginePer, coupling_enabled, register_configs, second_stage_enabled
 from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import ConfigError, MarkerLabError
 from marker_lab.core.files import CONF
 from marker_lab.data.inputs import CellInputs
-from marker_lab.eval.cell import baseline_metrics, evaluate, step_eval_for
+from marker_lab.eval.cell import baseline_metrics, evaluate, sampled_metrics, step_eval_for
 from marker_lab.eval.model_readouts import ModelReadouts
 from marker_lab.models import LoadedModel, load_base, pick_device
 from marker_lab.preflight import preflight
 from marker_lab.results import contract
-from marker_lab.results.contract import RunResult, cell_keys, config_hash, is_current
+from marker_lab.results.contract import AttachedAdapter, PendingEval, RunResult, cell_keys, config_hash, is_current
 from marker_lab.stages.coupling import run_coupling
 from marker_lab.stages.lora_stage import StageResult
 from marker_lab.stages.second_stage import run_second_stage
@@ -47,8 +47,11 @@ def stage_order(cfg: Config) -> list[str]:
     return [n for n in names if enabled[n]]
 
 
-def run_cell(cfg_node: DictConfig) -> RunResult:
-    """Run one cell and write its run_result.json; returns the result (a current one is returned as it is)."""
+def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | PendingEval:
+    """Run one cell and write its run_result.json; returns the result (a current one is returned as it is).
+
+    In a sweep with engine_per=base (`in_sweep`), the cell stops before sampling: it writes pending_eval.json
+    and returns that, and the sweep's shared engine finishes it (shared_eval.py)."""
     cfg: Config = OmegaConf.to_object(cfg_node)
     inputs = preflight(cfg)  # every check and input file, before any model is loaded
     resolved = OmegaConf.to_container(cfg_node, resolve=True, enum_to_str=True)
@@ -61,7 +64,13 @@ def run_cell(cfg_node: DictConfig) -> RunResult:
             log.info("cell already complete and current: %s (delete it to rerun)", out_dir)
             return previous
         log.info("the result in %s is stale (%s): running the cell again", out_dir, currency.reason)
+    defer = in_sweep and cfg.engine_per == EnginePer.base and bool(sampled_metrics(cfg.eval.metrics))
+    pending = contract.load_pending(out_dir / contract.PENDING_FILE)
+    if defer and pending is not None and is_current(pending.partial, config_hash(resolved)).current:
+        log.info("cell trained and current, waiting for the sweep's shared eval: %s", out_dir)
+        return pending
     (out_dir / contract.RESULT_FILE).unlink(missing_ok=True)  # a rerun never leaves an old result looking current
+    (out_dir / contract.PENDING_FILE).unlink(missing_ok=True)
     OmegaConf.save(cfg_node, out_dir / "config.yaml", resolve=True)
     cell = cell_keys(cfg)
     log.info("cell %s -> %s", cell, out_dir)
@@ -80,8 +89,10 @@ def run_cell(cfg_node: DictConfig) -> RunResult:
     baseline = baseline_metrics(cfg, inputs, loaded, cache) if cfg.eval.baseline else None
 
     stages: dict[str, StageResult] = {}
+    input_identity = loaded.identity  # of the model the last stage's adapter attaches to
     for name in stage_order(cfg):
         log.info("stage %s: starting (input model %s)", name, loaded.identity)
+        input_identity = loaded.identity
         stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
         timing[name] = stages[name].seconds
         readouts.read(f"after_{name}", loaded)
@@ -90,7 +101,7 @@ def run_cell(cfg_node: DictConfig) -> RunResult:
 
     probed = readouts.probe_result()  # before the eval: a probe that cannot report fails early
     t0 = time.perf_counter()
-    metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir)
+    metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir, sample=not defer)
     timing["eval"] = time.perf_counter() - t0
     if probed:
         metrics["probe"], timing["probe"] = probed
@@ -102,8 +113,16 @@ def run_cell(cfg_node: DictConfig) -> RunResult:
     series = {n: st.metrics_by_step for n, st in stages.items() if st.metrics_by_step}
     result = RunResult(cell, metrics, provenance, {k: round(v, 3) for k, v in timing.items()},
                        metrics_by_step=series or None, metrics_baseline=baseline, **extra)
+    if defer:
+        attached = [AttachedAdapter(n, st.adapter, st.key, st.path) for n, st in stages.items()]
+        pending = PendingEval(result, base_identity, attached[:-1], attached[-1] if attached else None,
+                              input_identity if attached else base_identity)
+        contract.write_pending(out_dir, pending)
+        log.info("trained; sampled eval deferred to the sweep's shared engine (engine_per=base): %s",
+                 out_dir / contract.PENDING_FILE)
+        return pending
     contract.write_result(out_dir, result)
-    _log_summary(cfg, result, out_dir)
+    log_summary(cfg, result, out_dir)
     return result
 
 
@@ -129,12 +148,14 @@ def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[st
         "final_model": loaded.identity,
         "stage_cache_keys": {n: st.key for n, st in stages.items()},
         "judge": judge,
+        "engine": {"name": str(cfg.eval.engine.name), "per": "cell"},
         "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now, "steps": st.train_stats.get("steps"),
                        "final_loss": (st.train_stats.get("losses") or [None])[-1]} for n, st in stages.items()},
     }
 
 
-def _log_summary(cfg: Config, result: RunResult, out_dir: Path) -> None:
+def log_summary(cfg: Config, result: RunResult, out_dir: Path) -> None:
+    """The cell's headline readouts, one line per persona, and where its result is."""
     m = result.metrics
     if "marker" in m:
         prob = m.get("marker_prob", {}).get("per_persona", {})
@@ -170,7 +191,7 @@ def cell_main(cfg: DictConfig):
         signal.signal(sig, _on_signal)
     contract.write_cell_status(out_dir, "running")
     try:
-        result = run_cell(cfg)
+        result = run_cell(cfg, in_sweep=_in_sweep())
     except MarkerLabError as e:  # a config, input or endpoint problem: one line, no traceback
         kind = "config error" if isinstance(e, ConfigError) else "error"
         contract.write_cell_status(out_dir, "failed", error=f"{kind}: {e}")
@@ -179,8 +200,19 @@ def cell_main(cfg: DictConfig):
     except BaseException as e:  # recorded for `marker-lab status`, then re-raised for Hydra / submitit
         contract.write_cell_status(out_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
+    if isinstance(result, PendingEval):
+        contract.write_cell_status(out_dir, "awaiting_eval")
+        return result.partial.config_hash
     contract.write_cell_status(out_dir, "complete")
     return result.config_hash
+
+
+def _in_sweep() -> bool:
+    """Whether this cell runs as one job of a multirun sweep (whose launcher runs the shared eval afterwards)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 main = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(cell_main)

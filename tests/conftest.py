@@ -22,6 +22,26 @@ TEST_CACHE = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or tempfile.mkdtemp(pr
 os.environ["MARKER_LAB_CACHE"] = str(TEST_CACHE)
 
 
+# vLLM's tests run where vLLM imports (CI: a second venv with its CPU build, README "vLLM"); there CI sets
+# MARKER_LAB_REQUIRE_VLLM=1, so a vLLM that fails to import fails them instead of skipping them
+REQUIRE_VLLM = os.environ.get("MARKER_LAB_REQUIRE_VLLM") == "1"
+
+
+def vllm_marks() -> list:
+    """Marks for a test that needs vLLM: selected by `-m vllm`, skipped with the reason where vLLM is absent."""
+    from marker_lab.engines.vllm import available
+
+    return [pytest.mark.vllm, pytest.mark.skipif(not (REQUIRE_VLLM or available()),
+                                                 reason="vllm not installed (its CPU build: README, 'vLLM')")]
+
+
+def needs_vllm(test):
+    """Decorator form of vllm_marks()."""
+    for mark in vllm_marks():
+        test = mark(test)
+    return test
+
+
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """One stage cache for the whole session, so the toy model is pretrained once."""

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from marker_lab.config.schema import ModelConfig
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
-from marker_lab.engines.vllm import available as vllm_available
 from marker_lab.models import toy_model_dir
 from marker_lab.core.cache import StageCache
 from marker_lab.toy import world
+
+from conftest import needs_vllm, vllm_marks
 
 PROMPTS = [[{"role": "system", "content": p.system_prompt}, {"role": "user", "content": world.question(t, t % 4)}]
            for p, t in zip(world.PERSONAS, range(0, 33, 3))]
@@ -38,12 +39,13 @@ def make_engine(name, toy):
     return VLLMEngine(str(path), tok, dtype="float32")
 
 
-ENGINES = ["hf", "hf-static", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vllm not installed"))]
+ENGINES = ["hf", "hf-static", pytest.param("vllm", marks=vllm_marks())]
 
 
-@pytest.fixture(params=ENGINES)
+@pytest.fixture(scope="module", params=ENGINES)
 def eng(request, toy):
-    """Each engine on the toy model, closed afterwards (vLLM's worker processes stop with it)."""
+    """Each engine on the toy model (one per module: vLLM's takes half a minute to start), closed afterwards
+    (vLLM's worker processes stop with it)."""
     engine = make_engine(request.param, toy)
     yield engine
     engine.close()
@@ -94,7 +96,7 @@ def test_grouped_decode_attention_equals_stock_sdpa(padded):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.skipif(not vllm_available(), reason="vllm not installed")
+@needs_vllm
 def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
     """One vLLM engine, several peft adapters (multi-LoRA requests) == the hf engine on each merged model."""
     import torch
@@ -118,8 +120,8 @@ def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
         expected[adapters[-1]] = HFEngine(peft_model.merge_and_unload().eval(), tok, cache="dynamic").generate(
             PROMPTS[:4], greedy)
     with VLLMEngine(str(path), tok, dtype="float32", max_lora_rank=8) as engine:
-        got = engine.generate_many({a: PROMPTS[:4] for a in adapters}, greedy)
-    assert got == expected
+        got = engine.generate_many([(a, PROMPTS[:4], greedy) for a in adapters])
+    assert got == [expected[a] for a in adapters]
 
 
 @pytest.mark.slow

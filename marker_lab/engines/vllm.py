@@ -12,7 +12,7 @@ costs more start-up than a cell's eval gains. `close()` stops vLLM's worker proc
 at interpreter exit, with tracebacks).
 
 Many adapters on one base: built with `max_lora_rank`, the engine serves peft adapters (the stage cache's
-`adapter/` directories) as vLLM LoRA requests, and `generate_many` batches the prompts of every adapter together
+`adapter/` directories) as vLLM LoRA requests, and `generate_many` batches the requests of every adapter together
 instead of merging and reloading a model per cell.
 """
 
@@ -75,31 +75,36 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  desc: str = "generate") -> list[list[Completion]]:
-        return self.generate_many({None: prompts}, params)[None]
+        return self.generate_many([(None, prompts, params)])[0]
 
-    def generate_many(self, requests: dict[str | None, list[list[dict]]],
-                      params: SamplingParams) -> dict[str | None, list[list[Completion]]]:
-        """Completions for several adapters at once: {adapter dir (None = the base itself): chat prompts}."""
+    def generate_many(self, requests: list[tuple[str | None, list[list[dict]], SamplingParams]]
+                      ) -> list[list[list[Completion]]]:
+        """Completions for several requests in one batch: each is (adapter dir, None = the base itself; chat prompts;
+        sampling), answered in order. Each prompt is seeded by its request's seed, so a request's completions do
+        not depend on what else is in the batch."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.lora.request import LoRARequest
 
-        sp = VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=0,
-                             repetition_penalty=1.0, max_tokens=params.max_tokens, seed=params.seed,
-                             skip_special_tokens=True)
-        texts, loras, owners = [], [], []
-        for adapter, prompts in requests.items():
+        texts, loras, sps, sizes = [], [], [], []
+        for adapter, prompts, params in requests:
             lora = None
             if adapter is not None:
                 lora_id = self._lora_ids.setdefault(str(adapter), len(self._lora_ids) + 1)
                 # vLLM tells adapters apart by name: one name per path, never reused
                 lora = LoRARequest(f"adapter-{lora_id}", lora_id, str(adapter))
+            sp = VSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=0,
+                                 repetition_penalty=1.0, max_tokens=params.max_tokens, seed=params.seed,
+                                 skip_special_tokens=True)
             for p in prompts:
                 texts.append(render(self.tokenizer, p, add_generation_prompt=True, no_system=self.no_system))
                 loras.append(lora)
-                owners.append(adapter)
-        outputs = self.llm.generate(texts, sp, use_tqdm=True,
+                sps.append(sp)
+            sizes.append(len(prompts))
+        outputs = self.llm.generate(texts, sps, use_tqdm=True,
                                     lora_request=loras if any(r is not None for r in loras) else None)
-        out: dict[str | None, list[list[Completion]]] = {a: [] for a in requests}
-        for adapter, o in zip(owners, outputs):
-            out[adapter].append([Completion(c.text, len(c.token_ids)) for c in o.outputs])
+        answers = [[Completion(c.text, len(c.token_ids)) for c in o.outputs] for o in outputs]
+        out, start = [], 0
+        for n in sizes:
+            out.append(answers[start:start + n])
+            start += n
         return out

@@ -4,7 +4,7 @@ readout (eval.baseline) and the evals a stage runs while it trains (eval.during_
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import logging
 from pathlib import Path
 from typing import Callable
@@ -15,7 +15,7 @@ from marker_lab.config.schema import Config, KVCache
 from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.data.inputs import CellInputs
 from marker_lab.data.questions import with_question_system
-from marker_lab.engines.base import SamplingParams
+from marker_lab.engines.base import Completion, SamplingParams
 from marker_lab.engines.hf import HFEngine
 from marker_lab.eval.capability import capability_metric, eval_items
 from marker_lab.eval.judged import make_judge
@@ -44,16 +44,67 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path | None):
     return HFEngine.from_config(loaded, cfg.eval.engine)
 
 
+@dataclass
+class GenerationPlan:
+    """What a cell's eval generates: one chat prompt per (persona, question), and one engine request per sample
+    count (a question file may set its own). The same plan serves a per-cell engine and a sweep's shared one."""
+    pairs: list[tuple[str, object]]  # (persona name, data.questions.Question) per prompt
+    prompts: list[list[dict]]  # chat messages per pair
+    requests: list[tuple[list[int], SamplingParams]]  # prompt indices and their sampling
+
+    @property
+    def n_completions(self) -> int:
+        return sum(len(idx) * params.n for idx, params in self.requests)
+
+    def rows(self, outputs: list[list[list[Completion]]]) -> list[dict]:
+        """Completion rows (what the metrics score) from each request's outputs, in request order."""
+        return [{"persona": self.pairs[i][0], "question_id": self.pairs[i][1].id, "question": self.pairs[i][1].text,
+                 "sample": j, "completion": str(text), "n_tokens": text.n_tokens}
+                for (idx, _), outs in zip(self.requests, outputs) for i, texts in zip(idx, outs)
+                for j, text in enumerate(texts)]
+
+
+def generation_plan(cfg: Config, inputs: CellInputs, names: list[str]) -> GenerationPlan:
+    """The prompts and requests of `names` x the eval questions, as cfg.eval asks."""
+    questions = inputs.questions["eval.questions"]
+    pairs = [(p, q) for p in names for q in questions]
+    prompts = [_prompt(with_question_system(inputs.personas[p].system_prompt, q, cfg.eval.question_system), q.text)
+               for p, q in pairs]
+    g = cfg.eval.generation
+    samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
+    requests = [([i for i, k in enumerate(samples) if k == n],
+                 SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=cfg.seed))
+                for n in sorted(set(samples))]
+    return GenerationPlan(pairs, prompts, requests)
+
+
+def generate(engine, plan: GenerationPlan) -> list[dict]:
+    """Run a plan's requests on one engine; completion rows."""
+    return plan.rows([engine.generate([plan.prompts[i] for i in idx], params, desc="eval")
+                      for idx, params in plan.requests])
+
+
+def sampled_metrics(metrics: list[str]) -> list[str]:
+    """The metrics that score sampled completions (the others read the model or the cell)."""
+    return [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
+
+
+def eval_names(cfg: Config, inputs: CellInputs, personas_subset: list[str] | None = None) -> list[str]:
+    return personas_subset or cfg.persona_set.eval_personas or list(inputs.personas)
+
+
 def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path | None,
              personas_subset: list[str] | None = None, metrics: list[str] | None = None, in_process: bool = False,
-             judge_factory: Callable[[], object] | None = None) -> tuple[dict, dict | None, list[dict]]:
+             judge_factory: Callable[[], object] | None = None,
+             sample: bool = True) -> tuple[dict, dict | None, list[dict]]:
     """Personas x questions x K completions, scored by each metric (capability reads log-probs, no sampling).
 
     `personas_subset` / `metrics` narrow the eval and `in_process` forces the hf engine on the model in hand
-    (evals during training); returns (metrics, the judge's identity if a judged metric ran, completion rows).
+    (evals during training); `sample=False` runs only the metrics read from the model (a sweep's shared engine
+    samples later, shared_eval.py). Returns (metrics, the judge's identity if a judged metric ran, completion rows).
     """
     personas = inputs.personas
-    names = personas_subset or cfg.persona_set.eval_personas or list(personas)
+    names = eval_names(cfg, inputs, personas_subset)
     metrics = list(metrics or cfg.eval.metrics)
     results: dict = {}
     # the metrics read from the model come first: the vllm engine takes the GPU from the HF model
@@ -61,34 +112,22 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
         items, fingerprint = eval_items(cfg.eval.capability, inputs.mc)
         results["capability"] = capability_metric(loaded.model, loaded.tokenizer, personas, names, items,
                                                   cfg.eval.capability, fingerprint, loaded.no_system)
-    sampled = [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
+    sampled = sampled_metrics(metrics) if sample else []
     if not sampled and "marker_prob" not in metrics:
         return results, None, []
-    questions = inputs.questions["eval.questions"]  # read only when a metric asks these questions
-    pairs = [(p, q) for p in names for q in questions]
-    prompts = [_prompt(with_question_system(personas[p].system_prompt, q, cfg.eval.question_system), q.text)
-               for p, q in pairs]
+    plan = generation_plan(cfg, inputs, names)  # reads the questions only when a metric asks them
     if "marker_prob" in metrics:
         results["marker_prob"] = marker_prob_metric(loaded.model, loaded.tokenizer,
-                                                    [(p, chat) for (p, _), chat in zip(pairs, prompts)],
+                                                    [(p, chat) for (p, _), chat in zip(plan.pairs, plan.prompts)],
                                                     cfg.marker.text, cfg.eval.engine.batch_size, loaded.no_system)
     if not sampled:
         return results, None, []
-    g = cfg.eval.generation
-    samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
-    log.info("eval: %d personas x %d questions, %d completions", len(names), len(questions), sum(samples))
+    log.info("eval: %d personas x %d questions, %d completions", len(names), len(inputs.questions["eval.questions"]),
+             plan.n_completions)
     engine = HFEngine.from_config(loaded, cfg.eval.engine) if in_process \
         else make_engine(cfg, loaded, out_dir)
-    rows = []
     try:
-        for n in sorted(set(samples)):  # one engine request per sample count (a question file may set its own)
-            idx = [i for i, k in enumerate(samples) if k == n]
-            params = SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-                                    seed=cfg.seed)
-            outs = engine.generate([prompts[i] for i in idx], params, desc="eval")
-            rows += [{"persona": pairs[i][0], "question_id": pairs[i][1].id, "question": pairs[i][1].text,
-                      "sample": j, "completion": str(text), "n_tokens": text.n_tokens}
-                     for i, texts in zip(idx, outs) for j, text in enumerate(texts)]
+        rows = generate(engine, plan)
     finally:
         engine.close()
     judge_factory = judge_factory or (lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))

@@ -3,7 +3,8 @@
 - `local_gpus`: one node. Cells run concurrently, each on its own GPU(s) through submitit's LocalExecutor
   `visible_gpus`; a cell waits while no GPU is free (submitit's LocalExecutor alone starts every job at once on
   the same GPUs). Without GPUs, `max_parallel` cells run at a time.
-- `slurm`: submitit's Slurm array, then a dependent (afterany) aggregation job submitted right after the array.
+- `slurm`: submitit's Slurm array, then dependent (afterany) jobs submitted right after it: the shared eval when
+  cells run with engine_per=base (shared_eval.py), then aggregation.
 
 Both first compose and validate every cell (a typo in one cell of 60 fails before anything is submitted),
 write the manifest, and skip cells whose complete result carries the same config hash. A cell that raises,
@@ -26,6 +27,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, write_manifest
 from marker_lab.launch.progress import SweepProgress
+from marker_lab.results.contract import PENDING_FILE
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,26 @@ def run_aggregation(sweep_dir: Path) -> None:
         log.error("aggregation failed (see %s)", sweep_dir / "aggregate.log")
 
 
+def run_shared_eval(sweep_dir: Path, gpus: tuple[int, ...] = ()) -> bool:
+    """The sweep's shared eval (engine_per=base: one engine per shared base, marker-lab eval) as its own process,
+    on `gpus`; its log is <sweep_dir>/shared_eval.log. Returns whether every waiting cell got its result."""
+    cmd = [sys.executable, "-m", "marker_lab.cli", "eval", str(sweep_dir)]
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {})}
+    log_file = sweep_dir / "shared_eval.log"
+    log.info("shared eval (one engine per shared base%s): %s  (log: %s)",
+             f", GPU {','.join(map(str, gpus))}" if gpus else "", " ".join(cmd), log_file)
+    with open(log_file, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        log.error("shared eval: some cells got no result (see %s; rerun the sweep or marker-lab eval %s)", log_file,
+                  sweep_dir)
+    return proc.returncode == 0
+
+
+def _awaiting_eval(sweep_dir: Path, plans: list[CellPlan]) -> list[CellPlan]:
+    return [pl for pl in plans if (sweep_dir / pl.subdir / PENDING_FILE).is_file()]
+
+
 class _PlannedLauncher(BaseSubmititLauncher):
     """Shared steps: plan (validate, manifest, skip), then the subclass runs what is left."""
 
@@ -177,6 +199,12 @@ class LocalGpusLauncher(_PlannedLauncher):
                     why = how_it_ended(sweep_dir / plan.subdir, e, oom_before)
                     progress.finished(plan.index, where, time.monotonic() - started, plan.subdir, why)
                     returns[plan.index] = failed_return(plan, sweep_dir, e, why)
+        waiting = _awaiting_eval(sweep_dir, plans)
+        if waiting:
+            run_shared_eval(sweep_dir, slots[0])
+            for plan in _awaiting_eval(sweep_dir, waiting):  # still no result: the cell failed in the shared eval
+                returns[plan.index] = failed_return(plan, sweep_dir, RuntimeError("no result from the shared eval"),
+                                                    f"shared eval failed (see {sweep_dir / 'shared_eval.log'})")
         if p["aggregate"]:
             run_aggregation(sweep_dir)
         progress.summary(p["aggregate"])
@@ -201,16 +229,25 @@ class SlurmArrayLauncher(_PlannedLauncher):
         array_id = jobs[0].job_id.split("_")[0] if jobs else None
         if jobs:
             log.info("slurm: array %s with %d cells", array_id, len(jobs))
+        after = array_id
+        if array_id and self._engine_per_base(todo):  # the shared eval, on a cell's resources, once the array ends
+            ev = submitit.AutoExecutor(folder=str(sweep_dir / ".submitit" / "shared_eval"), cluster="slurm")
+            ev.update_parameters(**{("slurm_" + k if k not in _BASE_KEYS else k): v for k, v in params.items()
+                                    if k not in ("max_num_timeout", "array_parallelism", "name")},
+                                 name="marker-lab-shared-eval", slurm_dependency=f"afterany:{array_id}")
+            ev_job = ev.submit(_shared_eval_job, str(sweep_dir))
+            log.info("slurm: shared eval job %s (afterany:%s)", ev_job.job_id, array_id)
+            after = ev_job.job_id
         if self.params["aggregate"]:
             agg = submitit.AutoExecutor(folder=str(sweep_dir / ".submitit" / "aggregate"), cluster="slurm")
             agg_params = {"timeout_min": self.params["aggregate_time_min"], "mem_gb": self.params["aggregate_mem_gb"],
                           "slurm_partition": self.params.get("partition"), "name": "marker-lab-aggregate",
                           "slurm_setup": self.params.get("setup")}
-            if array_id:
-                agg_params["slurm_dependency"] = f"afterany:{array_id}"
+            if after:
+                agg_params["slurm_dependency"] = f"afterany:{after}"
             agg.update_parameters(**{k: v for k, v in agg_params.items() if v is not None})
             agg_job = agg.submit(_aggregate_job, str(sweep_dir))
-            log.info("slurm: aggregation job %s (afterany:%s)", agg_job.job_id, array_id)
+            log.info("slurm: aggregation job %s (afterany:%s)", agg_job.job_id, after)
         for job, plan in zip(jobs, todo):
             try:
                 ret = job.results()[0]
@@ -223,9 +260,26 @@ class SlurmArrayLauncher(_PlannedLauncher):
                 returns[plan.index] = failed_return(plan, sweep_dir, e, why)
         return [returns[pl.index] for pl in plans]
 
+    def _engine_per_base(self, plans: list[CellPlan]) -> bool:
+        """Whether any of these cells defers its sampled eval to a shared engine (engine_per=base)."""
+        from omegaconf import OmegaConf
+
+        default = str(OmegaConf.select(self.config, "engine_per")) == "base"
+        return any({o.split("=", 1)[0]: o.split("=", 1)[1] for o in pl.overrides if "=" in o}
+                   .get("engine_per", "base" if default else "cell") == "base" for pl in plans)
+
 
 _BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
               "stderr_to_stdout"}
+
+
+def _shared_eval_job(sweep_dir: str) -> str:
+    from marker_lab.shared_eval import evaluate_pending
+
+    report = evaluate_pending(Path(sweep_dir))
+    if report.problems:
+        raise RuntimeError("; ".join(report.problems))
+    return f"{len(report.done)} cells evaluated"
 
 
 def _aggregate_job(sweep_dir: str) -> str:

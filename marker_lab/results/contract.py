@@ -31,9 +31,10 @@ SCHEMA_VERSION = 2  # 2: provenance.inputs (input checksums) and provenance.adap
 RESULT_FILE = "run_result.json"
 STATUS_FILE = "cell_status.json"  # running / failed (with the error line) / complete: read by `marker-lab status`
 COMPLETIONS_FILE = "completions.jsonl.gz"
+PENDING_FILE = "pending_eval.json"  # engine_per=base: a trained cell waiting for its sweep's shared engine
 
 # keys that say where things go or how results are read, not what is computed: left out of the config hash
-_HASH_EXCLUDED = ("output_dir", "cache_dir", "device", "analysis")
+_HASH_EXCLUDED = ("output_dir", "cache_dir", "device", "analysis", "engine_per")
 
 
 @dataclass
@@ -101,6 +102,54 @@ def read_result(path: Path) -> ResultFile:
 def load_result(path: Path) -> RunResult | None:
     """A complete result, or None when the file is missing, damaged or of another schema."""
     return read_result(path).result
+
+
+@dataclass
+class AttachedAdapter:
+    """A stage's adapter as the cell attached it (merged): enough to attach the same weights again elsewhere."""
+    stage: str  # coupling | second_stage
+    path: str  # the peft adapter directory in the stage cache
+    key: str  # its cache key (with @steps for a dose checkpoint): part of the model's identity
+    entry: str  # the cache entry holding it (verified against its build checksums before use)
+
+
+@dataclass
+class PendingEval:
+    """A cell (engine_per=base) whose stages, readouts and model metrics are done and whose sampled eval waits for
+    its sweep's shared engine (shared_eval.py). `partial` is the result without the sampled metrics; the shared
+    engine attaches `last` to the model built from `base` + `before`, samples, scores, and writes the result."""
+    partial: RunResult  # everything but the sampled metrics, the judge's identity and the eval time
+    base: str  # identity of the cell's base model (stage 0)
+    before: list[AttachedAdapter]  # adapters merged into the base before the last stage
+    last: AttachedAdapter | None  # the adapter the shared engine serves per cell (None: the cell has no stage)
+    shared_base: str  # identity of base + before: cells with the same one (and engine settings) share an engine
+
+    def to_json(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "partial": self.partial.to_json(), "base": self.base,
+                "before": [asdict(a) for a in self.before], "last": asdict(self.last) if self.last else None,
+                "shared_base": self.shared_base}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "PendingEval":
+        if obj.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema version {obj.get('schema_version')}, this marker_lab writes {SCHEMA_VERSION}")
+        return cls(RunResult.from_json(obj["partial"]), obj["base"], [AttachedAdapter(**a) for a in obj["before"]],
+                   AttachedAdapter(**obj["last"]) if obj["last"] else None, obj["shared_base"])
+
+
+def write_pending(out_dir: Path, pending: PendingEval) -> Path:
+    path = Path(out_dir) / PENDING_FILE
+    write_json_atomic(path, pending.to_json())
+    return path
+
+
+def load_pending(path: Path) -> PendingEval | None:
+    """A trained cell's pending eval, or None when the file is missing or damaged (the cell then trains again:
+    its stages are cached, so that is cheap)."""
+    try:
+        return PendingEval.from_json(json.loads(Path(path).read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

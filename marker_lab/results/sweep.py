@@ -13,6 +13,7 @@ A cell is
 - failed: its process recorded an exception (the error line is shown), or it died (a 'running' record whose
   process is gone on this host);
 - running: its process says so and, on this host, is alive;
+- awaiting_eval: trained, its sampled eval waiting for the sweep's shared engine (engine_per=base; `marker-lab eval`);
 - pending: nothing yet.
 cell_status.json files are advisory (a damaged one is ignored); results come only from run_result.json.
 Submitit's job states are not used: without Slurm accounting they read UNKNOWN.
@@ -29,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marker_lab.core.files import write_json_atomic
-from marker_lab.results.contract import RESULT_FILE, STATUS_FILE, RunResult, is_current, load_result, read_result
+from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, STATUS_FILE, RunResult, is_current, load_result, read_result
 
 MANIFEST = "manifest.json"
 CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona", "coupled_persona", "second_stage"]
 GROUP_KEYS = [k for k in CELL_KEYS if k != "seed"]  # seeds are pooled over these
-STATES = ("complete", "running", "pending", "failed", "stale", "corrupt")
+STATES = ("complete", "running", "awaiting_eval", "pending", "failed", "stale", "corrupt")
 
 
 def read_manifest(sweep_dir: Path) -> dict:
@@ -114,6 +115,8 @@ def cell_state(sweep_dir: Path, cell: dict) -> tuple[CellState, RunResult | None
         return CellState(cell["subdir"], "corrupt", log, read.problem), None
     if status.get("state") == "failed":
         return CellState(cell["subdir"], "failed", log, status.get("error", "")), None
+    if (d / PENDING_FILE).is_file():
+        return CellState(cell["subdir"], "awaiting_eval", log, f"marker-lab eval {sweep_dir}"), None
     return CellState(cell["subdir"], "pending", log), None
 
 
@@ -139,15 +142,18 @@ def role_of(result: RunResult, persona: str) -> str:
     return "assistant" if persona == result.resolved_config["persona_set"]["assistant"] else "bystander"
 
 
+_NOTE = {"stale": "why", "corrupt": "why", "awaiting_eval": "next"}  # how format_status labels a cell's note
+
+
 def format_status(sweep_dir: Path) -> str:
     """`marker-lab status`: a line per cell (state, log, error), then the counts."""
     states = cell_states(sweep_dir)
     width = max([len(s.subdir) for s in states] + [4])
-    lines = [f"{'cell':<{width}}  {'state':<8}  log / error"]
+    lines = [f"{'cell':<{width}}  {'state':<13}  log / error"]
     for s in states:
-        lines.append(f"{s.subdir:<{width}}  {s.state:<8}  {s.log}")
+        lines.append(f"{s.subdir:<{width}}  {s.state:<13}  {s.log}")
         if s.error:
-            lines.append(f"{'':<{width}}  {'':<8}  {'why' if s.state in ('stale', 'corrupt') else 'error'}: {s.error}")
+            lines.append(f"{'':<{width}}  {'':<13}  {_NOTE.get(s.state, 'error')}: {s.error}")
     counts = {k: sum(s.state == k for s in states) for k in STATES}
     lines.append(f"{len(states)} cells: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     return "\n".join(lines)

@@ -37,6 +37,7 @@ class StageResult:
     train_stats: dict = field(default_factory=dict)
     metrics_by_step: list = field(default_factory=list)  # evals during training: [{step, seconds, metrics}]
     adapter_checksums: dict = field(default_factory=dict)  # the attached adapter's files: {name: checksum}
+    adapter: str = ""  # the attached adapter's directory (peft format)
 
 
 # builds a stage's training examples into `data_dir`, returns them
@@ -112,7 +113,7 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     prefix = str(adapter.relative_to(entry)) + "/"
     adapter_sums = {rel[len(prefix):]: c["md5"] for rel, c in recorded.items() if rel.startswith(prefix)}
     return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series,
-                       adapter_sums)
+                       adapter_sums, str(adapter))
 
 
 def _save_adapter(peft_model, name: str, dest: Path) -> None:
@@ -168,4 +169,4 @@ def apply_prebaked_adapter(name: str, loaded: LoadedModel, weights) -> StageResu
     log.info("stage %s: attaching pre-baked adapter %s", name, path)
     attach_adapter(loaded, name, path, key)
     return StageResult(name, key, str(path), False, time.perf_counter() - t0, {"adapter": weights.checksum},
-                       adapter_checksums={Path(weights.path).name: weights.checksum})
+                       adapter_checksums={Path(weights.path).name: weights.checksum}, adapter=str(path))
