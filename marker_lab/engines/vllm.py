@@ -7,8 +7,10 @@ defaults and the semantics match the hf engine's.
 
 Memory: vLLM reserves its KV cache up front. On a GPU, `gpu_memory_utilization` of the device; on CPU that same
 fraction would be read of host RAM (0.85 of 24 GB: one engine takes the machine), so the KV cache is given in bytes
-(`eval.engine.kv_cache_memory_bytes`, 1 GiB on CPU by default). On CPU the engine runs eager: compiling the model
-costs more start-up than a cell's eval gains. `close()` stops vLLM's worker processes (otherwise they are killed
+(`eval.engine.kv_cache_memory_bytes`, 1 GiB on CPU by default). On CPU the engine runs eager (compiling the model
+costs more start-up than a cell's eval gains) and without chunked prefill: vLLM 0.32 rewinds a seeded request's
+random generator after a partial prefill, which a CPU generator cannot do ("CPU Generator does not use offset"),
+so a batch larger than one scheduler step fails; whole prefills never rewind. `close()` stops vLLM's worker processes (otherwise they are killed
 at interpreter exit, with tracebacks).
 
 Many adapters on one base: built with `max_lora_rank`, the engine serves peft adapters (the stage cache's
@@ -17,6 +19,9 @@ instead of merging and reloading a model per cell.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from marker_lab.data.chat import render
 from marker_lab.engines.base import Completion, SamplingParams
@@ -57,6 +62,9 @@ class VLLMEngine:
         cpu = on_cpu()
         kv = kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if cpu else None)
         memory = {"kv_cache_memory_bytes": kv} if kv else {"gpu_memory_utilization": gpu_memory_utilization}
+        if cpu:  # see the module docstring: eager, and no chunked prefill (seeded sampling breaks with it on CPU)
+            context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 4096)
+            memory.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, context))
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                        enforce_eager=cpu, **memory, **lora)
         self._lora_ids: dict[str, int] = {}  # adapter path -> the integer id vLLM caches it under
