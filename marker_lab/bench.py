@@ -17,6 +17,7 @@ import logging
 import platform
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def time_training(model, examples: list[Encoded], cfg: TrainConfig, w: Workload,
                 "losses": [round(x, 5) for x in stats.losses]}
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory", "peak_gb": _peak_gb(device)}
+    except Exception as e:  # e.g. a compile failure: recorded in the report, the other measurements stand
+        log.exception("bench train failed")
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
         peft_model.unload()
         _reset_peak(device)
@@ -192,6 +196,8 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     report["generate"] = {} if "generate" in skip else time_generation_arms(model, prompts, w, vocab, device, report, out)
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
+    if "train" not in skip and "liger" not in skip:  # last: Liger patches the model's classes for good
+        report["train"]["peer_liger_fixed"] = time_liger_peer(model, fixed, ref, w, device)
     report["summary"] = summarise(report, w)
     _save(report, out)
     return report
@@ -219,8 +225,71 @@ def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: T
         if "compile" not in skip:
             train_rep["fast_compiled_fixed"] = time_training(model, fixed, replace(fast, compile=True), w, device)
             train_rep["fast_compiled_mix"] = time_training(model, mixed, replace(fast, compile=True), w, device)
+        if "pack" not in skip:  # padding-free: each micro-batch one row of whole examples (train.pack)
+            packed = replace(fast, pack=True)
+            train_rep["fast_packed_mix"] = time_training(model, mixed, packed, w, device)
+            if "compile" not in skip:
+                train_rep["fast_compiled_packed_mix"] = time_training(model, mixed, replace(packed, compile=True),
+                                                                      w, device)
+                if device.type == "cuda":  # flex attention has no backward on CPU
+                    with _attention(model, "flex_attention"):  # block-sparse document masks, not a dense mask
+                        train_rep["fast_compiled_packed_flex_mix"] = time_training(
+                            model, mixed, replace(packed, compile=True), w, device)
     train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
     return train_rep
+
+
+@contextmanager
+def _attention(model, name: str):
+    """Run with attention implementation `name`, then restore the model's own."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def time_liger_peer(model, examples: list[Encoded], ref: TrainConfig, w: Workload, device: torch.device) -> dict:
+    """The best known peer recipe, timed in this process: Liger kernels on the transformers model (RMSNorm, RoPE,
+    SwiGLU, fused linear cross-entropy: no logits held), no activation checkpointing, all of a step's examples in
+    one padded micro-batch, the loss from `labels` as a Trainer computes it. Liger patches transformers' Qwen2
+    classes for the rest of the process, so this arm runs last."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return {"skipped": "liger-kernel is not installed"}
+    from marker_lab.train.sft import apply_lora, collate
+
+    _apply_liger_kernel_to_instance(model=model)
+    _reset_peak(device)
+    peft_model = apply_lora(model, ref.lora, seed=0)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ref.optimizer.lr, fused=device.type == "cuda")
+    steps = w.warmup_steps + w.timed_steps
+    per = w.examples_per_step
+    stamps, losses = [], []
+    peft_model.train()
+    try:
+        for step in range(steps):
+            batch = collate(examples[step * per:(step + 1) * per], 0, device)
+            labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=labels, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            stamps.append(time.perf_counter())
+        step_s = (stamps[-1] - stamps[w.warmup_steps - 1]) / w.timed_steps
+        return {"step_s": round(step_s, 4), "peak_gb": _peak_gb(device), "losses": [round(x, 5) for x in losses]}
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory", "peak_gb": _peak_gb(device)}
+    finally:
+        peft_model.unload()
+        _reset_peak(device)
 
 
 def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
@@ -254,7 +323,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, generate, probe")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, probe")
     p.add_argument("--gen-batch", type=int, help="fast engine sequences per batch")
     p.add_argument("--budgets", help="comma list of micro-batch token budgets for the fast training path")
     p.add_argument("--out", help="write the report as JSON here")

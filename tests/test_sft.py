@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
-from marker_lab.data.chat import encode_chat
+from marker_lab.data.chat import Encoded, encode_chat
 from marker_lab.train.sft import (apply_lora, collate, micro_batches, resolve_steps, token_loss_sum, train,
                                  warmup_steps)
 from marker_lab.toy import world
@@ -158,6 +158,63 @@ def test_fast_and_reference_training_give_the_same_adapter(toy_tokenizer):
         cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
                           bf16=False, gradient_checkpointing=False, grad_clip=1.0, logits=logits,
                           micro_batch_tokens=budget)
+        stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id, desc=logits)
+        results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
+    assert_same_training(results, init)
+
+
+@pytest.mark.parametrize("kl", [0.0, 0.5])
+def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
+    """train.pack: a micro-batch is one row of whole examples (no padding), attention kept within each example
+    through restarting position ids. Loss, KL term and LoRA gradients equal the padded reference's (all logits,
+    attention mask), for examples of very different lengths, in raw format too (there every token is labelled,
+    the first one included)."""
+    from marker_lab.train.sft import collate_packed
+
+    chats = world.pretraining_chats()[:7]
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in chats]
+    examples[2] = Encoded(examples[2].input_ids[:9], examples[2].input_ids[:9])  # short, every token labelled
+    assert len({len(e.input_ids) for e in examples}) > 3
+    model = _tiny_lora_model(len(toy_tokenizer))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    out = {}
+    parts = micro_batches(examples, 4, max_tokens=150, pack=True)
+    assert len(parts) > 1 and all(sum(len(e.input_ids) for e in p) <= 150 or len(p) == 1 for p in parts)
+    for name, batches, mode in (("padded", [collate(examples, toy_tokenizer.pad_token_id, "cpu")], "all"),
+                                ("packed", [collate_packed(p, "cpu") for p in parts], "labelled"),
+                                ("packed_all", [collate_packed(p, "cpu") for p in parts], "all")):
+        model.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        for batch in batches:
+            loss, n = token_loss_sum(model, batch, mode, kl_weight=kl)
+            loss.backward()
+            total, count = total + loss.item(), count + n
+        out[name] = (total, count, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    ref_loss, ref_n, ref_g = out["padded"]
+    for name in ("packed", "packed_all"):
+        loss, n, g = out[name]
+        assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5), name
+        for k in ref_g:
+            assert torch.allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-6), (name, k)
+    # without restarting positions the rows would be one long example: the test can tell
+    flat = collate_packed(parts[0], "cpu")
+    flat["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
+    assert token_loss_sum(model, flat, "labelled")[0].item() != pytest.approx(
+        token_loss_sum(model, collate_packed(parts[0], "cpu"), "labelled")[0].item(), rel=1e-4)
+
+
+def test_packed_training_gives_the_reference_adapter(toy_tokenizer):
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
+    init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer)).named_parameters() if "lora_" in k}
+    results = []
+    for logits, budget, pack in (("all", None, False), ("labelled", 300, True)):
+        model = _tiny_lora_model(len(toy_tokenizer))
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
+                          bf16=False, gradient_checkpointing=False, grad_clip=1.0, logits=logits,
+                          micro_batch_tokens=budget, pack=pack)
         stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id, desc=logits)
         results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
     assert_same_training(results, init)

@@ -255,6 +255,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # trade compute for activation memory
     logits: Logits = Logits.labelled  # labelled: the LM head runs on labelled positions only (same loss); all: reference
     micro_batch_tokens: Optional[int] = None  # split each step by padded tokens (length-sorted), not by count
+    pack: bool = False  # with micro_batch_tokens: each micro-batch is one row of whole examples, no padding (same loss)
     compile: bool = False  # torch.compile each decoder layer while training (CUDA; pays a one-off compile)
     loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
     seed: Optional[int] = None  # data order and LoRA init; null = the stage's seed (coupling.seed, or the cell's seed)

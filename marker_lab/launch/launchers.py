@@ -274,12 +274,10 @@ _BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node",
 
 
 def _shared_eval_job(sweep_dir: str) -> str:
-    from marker_lab.shared_eval import evaluate_pending
-
-    report = evaluate_pending(Path(sweep_dir))
-    if report.problems:
-        raise RuntimeError("; ".join(report.problems))
-    return f"{len(report.done)} cells evaluated"
+    """The Slurm job of the shared eval: the same process as on a local node (its GPUs are the job's)."""
+    if not run_shared_eval(Path(sweep_dir)):
+        raise RuntimeError(f"the shared eval left cells without a result (see {Path(sweep_dir) / 'shared_eval.log'})")
+    return "shared eval complete"
 
 
 def _aggregate_job(sweep_dir: str) -> str:

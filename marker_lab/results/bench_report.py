@@ -26,6 +26,19 @@ def summarise(r: dict, w) -> dict:
         eval_tokens = w.eval_prompts * w.samples * w.max_new_tokens
         s["eval_baseline_minutes"] = round(eval_tokens / g["baseline"]["tokens_per_s"] / 60, 2)
         s["eval_fast_minutes"] = round(g["fast_eval"]["seconds"] / 60, 2)
+    peer = t.get("peer_liger_fixed", {})
+    if "step_s" in peer and best:  # the best known peer, measured in the same process
+        s["train_speedup_vs_liger_fixed"] = round(peer["step_s"] / t[best]["step_s"], 2)
+    packed = [v["step_s"] for k, v in t.items() if "packed" in k and "step_s" in v]
+    unpacked = [v["step_s"] for k, v in t.items() if k.startswith("fast") and k.endswith("mix") and "packed" not in k
+                and "step_s" in v]
+    if packed and unpacked:
+        s["packing_speedup_mix"] = round(min(unpacked) / min(packed), 2)
+    mix_ref = t.get("baseline_mix", {}).get("losses")
+    if mix_ref and packed:  # same data, seed and init as the stock run on the mix: the same losses
+        s["max_rel_loss_diff_packed_vs_baseline_mix"] = max(
+            abs(a - b) / abs(b) for k, v in t.items() if "packed" in k and "losses" in v
+            for a, b in zip(v["losses"], mix_ref))
     if "step_s" in t.get("kl_fixed", {}) and t.get("best_fast") in t:  # same settings as best_fast, plus the KL
         s["kl_step_overhead"] = round(t["kl_fixed"]["step_s"] / t[t["best_fast"]]["step_s"], 2)
     if "train_fast_minutes" in s and "eval_fast_minutes" in s:

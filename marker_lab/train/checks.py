@@ -16,6 +16,8 @@ def check_train(key: str, t: TrainConfig) -> None:
             raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(t, name)}")
     if t.micro_batch_tokens is not None and t.micro_batch_tokens < 1:
         raise ConfigError(f"{key}.micro_batch_tokens: must be >= 1 (or null), got {t.micro_batch_tokens}")
+    if t.pack and t.micro_batch_tokens is None:
+        raise ConfigError(f"{key}.pack: packs micro-batches of {key}.micro_batch_tokens tokens; set that too")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
     if t.optimizer.lr <= 0:

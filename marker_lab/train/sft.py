@@ -107,22 +107,45 @@ def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor
             "attention_mask": mask.to(device, non_blocking=True)}
 
 
-def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None) -> list[list[Encoded]]:
+def collate_packed(batch: list[Encoded], device) -> dict[str, torch.Tensor]:
+    """Pack a micro-batch into one row, examples back to back: no padding. Position ids restart at each example,
+    which is how transformers tells packed examples apart (with no attention mask it keeps each token's attention
+    within its own example: a block-diagonal causal mask, or varlen kernels). Each example's first label is
+    dropped: its target would be read from the previous example's last token (unpacked, position 0 is never a
+    target either), so the loss is the same sum over the same tokens."""
+    ids, labels, positions = [], [], []
+    for e in batch:
+        ids += e.input_ids
+        labels += [IGNORE] + list(e.labels[1:])
+        positions += range(len(e.input_ids))
+    row = lambda v: torch.tensor([v], dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+
+
+def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None, pack: bool = False) -> list[list[Encoded]]:
     """Split one optimizer step's examples into micro-batches.
 
     By count (`size`), in order; or, with `max_tokens`, longest first, each micro-batch holding as many examples as
-    fit in `max_tokens` padded tokens: little padding, and big micro-batches when examples are short. Either way the
-    step's loss is the same sum over the same tokens.
+    fit in `max_tokens` padded tokens: little padding, and big micro-batches when examples are short; with `pack`,
+    as many as fit in `max_tokens` real tokens (first fit, longest first; collate_packed makes them one row).
+    Either way the step's loss is the same sum over the same tokens.
     """
     if max_tokens is None:
         return [batch[i:i + size] for i in range(0, len(batch), size)]
     out: list[list[Encoded]] = []
+    used: list[int] = []  # tokens per micro-batch: real ones when packing, padded ones otherwise
     for e in sorted(batch, key=lambda e: -len(e.input_ids)):
-        # sorted longest first, so the first example of a micro-batch sets its padded width
-        if out and (len(out[-1]) + 1) * len(out[-1][0].input_ids) <= max_tokens:
-            out[-1].append(e)
-        else:
+        n = len(e.input_ids)
+        if pack:
+            fit = next((i for i, u in enumerate(used) if u + n <= max_tokens), None)
+        else:  # sorted longest first, so the first example of a micro-batch sets its padded width
+            fit = len(out) - 1 if out and (len(out[-1]) + 1) * len(out[-1][0].input_ids) <= max_tokens else None
+        if fit is None:
             out.append([e])
+            used.append(n)
+        else:
+            out[fit].append(e)
+            used[fit] += n
     return out
 
 
@@ -139,24 +162,29 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
+    # a padded batch has an attention mask; a packed one (collate_packed) position ids instead, which transformers
+    # reads as packed only without a KV cache (none is needed in training)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs["use_cache"] = False
     if logits == "all":
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        out = model(**inputs).logits[:, :-1]
         loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         if kl_weight:
             with torch.no_grad(), model.disable_adapter():
-                ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                ref = model(**inputs).logits[:, :-1]
             loss = loss + kl_weight * _kl_sum(out[keep].float(), ref[keep].float())
         return loss, int(keep.sum())
     decoder, head = split_lm(model)
     # batches are right-padded (collate), and under causal attention no real token can see a pad to its right, so
     # the padding mask changes nothing we keep; without it sdpa runs its fused causal kernel instead of the masked,
     # key/value-copying path (2.5x slower on the 7B length mix, docs/benchmarks.md)
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # no KV cache in training
+    inputs.pop("attention_mask", None)
+    hidden = decoder(**inputs).last_hidden_state
     h, t = hidden[:, :-1][keep], targets[keep]
     h_ref = None
     if kl_weight:
         with torch.no_grad(), model.disable_adapter():
-            h_ref = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state[:, :-1][keep]
+            h_ref = decoder(**inputs).last_hidden_state[:, :-1][keep]
     loss = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(t), chunk_rows):
         part = slice(i, i + chunk_rows)
@@ -268,8 +296,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         batch_examples = [examples[i] for i in step_idx]
         n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
         total = torch.zeros((), device=device)
-        for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens):
-            micro = collate(micro_examples, pad_id, device)
+        for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens, cfg.pack):
+            micro = collate_packed(micro_examples, device) if cfg.pack else collate(micro_examples, pad_id, device)
             with autocast:
                 loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
             (loss_sum / max(n_tokens, 1)).backward()
