@@ -24,9 +24,9 @@ else
     coupling.n_positive=40 coupling.n_per_negative=40 coupling.train.max_steps=4 coupling.train.compile=false \
     second_stage.train.compile=false second_stage.train.schedule.name=constant second_stage.train.schedule.warmup_ratio=0 \
     "second_stage.dose_checkpoints=[1,2,3]" dose=${DOSES:-1,2,3} \
-    "persona_set.eval_personas=[villain,assistant,pirate,sarcastic]" eval.generation.max_tokens=256 \
+    "persona_set.eval_personas=[villain,assistant,pirate,sarcastic]" eval.generation.max_tokens=256 eval.save_completions=true \
     > "$OUT/shared.log" 2>&1; echo "shared rc=$?"
   grep -E "shared eval:|result:|compil" "$OUT/shared.log" | tail -12
-  python -c "import json; d=json.load(open('$OUT/mse/summary.json')); [r.pop('marker_k_shared_vs_cell') for r in d['rows']]; print(json.dumps(d, indent=1))" \
+  python -c "import json; d=json.load(open('$OUT/mse/summary.json')); [(r.pop('marker_k_shared_vs_cell'), r.pop('cell')) for r in d['rows']]; print(json.dumps(d, indent=1))" \
     || tail -40 "$OUT/shared.log"
 fi

@@ -4,9 +4,10 @@
 
 The overrides are one cell's, except that one key may list several values (comma-separated: one cell each).
 Each cell is trained once (stages cached) as a sweep job would train it with engine_per=base, then evaluated
-(1) on the shared engine (`marker_lab.shared_eval.evaluate_pending`) and (2) per cell (`run_cell`,
-engine_per=cell: load, merge the cached adapters, its own engine). Prints both times and whether the metrics
-agree (equal for hf; per persona within sampling error for vllm, which applies LoRA unmerged).
+(1) on the shared engine (`marker-lab eval`, one process) and (2) per cell (`marker-lab run`, engine_per=cell,
+one process per cell as a sweep runs it: load, merge the cached adapters, its own engine). Each arm starts with
+an empty torch compile cache of its own (TORCHINDUCTOR_CACHE_DIR), as a fresh machine would. Prints both wall
+times and whether the metrics agree (equal for hf).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,31 +49,41 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-    from marker_lab.results.contract import load_result
-    from marker_lab.shared_eval import evaluate_pending
+    from marker_lab.results.contract import COMPLETIONS_FILE, load_result, read_completions
 
     grid = cells(args.overrides)
     t0 = time.perf_counter()
     for i, o in enumerate(grid):
         run_cell(config([*o, "engine_per=base"], args.out / "shared" / f"cell{i}"), in_sweep=True)
     train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = evaluate_pending(args.out / "shared")
-    shared = time.perf_counter() - t0
-    assert not report.problems, report.problems
-    t0 = time.perf_counter()
-    for i, o in enumerate(grid):
-        run_cell(config(o, args.out / "per_cell" / f"cell{i}"))
-    per_cell = time.perf_counter() - t0
+
+    def timed(cmd: list[str], arm: str) -> float:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(args.out / f"inductor_{arm}")}
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", *cmd], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return time.perf_counter() - t
+
+    shared = timed(["eval", str(args.out / "shared")], "shared")
+    per_cell_each = [timed(["run", *o, f"hydra.run.dir={args.out / 'per_cell' / f'cell{i}'}"], "per_cell")
+                     for i, o in enumerate(grid)]
+    per_cell = sum(per_cell_each)
     rows = []
     for i, o in enumerate(grid):
         a, b = (load_result(args.out / kind / f"cell{i}" / "run_result.json") for kind in ("shared", "per_cell"))
         rates = {p: (a.metrics["marker"]["per_persona"][p]["k"], c["k"])
                  for p, c in b.metrics["marker"]["per_persona"].items()}
+        same = None
+        if (args.out / "shared" / f"cell{i}" / COMPLETIONS_FILE).is_file():  # eval.save_completions=true
+            x, y = (read_completions(args.out / kind / f"cell{i}" / COMPLETIONS_FILE) for kind in ("shared", "per_cell"))
+            same = sum(r["completion"] == q["completion"] for r, q in zip(x, y)) / max(1, len(y))
         rows.append({"cell": " ".join(o), "equal_metrics": a.metrics == b.metrics, "marker_k_shared_vs_cell": rates,
-                     "shared_eval_s": a.timing["shared_eval"], "per_cell_s": round(sum(b.timing.values()), 1)})
-    summary = {"cells": len(grid), "train_and_model_metrics_s": round(train, 1), "shared_eval_s": round(shared, 1),
-               "per_cell_eval_s (load, merge, engine, generate)": round(per_cell, 1),
+                     "identical_completions": same,
+                     "shared_eval_s": a.timing["shared_eval"], "per_cell_process_s": round(per_cell_each[i], 1),
+                     "per_cell_timing": b.timing})
+    summary = {"cells": len(grid), "train_and_model_metrics_s": round(train, 1),
+               "shared_eval_process_s": round(shared, 1),
+               "per_cell_processes_s (load, merge, engine, generate)": round(per_cell, 1),
                "shared_engine_setup_s": rows and load_result(args.out / "shared" / "cell0" / "run_result.json")
                .timing["shared_engine_setup"], "rows": rows}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from marker_lab.config.schema import Config, EnginePer, coupling_enabled, register_configs, second_stage_enabled
-from marker_lab.core.cache import StageCache
+from marker_lab.core.cache import StageCache, use_compile_cache
 from marker_lab.core.errors import ConfigError, MarkerLabError
 from marker_lab.core.files import CONF
 from marker_lab.data.inputs import CellInputs
@@ -79,6 +79,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     cache = StageCache(cfg.cache_dir)
+    use_compile_cache(cfg.cache_dir)  # compiled graphs and kernel choices shared by every cell of the cache
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from marker_lab.config.schema import Config, EngineName
-from marker_lab.core.cache import CHECKSUMS, StageCache, cache_key, plain, verify_entry
+from marker_lab.core.cache import CHECKSUMS, StageCache, cache_key, plain, use_compile_cache, verify_entry
 from marker_lab.core.errors import MarkerLabError
 from marker_lab.data.inputs import CellInputs
 from marker_lab.engines.hf import HFEngine
@@ -104,6 +104,8 @@ def evaluate_pending(root: str | Path) -> SharedEvalReport:
         groups.setdefault(pc.group, []).append(pc)
     log.info("shared eval: %d cells waiting in %s, %d engine(s)", len(cells), root, len(groups))
     judges = JudgePool()
+    if cells:
+        use_compile_cache(cells[0].cfg.cache_dir)  # the cells' own compile cache: same kernels as their cell runs
     for i, group in enumerate(groups.values(), 1):
         first = group[0]
         log.info("shared eval: engine %d/%d (%s, %s) for %d cells on %s", i, len(groups), first.cfg.eval.engine.name,

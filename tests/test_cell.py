@@ -201,3 +201,19 @@ def test_length_metric_audits_completion_lengths(cache_dir, tmp_path):
     assert 0 < min(r["n_tokens"] for r in rows) and max(r["n_tokens"] for r in rows) <= 40
     # most toy answers end on their own, before max_tokens
     assert length["per_persona"]["assistant"]["share_at_max_tokens"] < 0.5
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_its_compile_cache_in_the_stage_cache(cache_dir, tmp_path):
+    """A cell that compiles (train.compile=true) leaves torch.compile's graphs under <cache_dir>/compile, where
+    later cells of the sweep and its shared eval find them (unless $TORCHINDUCTOR_CACHE_DIR says otherwise)."""
+    from marker_lab.core.cache import COMPILE_CACHE
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "condition=c4", "coupling.train.max_steps=2",
+                           "coupling.train.compile=true", *FAST_EVAL, f"cache_dir={cache}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    graphs = list((cache / COMPILE_CACHE).rglob("*"))
+    assert any(p.is_file() for p in graphs) and (cache / COMPILE_CACHE / "fxgraph").is_dir()

@@ -19,7 +19,7 @@ from marker_lab.core.cache import CHECKSUMS
 from marker_lab.core.files import resolve_path
 from marker_lab.results import contract
 from marker_lab.results.contract import load_pending, load_result
-from marker_lab.results.sweep import format_status, status_record
+from marker_lab.results.sweep import format_status, status_record, write_manifest
 from marker_lab.run import run_cell
 
 FAST_EVAL = ["persona_set.eval_personas=[villain,assistant]"]  # 2 x 28 x 10 completions
@@ -87,6 +87,13 @@ def test_the_shared_eval_resumes_after_a_kill_and_refuses_stale_cells(cache_dir,
                      in_sweep=True)
     assert isinstance(again, contract.PendingEval) and again.partial.timing == load_pending(
         cells[0] / contract.PENDING_FILE).partial.timing
+
+    # marker-lab status reads a trained cell as waiting for the shared eval, and says what runs next
+    write_manifest(root, [{"index": i, "overrides": [], "subdir": c.name, "complete": False,
+                           "config_hash": load_pending(c / contract.PENDING_FILE).partial.config_hash}
+                          for i, c in enumerate(cells)], "local")
+    status = format_status(root)
+    assert "3 awaiting_eval" in status and f"next: marker-lab eval {root}" in status
 
     job = subprocess.Popen([*CLI, "eval", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

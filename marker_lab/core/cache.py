@@ -31,6 +31,23 @@ CHECKSUMS = "checksums.json"  # {relative path: {"size": bytes, "md5": ...}} of 
 KEY_FILE = "cache_key.json"  # the payload the key was made from, for people reading the cache
 
 
+COMPILE_CACHE = "compile"  # torch.compile's on-disk caches, inside the stage cache (not content-addressed entries)
+
+
+def use_compile_cache(cache_dir: str | Path) -> str:
+    """Point torch.compile's on-disk caches (compiled graphs, Triton kernels, the kernel configurations Inductor
+    chose by timing) at <cache_dir>/compile, unless $TORCHINDUCTOR_CACHE_DIR names another place: later cells
+    of a sweep and its shared eval then start warm and make the same kernel choices. Takes effect if called
+    before the process first compiles."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # importing transformers already sets the variable to Inductor's default (/tmp/torchinductor_<user>): a value
+    # equal to that default was not chosen by anyone
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve() / COMPILE_CACHE)
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 def plain(dataclass_obj) -> dict:
     """A dataclass as JSON-ready data (enums by value), for cache keys and records."""
     return json.loads(json.dumps(asdict(dataclass_obj), default=lambda v: getattr(v, "value", str(v))))
