@@ -205,3 +205,26 @@ def test_slurm_sweep_with_dependent_aggregation_job(cache_dir, tmp_path):
         time.sleep(1)
     rates = pd.read_csv(tmp_path / "aggregate" / "rates.csv")
     assert len(rates[rates["level"] == "cell"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (slurm_up() or REQUIRE_SLURM), reason="no Slurm here (CI starts one: launch/slurm_local.sh)")
+def test_slurm_sweep_with_a_shared_eval_job(cache_dir, tmp_path):
+    """engine_per=base on Slurm: the array trains, a job after it samples every cell on one engine, the
+    aggregation job runs after that one."""
+    assert slurm_up(), "MARKER_LAB_REQUIRE_SLURM=1 but sinfo shows no idle node"
+    proc = sweep(["condition=c1", "dose=3,4", "engine_per=base", "hydra/launcher=slurm_local"], tmp_path, cache_dir)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "shared eval job" in out and "aggregation job" in out
+    deadline = time.time() + 300  # the shared eval and then the aggregation run once the array is done
+    while not (tmp_path / "aggregate" / "rates.csv").is_file() and time.time() < deadline:
+        time.sleep(1)
+    states = cell_states(tmp_path)
+    assert [s.state for s in states] == ["complete", "complete"], states
+    for s in states:
+        result = json.loads((tmp_path / s.subdir / "run_result.json").read_text())
+        assert result["provenance"]["engine"] == {"name": "hf", "per": "base", "cells_on_engine": 2,
+                                                  "shared_base": result["provenance"]["engine"]["shared_base"]}
+    rates = pd.read_csv(tmp_path / "aggregate" / "rates.csv")
+    assert len(rates[rates["level"] == "cell"]) == 2

@@ -646,7 +646,8 @@ class LocalGpusLauncherConfig:
 
 @dataclass
 class SlurmLauncherConfig:
-    """hydra/launcher=slurm: a submitit Slurm array, then a dependent (afterany) aggregation job."""
+    """hydra/launcher=slurm: a submitit Slurm array, then dependent (afterany) jobs: the shared eval when cells run
+    with engine_per=base (on a cell's resources), then aggregation."""
 
     _target_: str = "hydra_plugins.marker_lab_launchers.SlurmArrayLauncher"
     submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's job files and logs
