@@ -42,43 +42,47 @@ def resolve_path(path: str) -> Path:
 
 def sha256_file(path: Path | str) -> str:
     """sha256 of a file's bytes (what a package index publishes), memoised per process on (path, size, mtime)."""
-    st = Path(path).stat()
-    memo = ("sha256:" + str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _CHECKSUMS:
-        with open(path, "rb") as f:
-            _CHECKSUMS[memo] = hashlib.file_digest(f, "sha256").hexdigest()
-    return _CHECKSUMS[memo]
+    return _memoised(path, "sha256:", lambda: _digest(path, "sha256"))
 
 
 def md5_file(path: Path | str) -> str:
     """md5 of a file's bytes (the write-ups record data files by md5)."""
-    h = hashlib.md5()
+    return _digest(path, "md5")
+
+
+def _digest(path: Path | str, algorithm: str) -> str:
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-_CHECKSUMS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> checksum: a file is hashed once per process
+_CHECKSUMS: dict[tuple[str, int, int], str] = {}  # (kind + path, size, mtime_ns) -> checksum: hashed once per process
+
+
+def _memoised(path: Path | str, kind: str, compute) -> str:
+    """compute() once per process for this file as it is now (same path, size and modification time)."""
+    st = Path(path).stat()
+    memo = (kind + str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _CHECKSUMS:
+        _CHECKSUMS[memo] = compute()
+    return _CHECKSUMS[memo]
 
 
 def file_checksum(path: Path | str) -> str:
     """A file's checksum: its md5 up to 1 GiB; beyond, md5 of its size, first and last MiB (weights of many GB are
     named by their identity elsewhere; this still catches truncation and most damage). Memoised per process on
     (path, size, mtime), so checking the same inputs for every cell of a sweep reads each file once."""
-    st = Path(path).stat()
-    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _CHECKSUMS:
-        if st.st_size <= FULL_HASH_BYTES:
-            _CHECKSUMS[memo] = md5_file(path)
-        else:
-            h = hashlib.md5(str(st.st_size).encode())
-            with open(path, "rb") as f:
-                h.update(f.read(_EDGE))
-                f.seek(st.st_size - _EDGE)
-                h.update(f.read(_EDGE))
-            _CHECKSUMS[memo] = "edges:" + h.hexdigest()
-    return _CHECKSUMS[memo]
+    def compute() -> str:
+        size = Path(path).stat().st_size
+        if size <= FULL_HASH_BYTES:
+            return md5_file(path)
+        h = hashlib.md5(str(size).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_EDGE))
+            f.seek(size - _EDGE)
+            h.update(f.read(_EDGE))
+        return "edges:" + h.hexdigest()
+
+    return _memoised(path, "", compute)
 
 
 def dir_checksum(path: Path | str) -> str:
