@@ -173,6 +173,7 @@ def _checked(adapter: AttachedAdapter) -> Path:
 
 
 def _hf_group(group: list[PendingCell], root: Path, judges: JudgePool, report: SharedEvalReport) -> None:
+    """One hf engine on the group's model; per cell: merge its adapter in place, generate, put the weights back."""
     t0 = time.perf_counter()
     loaded = shared_model(group[0], StageCache(group[0].cfg.cache_dir))
     model, identity = loaded.model, loaded.identity
@@ -199,6 +200,7 @@ def _hf_group(group: list[PendingCell], root: Path, judges: JudgePool, report: S
 
 
 def _vllm_group(group: list[PendingCell], root: Path, judges: JudgePool, report: SharedEvalReport) -> None:
+    """One vLLM engine on the group's model, saved once; every cell's requests in one batch, its adapter as LoRA."""
     from marker_lab.engines.vllm import VLLMEngine
 
     t0 = time.perf_counter()
