@@ -55,10 +55,10 @@ class PendingCell:
 
     @property
     def group(self) -> str:
-        """Cells with the same group share an engine: the model the last adapter attaches to, the engine settings
-        and the device."""
-        return cache_key({"model": self.pending.shared_base, "engine": plain(self.cfg.eval.engine),
-                          "device": self.cfg.device})
+        """Cells with the same group share an engine: the model the last adapter attaches to, how it is loaded
+        (model settings such as attn_implementation), the engine settings and the device."""
+        return cache_key({"model": self.pending.shared_base, "model_config": plain(self.cfg.model),
+                          "engine": plain(self.cfg.eval.engine), "device": self.cfg.device})
 
 
 @dataclass
@@ -92,7 +92,9 @@ def evaluate_pending(root: str | Path) -> SharedEvalReport:
     report = SharedEvalReport([], [])
     cells: list[PendingCell] = []
     for cell_dir in find_pending(Path(root)):
-        if contract.load_result(cell_dir / contract.RESULT_FILE) is not None:
+        done = contract.load_result(cell_dir / contract.RESULT_FILE)
+        pending = contract.load_pending(cell_dir / contract.PENDING_FILE)
+        if done is not None and pending is not None and is_current(done, pending.partial.config_hash).current:
             (cell_dir / contract.PENDING_FILE).unlink(missing_ok=True)  # written by an earlier, interrupted job
             continue
         try:
@@ -192,9 +194,10 @@ def _hf_group(group: list[PendingCell], root: Path, judges: JudgePool, report: S
             _failed(pc, e, report)
             continue
         finally:
+            params = dict(model.named_parameters())
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(original[name])
+                for name, saved in original.items():
+                    params[name].copy_(saved)
             loaded.identity = identity
         _finish(pc, rows, judges, time.perf_counter() - t0, setup, len(group), report)
 
@@ -212,7 +215,16 @@ def _vllm_group(group: list[PendingCell], root: Path, judges: JudgePool, report:
     loaded.tokenizer.save_pretrained(model_dir)
     loaded.model.to("cpu")
     torch.cuda.empty_cache()
-    adapters = [_checked(pc.pending.last) if pc.pending.last else None for pc in group]
+    usable, adapters = [], []
+    for pc in group:  # a damaged adapter fails its own cell only
+        try:
+            adapters.append(_checked(pc.pending.last) if pc.pending.last else None)
+            usable.append(pc)
+        except DamagedAdapter as e:
+            _failed(pc, e, report)
+    group = usable
+    if not group:
+        return
     ranks = [json.loads((a / "adapter_config.json").read_text())["r"] for a in adapters if a is not None]
     e = first.cfg.eval.engine
     requests, owners = [], []
@@ -244,7 +256,9 @@ def _finish(pc: PendingCell, rows: list[dict], judges: JudgePool, seconds: float
     partial = pc.pending.partial
     engine = {"name": str(pc.cfg.eval.engine.name), "per": "base", "shared_base": pc.pending.shared_base,
               "cells_on_engine": n_cells}
-    timing = {**partial.timing, "shared_eval": round(seconds + time.perf_counter() - t0, 3),
+    sampled = round(seconds + time.perf_counter() - t0, 3)
+    # eval: the whole eval as a per-cell run counts it (model metrics in the cell's job + sampling here)
+    timing = {**partial.timing, "eval": round(partial.timing.get("eval", 0.0) + sampled, 3), "shared_eval": sampled,
               "shared_engine_setup": round(setup, 3)}  # the group's one-off setup, the same in each of its cells
     result = replace(partial, metrics={**partial.metrics, **scored}, timing=timing,
                      provenance={**partial.provenance, "judge": judge, "engine": engine})

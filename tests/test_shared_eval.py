@@ -88,12 +88,13 @@ def test_the_shared_eval_resumes_after_a_kill_and_refuses_stale_cells(cache_dir,
     assert isinstance(again, contract.PendingEval) and again.partial.timing == load_pending(
         cells[0] / contract.PENDING_FILE).partial.timing
 
-    # marker-lab status reads a trained cell as waiting for the shared eval, and says what runs next
+    # marker-lab status reads a trained cell as waiting for the shared eval and says what runs next; the edited
+    # one is stale
     write_manifest(root, [{"index": i, "overrides": [], "subdir": c.name, "complete": False,
                            "config_hash": load_pending(c / contract.PENDING_FILE).partial.config_hash}
-                          for i, c in enumerate(cells)], "local")
+                          for i, c in enumerate([*cells, edited])], "local")
     status = format_status(root)
-    assert "3 awaiting_eval" in status and f"next: marker-lab eval {root}" in status
+    assert "3 awaiting_eval" in status and "1 stale" in status and f"next: marker-lab eval {root}" in status
 
     job = subprocess.Popen([*CLI, "eval", str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

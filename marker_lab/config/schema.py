@@ -563,7 +563,7 @@ class Config:
     dose: Optional[int] = None  # second-stage optimizer steps; null = the recipe's steps; 0 skips the stage
     source_persona: str = "villain"  # the experiment's source persona (reported as 'source')
     merge_between_stages: bool = True  # merge each stage's adapter into its input before the next stage
-    engine_per: EnginePer = EnginePer.cell  # cell | base: one eval engine per shared base in a sweep (not hashed: same results)
+    engine_per: EnginePer = EnginePer.cell  # cell | base: one eval engine per shared base in a sweep (not hashed: hf gives the same results; vllm serves LoRA unmerged)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: str = "${default_cache_dir:}"  # shared stage cache: $MARKER_LAB_CACHE or ~/.cache/marker_lab
     output_dir: str = "${hydra:runtime.output_dir}"  # where this cell writes its result

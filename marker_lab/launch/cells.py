@@ -24,6 +24,7 @@ class CellPlan:
     subdir: str  # its directory under the sweep dir (named from its overrides)
     config_hash: str  # what a complete result must carry to count as this cell
     complete: bool = False  # a current result is already there
+    engine_per: str = "cell"  # the cell's engine_per: base cells leave their sampling to the sweep's shared eval
 
 
 class SweepConfigError(ValueError):
@@ -59,7 +60,8 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
             except Exception as e:  # ConfigError, or a composition error from omegaconf
                 errors.append(f"cell {' '.join(overrides)}: {' '.join(str(e).split())}")
                 continue
-            plan = CellPlan(initial_index + i, list(overrides), subdir, contract.config_hash(resolved))
+            plan = CellPlan(initial_index + i, list(overrides), subdir, contract.config_hash(resolved),
+                            engine_per=str(resolved.get("engine_per", "cell")))
             state, _ = cell_state(sweep_dir, asdict(plan))
             plan.complete = state.state == "complete"
             plans.append(plan)

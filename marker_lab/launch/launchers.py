@@ -27,7 +27,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, write_manifest
 from marker_lab.launch.progress import SweepProgress
-from marker_lab.results.contract import PENDING_FILE
+from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, load_result
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,10 @@ class LocalGpusLauncher(_PlannedLauncher):
         waiting = _awaiting_eval(sweep_dir, plans)
         if waiting:
             run_shared_eval(sweep_dir, slots[0])
-            for plan in _awaiting_eval(sweep_dir, waiting):  # still no result: the cell failed in the shared eval
-                returns[plan.index] = failed_return(plan, sweep_dir, RuntimeError("no result from the shared eval"),
-                                                    f"shared eval failed (see {sweep_dir / 'shared_eval.log'})")
+            for plan in waiting:  # no result now (still waiting, or sent back to training): the cell failed
+                if load_result(sweep_dir / plan.subdir / RESULT_FILE) is None:
+                    returns[plan.index] = failed_return(plan, sweep_dir, RuntimeError("no result from the shared eval"),
+                                                        f"shared eval failed (see {sweep_dir / 'shared_eval.log'})")
         if p["aggregate"]:
             run_aggregation(sweep_dir)
         progress.summary(p["aggregate"])
@@ -230,11 +231,13 @@ class SlurmArrayLauncher(_PlannedLauncher):
         if jobs:
             log.info("slurm: array %s with %d cells", array_id, len(jobs))
         after = array_id
-        if array_id and self._engine_per_base(todo):  # the shared eval, on a cell's resources, once the array ends
+        if array_id and any(pl.engine_per == "base" for pl in todo):  # the shared eval, once the array ends
             ev = submitit.AutoExecutor(folder=str(sweep_dir / ".submitit" / "shared_eval"), cluster="slurm")
+            # a cell's resources; its time limit once per cell, since it samples for every cell in turn
             ev.update_parameters(**{("slurm_" + k if k not in _BASE_KEYS else k): v for k, v in params.items()
-                                    if k not in ("max_num_timeout", "array_parallelism", "name")},
-                                 name="marker-lab-shared-eval", slurm_dependency=f"afterany:{array_id}")
+                                    if k not in ("max_num_timeout", "array_parallelism", "name", "timeout_min")},
+                                 timeout_min=params["timeout_min"] * len(todo), name="marker-lab-shared-eval",
+                                 slurm_dependency=f"afterany:{array_id}")
             ev_job = ev.submit(_shared_eval_job, str(sweep_dir))
             log.info("slurm: shared eval job %s (afterany:%s)", ev_job.job_id, array_id)
             after = ev_job.job_id
@@ -259,14 +262,6 @@ class SlurmArrayLauncher(_PlannedLauncher):
                 log.error("cell #%d (%s) FAILED: %s", plan.index, job.job_id, why)
                 returns[plan.index] = failed_return(plan, sweep_dir, e, why)
         return [returns[pl.index] for pl in plans]
-
-    def _engine_per_base(self, plans: list[CellPlan]) -> bool:
-        """Whether any of these cells defers its sampled eval to a shared engine (engine_per=base)."""
-        from omegaconf import OmegaConf
-
-        default = str(OmegaConf.select(self.config, "engine_per")) == "base"
-        return any({o.split("=", 1)[0]: o.split("=", 1)[1] for o in pl.overrides if "=" in o}
-                   .get("engine_per", "base" if default else "cell") == "base" for pl in plans)
 
 
 _BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marker_lab.core.files import write_json_atomic
-from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, STATUS_FILE, RunResult, is_current, load_result, read_result
+from marker_lab.results.contract import (PENDING_FILE, RESULT_FILE, STATUS_FILE, RunResult, is_current, load_pending,
+                                         load_result, read_result)
 
 MANIFEST = "manifest.json"
 CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona", "coupled_persona", "second_stage"]
@@ -115,7 +116,11 @@ def cell_state(sweep_dir: Path, cell: dict) -> tuple[CellState, RunResult | None
         return CellState(cell["subdir"], "corrupt", log, read.problem), None
     if status.get("state") == "failed":
         return CellState(cell["subdir"], "failed", log, status.get("error", "")), None
-    if (d / PENDING_FILE).is_file():
+    pending = load_pending(d / PENDING_FILE)
+    if pending is not None:
+        currency = is_current(pending.partial, cell["config_hash"])
+        if not currency.current:
+            return CellState(cell["subdir"], "stale", log, currency.reason + "; rerun the sweep to train it again"), None
         return CellState(cell["subdir"], "awaiting_eval", log, f"marker-lab eval {sweep_dir}"), None
     return CellState(cell["subdir"], "pending", log), None
 
