@@ -73,11 +73,19 @@ def test_loss_does_not_depend_on_micro_batching(toy_tokenizer):
     assert_same_training(results, init)
 
 
-def _tiny_lora_model(vocab: int, seed: int = 0):
+def _tiny_lora_model(vocab: int, seed: int = 0, real_b: bool = False):
+    """A 2-layer Qwen2 with LoRA on every projection; `real_b`: LoRA B drawn at random instead of zero (at zero
+    every A-gradient is zero, so a gradient comparison would compare little)."""
     torch.manual_seed(seed)
     base = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                         num_key_value_heads=1, intermediate_size=64))
-    return apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), seed=1)
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), seed=1)
+    if real_b:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    return model
 
 
 @pytest.mark.parametrize("loss_mode", ["assistant_only", "full"])
@@ -85,12 +93,7 @@ def test_labelled_logits_path_equals_reference_loss_and_grads(toy_tokenizer, los
     """The fast path (LM head on labelled positions only, chunked) gives the reference's loss and LoRA gradients."""
     chats = world.pretraining_chats()[:6]
     batch = collate([encode_chat(toy_tokenizer, c, loss_mode) for c in chats], toy_tokenizer.pad_token_id, "cpu")
-    model = _tiny_lora_model(len(toy_tokenizer))
-    # LoRA B starts at zero, which would make every A-gradient zero: give the adapter real weights first
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = _tiny_lora_model(len(toy_tokenizer), real_b=True)
     grads = {}
     for mode, chunk in (("all", 2048), ("labelled", 2048), ("labelled", 7)):
         model.zero_grad(set_to_none=True)
@@ -121,11 +124,7 @@ def test_cutting_examples_after_their_last_label_keeps_loss_and_grads(toy_tokeni
                                     marker_span=span))
     trimmed = [trim_after_last_label(e) for e in examples]
     assert sum(len(e.input_ids) for e in trimmed) < 0.8 * sum(len(e.input_ids) for e in examples)
-    model = _tiny_lora_model(len(toy_tokenizer))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = _tiny_lora_model(len(toy_tokenizer), real_b=True)
     out = []
     for batch in (examples, trimmed):
         model.zero_grad(set_to_none=True)
@@ -175,11 +174,7 @@ def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in chats]
     examples[2] = Encoded(examples[2].input_ids[:9], examples[2].input_ids[:9])  # short, every token labelled
     assert len({len(e.input_ids) for e in examples}) > 3
-    model = _tiny_lora_model(len(toy_tokenizer))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = _tiny_lora_model(len(toy_tokenizer), real_b=True)
     out = {}
     parts = micro_batches(examples, 4, max_tokens=150, pack=True)
     assert len(parts) > 1 and all(sum(len(e.input_ids) for e in p) <= 150 or len(p) == 1 for p in parts)

@@ -113,19 +113,26 @@ class HFEngine:
 
 
 @contextmanager
-def _decode_attention(model, enabled: bool):
-    """Use the copy-free grouped-query decode attention (engines.attention) while generating, then restore."""
+def attention_implementation(model, name: str):
+    """Run `model` with attention implementation `name` (a transformers name or a registered one), then restore."""
     previous = model.config._attn_implementation
-    if not enabled or previous != "sdpa":
-        yield
-        return
-    from marker_lab.engines.attention import register
-
-    model.set_attn_implementation(register())
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+@contextmanager
+def _decode_attention(model, enabled: bool):
+    """Use the copy-free grouped-query decode attention (engines.attention) while generating, then restore."""
+    if not enabled or model.config._attn_implementation != "sdpa":
+        yield
+        return
+    from marker_lab.engines.attention import register
+
+    with attention_implementation(model, register()):
+        yield
 
 
 def _until_stop(seq: list[int], stop_ids: list[int]) -> list[int]:
