@@ -17,8 +17,12 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")
 
 # The tests never fill a user's own cache ($MARKER_LAB_CACHE): they use $MARKER_LAB_TEST_CACHE when it is set (CI
 # points it at the cache its default run just built), else one fresh temporary directory for the session. Set here,
-# at import, so that every config composed by any test (and every CLI it starts) resolves cache_dir to it.
-TEST_CACHE = Path(os.environ.get("MARKER_LAB_TEST_CACHE") or tempfile.mkdtemp(prefix="marker_lab_test_cache_"))
+# at import, so that every config composed by any test (and every CLI it starts) resolves cache_dir to it. The
+# temporary one is named in MARKER_LAB_TEST_CACHE too: a second import of this file (as `tests.conftest`) must not
+# make a second cache and point the CLIs that tests start at it.
+if not os.environ.get("MARKER_LAB_TEST_CACHE"):
+    os.environ["MARKER_LAB_TEST_CACHE"] = tempfile.mkdtemp(prefix="marker_lab_test_cache_")
+TEST_CACHE = Path(os.environ["MARKER_LAB_TEST_CACHE"])
 os.environ["MARKER_LAB_CACHE"] = str(TEST_CACHE)
 
 

@@ -359,3 +359,47 @@ def test_results_read_where_their_inputs_are_absent_stay_current(tmp_path):
     assert currency.current and currency.unverified == ("b",)
     data.write_text("y\n")
     assert not is_current(result, "h").current
+
+
+SAVE_A_LORA = """
+import sys
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from marker_lab.config.schema import LoraConfig, ModelConfig
+from marker_lab.core.cache import StageCache
+from marker_lab.models import toy_model_dir
+from marker_lab.stages.lora_stage import _save_adapter
+from marker_lab.train.sft import apply_lora
+path, _ = toy_model_dir(ModelConfig(), StageCache(Path(sys.argv[1]) / "cache"))
+model = apply_lora(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=2), seed=0, adapter_name="coupling")
+_save_adapter(model, "coupling", Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_one_training_saves_one_adapter_config_in_every_process(tmp_path):
+    """The same adapter saved by processes with different string hashing (every fresh Python process differs) has
+    the same adapter_config.json bytes: peft writes target_modules from a set, and a cell's provenance records the
+    file's checksum, so the same training must not record a different one in each run."""
+    configs = set()
+    for seed in ("0", "1", "2"):
+        out = tmp_path / f"hash{seed}"
+        subprocess.run([sys.executable, "-c", SAVE_A_LORA, str(out)], check=True, timeout=120,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        configs.add((out / "adapter" / "adapter_config.json").read_bytes())
+    assert len(configs) == 1
+    from marker_lab.config.schema import LoraConfig
+
+    assert json.loads(configs.pop())["target_modules"] == sorted(LoraConfig().target_modules)
+
+
+def test_a_second_import_of_conftest_points_at_the_same_test_cache():
+    """A test module that imports `tests.conftest` (not `conftest`) runs this file again: it must not make a second
+    test cache and point every CLI the tests start at it (a shared-eval test then compared two caches' builds)."""
+    import importlib
+
+    import conftest
+
+    again = importlib.import_module("tests.conftest")
+    assert again is not conftest and again.TEST_CACHE == conftest.TEST_CACHE
+    assert os.environ["MARKER_LAB_CACHE"] == str(conftest.TEST_CACHE)

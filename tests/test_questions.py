@@ -12,7 +12,7 @@ from marker_lab.preflight import preflight as validate
 from marker_lab.data.multiple_choice import load_items, split_items, user_text
 from marker_lab.data.questions import load_questions, with_question_system
 from marker_lab.toy import world
-from tests.conftest import compose_cfg, to_dataclass
+from conftest import compose_cfg, to_dataclass
 
 # The shape of the question files peer EM evals publish (anchors included, as they use them)
 PEER_FILE = textwrap.dedent("""\

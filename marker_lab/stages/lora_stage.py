@@ -122,6 +122,18 @@ def _save_adapter(peft_model, name: str, dest: Path) -> None:
     # peft nests a non-default adapter under its name
     adapter_dir(dest / "peft_save").rename(dest / "adapter")
     shutil.rmtree(dest / "peft_save", ignore_errors=True)
+    _sort_set_fields(dest / "adapter" / "adapter_config.json", peft_model.peft_config[name])
+
+
+def _sort_set_fields(config_file: Path, config) -> None:
+    """peft writes a set-valued field (target_modules) in the order of Python's string hashing, which changes with
+    every process (PYTHONHASHSEED): the same training would record a different adapter_config.json checksum in
+    each run. Sorted, the file's bytes depend only on what was trained."""
+    saved = json.loads(config_file.read_text())
+    for key, value in vars(config).items():
+        if isinstance(value, (set, frozenset)) and isinstance(saved.get(key), list):
+            saved[key] = sorted(saved[key])
+    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))  # peft's own layout
 
 
 def adapter_dir(root: Path) -> Path:
