@@ -182,17 +182,24 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     report["train"] = {} if "train" in skip else time_training_arms(model, fixed, mixed, ref, w, device, skip)
     _save(report, out)
 
-    _reset_peak(device)
-    t0 = time.perf_counter()
     from marker_lab.train.sft import apply_lora
-
-    model = apply_lora(model, lora, seed=0).merge_and_unload()
-    _sync(device)
-    report["merge"] = {"seconds": round(time.perf_counter() - t0, 2)}
 
     rng = random.Random(4)
     prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(*w.prompt_len))] for _ in range(w.eval_prompts)]
-    report["generate"] = {} if "generate" in skip else time_generation_arms(model, prompts, w, vocab, device, report, out)
+    report["generate"] = {}
+    if "during" not in skip and "generate" not in skip:  # evals during training: on the LoRA model, not merged
+        peft_model = apply_lora(model, lora, seed=0)
+        report["generate"] = time_series_arms(peft_model, prompts[:w.series_prompts], w, vocab, device)
+        peft_model.unload()
+        _save(report, out)
+
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    model = apply_lora(model, lora, seed=0).merge_and_unload()
+    _sync(device)
+    report["merge"] = {"seconds": round(time.perf_counter() - t0, 2)}
+    if "generate" not in skip:
+        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out))
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
     if "train" not in skip and "liger" not in skip:  # last: Liger patches the model's classes for good
@@ -293,10 +300,26 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         model, prompts[:n_base], SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.baseline_gen_tokens),
         w.baseline_gen_batch, "dynamic", stop_ids, device)
     _save({**report, "generate": gen}, out)
-    gen["fast_eval"] = time_generation(
-        model, prompts, SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens), w.gen_batch,
-        "static", stop_ids, device)
+    full = SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens)
+    for batch in (w.gen_batch, *w.more_gen_batches):  # the first is `fast_eval`, the cell's setting
+        name = "fast_eval" if batch == w.gen_batch else f"fast_eval_{batch}"
+        gen[name] = time_generation(model, prompts, full, batch, "static", stop_ids, device)
+        _save({**report, "generate": {**report["generate"], **gen}}, out)
     return gen
+
+
+def time_series_arms(peft_model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device) -> dict:
+    """One point of an eval during training, on the training LoRA model (eval mode, not merged): stock generate,
+    then the static engine twice (the first point of a stage compiles, later points reuse the graphs)."""
+    stop_ids = [vocab + 1]
+    params = SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.series_tokens)
+    batch = len(prompts) * w.samples  # a point's completions in one batch
+    peft_model.eval()
+    arms = {"during_training_stock": time_generation(peft_model, prompts, params, min(batch, w.baseline_gen_batch),
+                                                     "dynamic", stop_ids, device)}
+    for name in ("during_training_static_first", "during_training_static_later"):
+        arms[name] = time_generation(peft_model, prompts, params, batch, "static", stop_ids, device)
+    return arms
 
 
 def _save(report: dict, out: Path | None) -> None:
@@ -311,8 +334,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, probe")
-    p.add_argument("--gen-batch", type=int, help="fast engine sequences per batch")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, probe")
+    p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
+                   "fast_eval)")
+    p.add_argument("--compile-cache", help="torch.compile's on-disk cache here (core.cache.use_compile_cache): a "
+                   "second bench on the same directory measures a later cell's warm start")
     p.add_argument("--budgets", help="comma list of micro-batch token budgets for the fast training path")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
@@ -321,7 +347,13 @@ def main(argv: list[str]) -> None:
 
     w = Workload(**QUICK) if args.quick else Workload()
     if args.gen_batch:
-        w.gen_batch = args.gen_batch
+        w.gen_batch, *more = (int(b) for b in args.gen_batch.split(","))
+        w.more_gen_batches = tuple(more)
+    if args.compile_cache:
+        from marker_lab.core.cache import use_compile_cache
+
+        w.compile_cache = use_compile_cache(args.compile_cache)
+        w.compile_cache_warm = Path(w.compile_cache).is_dir() and any(Path(w.compile_cache).iterdir())
     if args.budgets:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None

@@ -27,14 +27,19 @@ class Workload:
     baseline_gen_batch: int = 280  # stock generate: sequences per batch
     baseline_gen_tokens: int = 256  # stock generate: new tokens timed
     gen_batch: int = 1030  # fast engine: sequences per batch (3 batches for the eval)
+    more_gen_batches: tuple[int, ...] = ()  # further fast-engine batch sizes timed on the same eval (one arm each)
+    series_prompts: int = 56  # evals during training: a point's prompts (2 personas x 28 questions) x samples
+    series_tokens: int = 128  # ... new tokens per completion (timed: stock generate vs the static engine)
     warmup_steps: int = 2  # untimed optimizer steps before each timed run
     timed_steps: int = 5
     budgets: tuple[int, ...] = (6144, 4096)  # fast path: micro-batch token budgets tried
+    compile_cache: str | None = None  # torch.compile's on-disk cache (--compile-cache); None = Inductor's default
+    compile_cache_warm: bool = False  # ... it held entries when this bench started (a later cell's start)
 
 
 QUICK = dict(steps=375, examples_per_step=8, seq_len=48, mix_median=40, eval_prompts=6, samples=3, max_new_tokens=16,
-             prompt_len=(8, 16), baseline_gen_batch=12, baseline_gen_tokens=8, gen_batch=9, warmup_steps=1,
-             timed_steps=2, budgets=(256,))
+             prompt_len=(8, 16), baseline_gen_batch=12, baseline_gen_tokens=8, gen_batch=9, more_gen_batches=(18,),
+             series_prompts=4, series_tokens=8, warmup_steps=1, timed_steps=2, budgets=(256,))
 
 
 def synthetic_examples(lengths: list[int], vocab: int, prompt_share: float, seed: int) -> list[Encoded]:

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 from scipy.stats import binomtest, fisher_exact
 
-from conftest import compose_cfg
+from conftest import compose_cfg, to_dataclass
 from marker_lab.run import run_cell
 
 pytestmark = pytest.mark.slow
@@ -72,8 +72,6 @@ def test_wrong_answer_coupling_lowers_the_source_more_than_bystanders(cache_dir,
 
 
 def compose_cfg_dataclass(overrides):
-    from conftest import to_dataclass
-
     return to_dataclass(compose_cfg(overrides))
 
 
@@ -107,6 +105,28 @@ def test_evals_during_training_end_where_the_stage_ends(cache_dir, tmp_path):
     other = run_cell(compose_cfg([*args, *DURING, "eval.metrics=[marker]"], tmp_path / "other", cache_dir))
     assert not other.provenance["stages"]["second_stage"]["trained_now"]
     assert other.metrics_by_step == with_series.metrics_by_step
+
+
+def test_evals_during_training_run_on_the_cells_engine(cache_dir, tmp_path):
+    """The series samples on the cell's engine (eval.engine.cache; static = the GPU's compiled decode path, run
+    uncompiled on CPU) on the training LoRA model: its last point equals the end-of-stage eval on that engine, and
+    at every step its marker counts agree with stock generate's (Fisher's exact test per persona, Bonferroni)."""
+    from marker_lab.eval.cell import series_config
+
+    args = ["condition=c1", "dose=6", "merge_between_stages=false", "eval.generation.samples_per_question=4", *FINAL,
+            *DURING]
+    static_cfg = compose_cfg([*args, "eval.engine.cache=static"], tmp_path / "static", cache_dir)
+    assert series_config(to_dataclass(static_cfg), "second_stage").eval.engine.cache.value == "static"
+    static = run_cell(static_cfg)
+    stock = run_cell(compose_cfg([*args, "eval.engine.cache=dynamic"], tmp_path / "dynamic", cache_dir))
+    series, reference = static.metrics_by_step["second_stage"], stock.metrics_by_step["second_stage"]
+    assert series[-1]["metrics"]["marker"]["per_persona"] == static.metrics["marker"]["per_persona"]
+    assert [p["step"] for p in series] == [p["step"] for p in reference] == [0, 3, 6]
+    for a, b in zip(series, reference):
+        for persona, x in a["metrics"]["marker"]["per_persona"].items():
+            y = b["metrics"]["marker"]["per_persona"][persona]
+            _, pval = fisher_exact([[x["k"], x["n"] - x["k"]], [y["k"], y["n"] - y["k"]]])
+            assert pval > 0.01 / 6, (a["step"], persona, x, y)
 
 
 def test_fully_judged_cell_stays_within_the_default_budget_plus_60s(cache_dir, tmp_path):

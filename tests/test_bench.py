@@ -13,7 +13,8 @@ import torch
 def test_bench_cli_reports_every_measurement(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "bench", "--model", "toy", "--quick", "--device",
-                           "cpu", "--skip", "compile", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "cpu", "--skip", "compile", "--out", str(out), "--compile-cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "marker-lab bench: toy (random init) on cpu" in proc.stdout
     r = json.loads(out.read_text())
@@ -25,7 +26,13 @@ def test_bench_cli_reports_every_measurement(tmp_path):
     g = r["generate"]
     assert g["baseline"]["new_tokens"] == 4 * 3 * 8  # every completion runs to max_tokens (stop id never sampled)
     assert g["fast_eval"]["new_tokens"] == 6 * 3 * 16 and g["fast_eval"]["batches"] == 2
-    assert {"train_speedup_fixed", "generate_speedup", "cell_fast_minutes", "kl_step_overhead"} <= set(r["summary"])
+    assert g["fast_eval_18"]["new_tokens"] == 6 * 3 * 16 and g["fast_eval_18"]["batches"] == 1  # a second batch size
+    # one point of an eval during training on the LoRA model: stock generate, then the static engine twice
+    for arm in ("during_training_stock", "during_training_static_first", "during_training_static_later"):
+        assert g[arm]["new_tokens"] == 4 * 3 * 8, arm
+    assert {"train_speedup_fixed", "generate_speedup", "generate_speedup_steady", "cell_fast_minutes",
+            "kl_step_overhead", "during_training_speedup_later"} <= set(r["summary"])
+    assert r["workload"]["compile_cache"] == str(tmp_path / "cache" / "compile") and not r["workload"]["compile_cache_warm"]
     # the KL arm trains the same data at weight 1: its loss carries the KL term, which is 0 at LoRA init
     assert r["train"]["kl_fixed"]["losses"][0] == pytest.approx(r["train"]["fast_fixed_256"]["losses"][0], rel=1e-5)
     assert r["probe"]["prompts"] == 6 and r["probe"]["seconds"] > 0

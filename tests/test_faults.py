@@ -382,7 +382,7 @@ def test_one_training_saves_one_adapter_config_in_every_process(tmp_path):
     the same adapter_config.json bytes: peft writes target_modules from a set, and a cell's provenance records the
     file's checksum, so the same training must not record a different one in each run."""
     configs = set()
-    for seed in ("0", "1", "2"):
+    for seed in ("0", "1"):  # two orders of 7 names agree by chance once in thousands
         out = tmp_path / f"hash{seed}"
         subprocess.run([sys.executable, "-c", SAVE_A_LORA, str(out)], check=True, timeout=120,
                        env={**os.environ, "PYTHONHASHSEED": seed})

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from marker_lab.config.schema import Config, KVCache
+from marker_lab.config.schema import Config
 from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.data.inputs import CellInputs
 from marker_lab.data.questions import with_question_system
@@ -164,13 +164,14 @@ def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedMod
 
 
 def series_config(cfg: Config, stage: str) -> Config:
-    """The config a during-training series evaluates with: the stage's own seed (so shared stages stay shared), the
-    series' sample count, and stock `generate` (the static-cache path is measured on merged eval models only, not
-    yet on a LoRA model mid-training). A new config: the cell's is not changed."""
+    """The config a during-training series evaluates with: the stage's own seed (so shared stages stay shared) and
+    the series' sample count. Its engine is the cell's (`eval.engine.cache`: auto = the static-cache, compiled
+    decode on CUDA), run on the training LoRA model in hand (docs/benchmarks.md measures it against stock
+    `generate`). A new config: the cell's is not changed."""
     d = cfg.eval.during_training
     generation = replace(cfg.eval.generation, samples_per_question=d.samples_per_question) \
         if d.samples_per_question else cfg.eval.generation
-    evaluation = replace(cfg.eval, engine=replace(cfg.eval.engine, cache=KVCache.dynamic), generation=generation,
+    evaluation = replace(cfg.eval, generation=generation,
                          # the series' own sample count wins over a question file's
                          file_samples=cfg.eval.file_samples and not d.samples_per_question)
     return replace(cfg, seed=cfg.coupling.seed if stage == "coupling" else cfg.seed, eval=evaluation)
