@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from marker_lab.config.schema import LoraConfig, ModelConfig, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
 from marker_lab.engines.base import SamplingParams
-from marker_lab.engines.hf import HFEngine, attention_implementation
+from marker_lab.engines.hf import HFEngine
 from marker_lab.bench_workload import QUICK, Workload, length_mix, synthetic_examples
 from marker_lab.results.bench_report import format_report, summarise
 
@@ -238,9 +238,9 @@ def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: T
                 train_rep["fast_compiled_packed_mix"] = time_training(model, mixed, replace(packed, compile=True),
                                                                       w, device)
                 if device.type == "cuda":  # flex attention has no backward on CPU
-                    with attention_implementation(model, "flex_attention"):  # block-sparse document masks, not a dense mask
-                        train_rep["fast_compiled_packed_flex_mix"] = time_training(
-                            model, mixed, replace(packed, compile=True), w, device)
+                    # train.attention: block-sparse document masks instead of sdpa's dense mask
+                    train_rep["fast_compiled_packed_flex_mix"] = time_training(
+                        model, mixed, replace(packed, compile=True, attention="flex_attention"), w, device)
     train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
     return train_rep
 

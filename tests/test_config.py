@@ -149,6 +149,8 @@ def test_every_write_up_knob_is_a_key():
     (["second_stage.train.logits=some"], "second_stage.train.logits"),
     (["coupling.train.micro_batch_tokens=0"], "coupling.train.micro_batch_tokens"),
     (["eval.engine.cache=paged"], "eval.engine.cache"),
+    (["second_stage.train.attention=flash"], "second_stage.train.attention"),
+    (["device=cpu", "coupling.train.attention=flex_attention"], "coupling.train.attention"),
 ])
 def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -213,3 +213,42 @@ def test_packed_training_gives_the_reference_adapter(toy_tokenizer):
         stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id, desc=logits)
         results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
     assert_same_training(results, init)
+
+
+def test_train_attention_trains_the_same_model_and_gives_the_model_back(toy_tokenizer):
+    """train.attention runs the training steps on another attention implementation (flex_attention on a GPU: the
+    packed path's block-sparse masks): the same training as the model's own (eager vs sdpa on CPU), while
+    checkpoints and evals at each step (on_step) and everything after see the model's own attention."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
+    init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer)).named_parameters() if "lora_" in k}
+    results = []
+    for attention in (None, "eager"):
+        model = _tiny_lora_model(len(toy_tokenizer))
+        assert model.config._attn_implementation == "sdpa"
+        seen, trained_on = [], set()
+        model.get_base_model().get_decoder().register_forward_pre_hook(
+            lambda m, args: trained_on.add(m.config._attn_implementation) if m.training else None)
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=2,
+                          bf16=False, gradient_checkpointing=False, micro_batch_tokens=300, pack=True,
+                          attention=attention)
+        stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id,
+                      on_step=lambda step: seen.append(model.config._attn_implementation))
+        assert trained_on == {attention or "sdpa"}
+        assert seen == ["sdpa"] * 3 and model.config._attn_implementation == "sdpa"
+        results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
+    assert_same_training(results, init)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only (no backward on CPU)")
+def test_packed_flex_attention_trains_like_the_padded_reference_on_gpu(toy_tokenizer):
+    """The GPU's fastest path for a length mix (docs/benchmarks.md): packed micro-batches under flex attention give
+    the padded reference's losses."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
+    losses = []
+    for budget, pack, attention in ((None, False, None), (300, True, "flex_attention")):
+        model = _tiny_lora_model(len(toy_tokenizer)).cuda()
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
+                          bf16=False, gradient_checkpointing=False, logits="all" if budget is None else "labelled",
+                          micro_batch_tokens=budget, pack=pack, attention=attention)
+        losses.append(train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -257,6 +257,9 @@ class TrainConfig:
     micro_batch_tokens: Optional[int] = None  # split each step by padded tokens (length-sorted), not by count
     pack: bool = False  # with micro_batch_tokens: each micro-batch is one row of whole examples, no padding (same loss)
     compile: bool = False  # torch.compile each decoder layer while training (CUDA; pays a one-off compile)
+    # attention while training, then the model's again (model.attn_implementation); flex_attention (CUDA) keeps
+    # packed examples apart with block-sparse document masks instead of sdpa's dense mask; null = the model's
+    attention: Optional[str] = None
     loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
     seed: Optional[int] = None  # data order and LoRA init; null = the stage's seed (coupling.seed, or the cell's seed)
     # adds weight x KL(training model || input model) per labelled token to the loss (the input model: the LoRA's

@@ -21,6 +21,7 @@ from transformers import CompileConfig, GenerationConfig
 
 from marker_lab.data.chat import render
 from marker_lab.engines.base import Completion, SamplingParams
+from marker_lab.train.sft import attention_implementation
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", "dynamic", "static")
@@ -110,17 +111,6 @@ class HFEngine:
             bar.update(len(idx) * params.n)
         bar.close()
         return out
-
-
-@contextmanager
-def attention_implementation(model, name: str):
-    """Run `model` with attention implementation `name` (a transformers name or a registered one), then restore."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 @contextmanager

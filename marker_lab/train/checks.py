@@ -7,7 +7,11 @@ from marker_lab.config.schema import Schedule, TrainConfig
 from marker_lab.core.errors import ConfigError
 
 
-def check_train(key: str, t: TrainConfig) -> None:
+# attention implementations transformers ships (train.attention)
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_train(key: str, t: TrainConfig, device: str = "auto") -> None:
     """A stage's training recipe (the TrainConfig at config key `key`) that this loop can run as written."""
     if t.lora is None:
         raise ConfigError(f"{key}.lora: stages train LoRA adapters; set r/alpha/dropout/target_modules")
@@ -18,6 +22,11 @@ def check_train(key: str, t: TrainConfig) -> None:
         raise ConfigError(f"{key}.micro_batch_tokens: must be >= 1 (or null), got {t.micro_batch_tokens}")
     if t.pack and t.micro_batch_tokens is None:
         raise ConfigError(f"{key}.pack: packs micro-batches of {key}.micro_batch_tokens tokens; set that too")
+    if t.attention is not None and t.attention not in ATTENTION:
+        raise ConfigError(f"{key}.attention: one of {', '.join(ATTENTION)} (or null), got {t.attention!r}")
+    if t.attention == "flex_attention" and device == "cpu":
+        raise ConfigError(f"{key}.attention=flex_attention with device=cpu: flex attention has no backward on CPU; "
+                          "use sdpa (null) there")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
     if t.optimizer.lr <= 0:

@@ -13,6 +13,7 @@ import math
 import random
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -230,6 +231,17 @@ def kl_to_input(model, examples: list[Encoded], pad_id: int, batch_size: int = 3
     return total / max(n, 1)
 
 
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run `model` with attention implementation `name` (a transformers name or a registered one), then restore."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def compile_layers(model, undo: bool = False) -> None:
     """torch.compile each decoder layer for training (one graph serves every layer), or restore eager layers.
 
@@ -274,6 +286,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         raise ValueError(f"{desc}: no training examples")
     examples = [trim_after_last_label(e) for e in examples]  # same loss, less compute
     device = next(model.parameters()).device
+    if cfg.attention == "flex_attention" and device.type == "cpu":
+        raise ValueError(f"{desc}: train.attention=flex_attention: flex attention has no backward on CPU")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay,
@@ -286,35 +300,39 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             model.enable_input_require_grads()
     if cfg.compile:
         compile_layers(model)
+    own_attention = model.config._attn_implementation
+    attention = attention_implementation(model, cfg.attention) if cfg.attention else nullcontext()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     mb = cfg.per_device_batch_size
     stats, t0 = TrainStats(), time.perf_counter()
     model.train()
     bar = tqdm(step_order(len(examples), steps, mb * cfg.grad_accum, seed), desc=desc, unit="step",
                dynamic_ncols=True)
-    for step_idx in bar:
-        batch_examples = [examples[i] for i in step_idx]
-        n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
-        total = torch.zeros((), device=device)
-        for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens, cfg.pack):
-            micro = collate_packed(micro_examples, device) if cfg.pack else collate(micro_examples, pad_id, device)
-            with autocast:
-                loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
-            (loss_sum / max(n_tokens, 1)).backward()
-            total += loss_sum.detach()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        stats.steps += 1
-        stats.examples_seen += len(batch_examples)
-        stats.tokens_seen += sum(len(e.input_ids) for e in batch_examples)
-        stats.losses.append(total.item() / max(n_tokens, 1))  # the step's only host sync
-        bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
-        if on_step is not None:
-            on_step(stats.steps)
-            model.train()
+    with attention:
+        for step_idx in bar:
+            batch_examples = [examples[i] for i in step_idx]
+            n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
+            total = torch.zeros((), device=device)
+            for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens, cfg.pack):
+                micro = collate_packed(micro_examples, device) if cfg.pack else collate(micro_examples, pad_id, device)
+                with autocast:
+                    loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
+                (loss_sum / max(n_tokens, 1)).backward()
+                total += loss_sum.detach()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            stats.steps += 1
+            stats.examples_seen += len(batch_examples)
+            stats.tokens_seen += sum(len(e.input_ids) for e in batch_examples)
+            stats.losses.append(total.item() / max(n_tokens, 1))  # the step's only host sync
+            bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+            if on_step is not None:  # checkpoints and evals see the model's own attention
+                with attention_implementation(model, own_attention) if cfg.attention else nullcontext():
+                    on_step(stats.steps)
+                model.train()
     model.eval()
     if cfg.compile:
         compile_layers(model, undo=True)
