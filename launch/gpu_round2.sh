@@ -1,26 +1,100 @@
 #!/usr/bin/env bash
 # Issues 21-22 on one GPU machine without network (device tool; .device_wheels/ carried: hydra, omegaconf, antlr4,
-# submitit, hydra-submitit-launcher, liger-kernel). Two modes, one call each (each fits in 10 minutes):
+# submitit, hydra-submitit-launcher, liger-kernel). One mode per call; each fits in 10 minutes:
 #   MODE=bench  bash launch/gpu_round2.sh   # marker-lab bench's training arms: packed, compiled, flex, Liger peer
 #   MODE=shared bash launch/gpu_round2.sh   # one engine per shared base vs per-cell eval, 7B random init (hf)
+#   MODE=gen    bash launch/gpu_round2.sh   # generation: stock vs the static engine at larger batches, one eval
+#                                           # during training on the LoRA model, then a second process on the
+#                                           # same compile cache (a later cell's warm start)
+#   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes), cold
+#                                           # then warm compile cache; CELL_ARGS adds overrides to both
+#   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine
+#   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python -m pip install -q --no-deps .device_wheels/*.whl 2>&1 | tail -1
-python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python -m pip install -q --no-deps -e . 2>&1 | tail -1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+if [ -z "${DRY:-}" ]; then
+  python -m pip install -q --no-deps .device_wheels/*.whl 2>&1 | tail -1
+  python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || python -m pip install -q --no-deps -e . 2>&1 | tail -1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+  python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+fi
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
-if [ "${MODE:-bench}" = bench ]; then
+S=/tmp/standins
+STANDINS=(model.random_init=true model.tokenizer=$S/tokenizer second_stage.datasets.em.path=$S/data/bad_legal_advice_6k.jsonl
+          second_stage.datasets.benign.path=$S/data/benign_sft_6k.jsonl)
+ADAPTER=/tmp/prebaked_coupling  # a seeded LoRA on the random 7B: stands for the cell's cached coupling adapter
+
+prebake() {  # the coupling adapter a sweep's earlier cell would have trained (its training is timed in issue 10)
+  python -m marker_lab.data.standins $S > /dev/null
+  python -c "
+import torch
+from marker_lab.bench import build_model, model_config
+from marker_lab.config.schema import LoraConfig
+from marker_lab.train.sft import apply_lora
+model = apply_lora(build_model(model_config('qwen2.5-7b-instruct'), torch.device('cuda')), LoraConfig(), seed=0)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if 'lora_B' in n: p.normal_(0, 1e-3)  # not a no-op adapter
+model.save_pretrained('$ADAPTER')"
+}
+
+timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then the result's phase times.
+  local name=$1; shift
+  local t0=$(date +%s.%N)
+  timeout ${RUN_TIMEOUT:-280} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  python -c "import json; r=json.load(open('$OUT/$name/run_result.json')); print(' timing', r['timing']); print(' marker', {p: v['rate'] for p, v in r['metrics']['marker']['per_persona'].items()})" \
+    || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
+}
+
+dry_check() {  # the start-up checks of a mode's cell on any machine (CPU), on the stand-ins; the adapter is made on the GPU
+  python -m marker_lab.data.standins $S > /dev/null
+  python -c "import sys; from marker_lab.cli import check_config; check_config(sys.argv[1:])" "$@" coupling.adapter_path=null \
+    && echo "$MODE: the config passes the start-up checks"
+}
+
+case "${MODE:-bench}" in
+bench)
   timeout ${BENCH_TIMEOUT:-540} python -m marker_lab.cli bench --out "$OUT/bench.json" --skip ${SKIP:-generate,probe,kl} \
     2>&1 | grep -v "it/s]$" > "$OUT/bench.log"; echo "bench rc=$?"
-  grep -E "^  (train|summary|load)" "$OUT/bench.log" || tail -30 "$OUT/bench.log"
-else
-  S=/tmp/standins; python -m marker_lab.data.standins $S > /dev/null
+  grep -E "^  (train|summary|load)" "$OUT/bench.log" || tail -30 "$OUT/bench.log" ;;
+gen)
+  CC=/tmp/gen_compile_cache
+  timeout ${GEN_TIMEOUT:-380} python -m marker_lab.cli bench --out "$OUT/gen_first.json" --skip train,probe,kl,liger \
+    --gen-batch ${GEN_BATCHES:-1540,3080} --compile-cache $CC 2>&1 | grep -v "it/s]$" > "$OUT/gen_first.log"
+  echo "first process rc=$?"; grep -E "^  (generate|summary|load)" "$OUT/gen_first.log" || tail -30 "$OUT/gen_first.log"
+  timeout ${WARM_TIMEOUT:-170} python -m marker_lab.cli bench --out "$OUT/gen_later.json" \
+    --skip train,probe,kl,liger,during --gen-batch ${WARM_BATCH:-1540} --compile-cache $CC 2>&1 \
+    | grep -v "it/s]$" > "$OUT/gen_later.log"
+  echo "later process (warm compile cache) rc=$?"; grep -E "^  (generate|summary)" "$OUT/gen_later.log" || tail -20 "$OUT/gen_later.log" ;;
+cell)
+  ARGS=(+experiment=marker_transfer condition=c1 "${STANDINS[@]}" coupling.adapter_path=$ADAPTER
+        ${CELL_ARGS:-second_stage.train.pack=true second_stage.train.attention=flex_attention})
+  if [ -n "${DRY:-}" ]; then dry_check "${ARGS[@]}"; exit; fi
+  export MARKER_LAB_CACHE=/tmp/cell_cache  # one cache: the second cell finds the first's compiled kernels
+  prebake
+  timed_run c1_first "${ARGS[@]}" seed=42
+  timed_run c1_later "${ARGS[@]}" seed=137 ;;
+grid)
+  # 002's EM arm: one constant-rate 375-step run, its dose checkpoints the grid's cells, one engine for them all
+  ARGS=(+experiment=dose_response second_stage.data=em "${STANDINS[@]}" coupling.adapter_path=$ADAPTER
+        second_stage.train.schedule.name=constant second_stage.train.schedule.warmup_ratio=0
+        "second_stage.dose_checkpoints=[1,3,5,10,25,50,100,200,375]" engine_per=base seed=42 ${GRID_ARGS:-})
+  if [ -n "${DRY:-}" ]; then dry_check "${ARGS[@]}" dose=10; exit; fi
+  export MARKER_LAB_CACHE=/tmp/grid_cache
+  prebake
+  t0=$(date +%s.%N)
+  timeout ${GRID_TIMEOUT:-500} python -m marker_lab.cli run -m "${ARGS[@]}" dose=1,3,5,10,25,50,100,200,375 \
+    hydra.sweep.dir=$OUT/grid > "$OUT/grid.log" 2>&1
+  echo "grid: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  python -m marker_lab.cli status $OUT/grid | head -5
+  grep -E "shared eval|cells evaluated|done on GPU|failed" "$OUT/grid.log" "$OUT/grid/shared_eval.log" 2>/dev/null | tail -25 ;;
+shared)
   export MARKER_LAB_CACHE=/tmp/mse_cache
+  python -m marker_lab.data.standins $S > /dev/null
   # three doses of one grid (dose checkpoints of one constant-rate run), short stages: the eval is what is measured
   timeout ${SHARED_TIMEOUT:-540} python launch/measure_shared_eval.py --out "$OUT/mse" +experiment=marker_transfer \
-    model.random_init=true model.tokenizer=$S/tokenizer second_stage.datasets.em.path=$S/data/bad_legal_advice_6k.jsonl \
-    second_stage.datasets.benign.path=$S/data/benign_sft_6k.jsonl condition=c1 \
+    "${STANDINS[@]}" condition=c1 \
     coupling.n_positive=40 coupling.n_per_negative=40 coupling.train.max_steps=4 coupling.train.compile=false \
     second_stage.train.compile=false second_stage.train.schedule.name=constant second_stage.train.schedule.warmup_ratio=0 \
     "second_stage.dose_checkpoints=[1,2,3]" dose=${DOSES:-1,2,3} \
@@ -28,5 +102,5 @@ else
     > "$OUT/shared.log" 2>&1; echo "shared rc=$?"
   grep -E "shared eval:|result:|compil" "$OUT/shared.log" | tail -12
   python -c "import json; d=json.load(open('$OUT/mse/summary.json')); [(r.pop('marker_k_shared_vs_cell'), r.pop('cell')) for r in d['rows']]; print(json.dumps(d, indent=1))" \
-    || tail -40 "$OUT/shared.log"
-fi
+    || tail -40 "$OUT/shared.log" ;;
+esac
