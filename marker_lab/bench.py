@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import random
 import time
@@ -337,8 +338,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, probe")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
                    "fast_eval)")
-    p.add_argument("--compile-cache", help="torch.compile's on-disk cache here (core.cache.use_compile_cache): a "
-                   "second bench on the same directory measures a later cell's warm start")
+    p.add_argument("--compile-cache", help="torch.compile's on-disk caches in this directory: a second bench on the "
+                   "same directory measures a later cell's warm start")
     p.add_argument("--budgets", help="comma list of micro-batch token budgets for the fast training path")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
@@ -349,11 +350,10 @@ def main(argv: list[str]) -> None:
     if args.gen_batch:
         w.gen_batch, *more = (int(b) for b in args.gen_batch.split(","))
         w.more_gen_batches = tuple(more)
-    if args.compile_cache:
-        from marker_lab.core.cache import use_compile_cache
-
-        w.compile_cache = use_compile_cache(args.compile_cache)
+    if args.compile_cache:  # named on the command line: it wins over $TORCHINDUCTOR_CACHE_DIR (a cell's does not)
+        w.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
         w.compile_cache_warm = Path(w.compile_cache).is_dir() and any(Path(w.compile_cache).iterdir())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = w.compile_cache
     if args.budgets:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None
