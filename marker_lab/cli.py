@@ -20,7 +20,7 @@ commands:
   status <sweep_dir>        every expected cell of a sweep: complete / running / pending / failed / stale / corrupt
   aggregate <sweep_dir>     tables of a sweep's results (runs by itself after a sweep)
   eval <sweep_dir>          the sampled eval of a sweep's trained cells (engine_per=base): one engine per shared
-                            base model; resumable (runs by itself after a sweep's cells)
+                            base model; resumable (runs by itself after a sweep's cells); one at a time per sweep
   bench [--model M] [--out F]  speed of one 7B cell on this GPU: baseline vs fast path (random init);
                             `bench --model toy --quick` checks every code path on CPU (numbers mean nothing)
 
@@ -101,13 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "eval":
         parser = argparse.ArgumentParser(prog="marker-lab eval")
         parser.add_argument("sweep_dir", help="a sweep directory whose cells ran with engine_per=base")
+        parser.add_argument("--wait", action="store_true", help="wait for a shared eval already running on it "
+                            "(a sweep's launcher does), instead of stopping at once")
         args = parser.parse_args(rest)
         import logging
 
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
-        from marker_lab.shared_eval import evaluate_pending
+        from marker_lab.launch.lock import EVAL_LOCK_FILE, SweepBusy, SweepLock
 
-        report = evaluate_pending(args.sweep_dir)
+        try:
+            with SweepLock(Path(args.sweep_dir), EVAL_LOCK_FILE, wait=args.wait):  # one shared eval at a time
+                from marker_lab.shared_eval import evaluate_pending  # torch and the rest: after the lock answered
+
+                report = evaluate_pending(args.sweep_dir)
+        except SweepBusy as e:
+            sys.exit(f"marker-lab eval: {e}")
         print(f"marker-lab eval: {len(report.done)} cells evaluated in {args.sweep_dir}"
               + (f"; {len(report.problems)} not:" if report.problems else ""))
         for line in report.problems:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,6 +138,33 @@ def test_a_damaged_adapter_drops_the_cell_back_to_training(cache_dir, tmp_path):
     assert "is damaged" in proc.stderr and "rerun the sweep" in proc.stderr
     assert not (cell / contract.PENDING_FILE).exists() and not (cell / contract.RESULT_FILE).exists()
     assert status_record(cell)["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_two_evals_on_one_sweep(cache_dir, tmp_path):
+    """A second `marker-lab eval` on a sweep whose shared eval is running stops at once naming the holder; with
+    --wait (what a sweep's launcher runs) it waits, then evaluates what is left. The holder here is this test."""
+    from marker_lab.launch.lock import EVAL_LOCK_FILE, SweepLock
+
+    root = tmp_path / "sweep"
+    cells = [_trained(cache_dir, root, f"d{d}", ["condition=c1", f"dose={d}"]) for d in (2, 4)]
+    with SweepLock(root, EVAL_LOCK_FILE):
+        second = subprocess.run([*CLI, "eval", str(root)], capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"marker-lab eval: the shared eval of {root} is in use by pid {os.getpid()} on "
+                               f"{socket.gethostname()} since ") and line.endswith("wait for it to end or stop it")
+        assert all((c / contract.PENDING_FILE).exists() and not (c / contract.RESULT_FILE).exists() for c in cells)
+        waiting = subprocess.Popen([*CLI, "eval", "--wait", str(root)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        first = waiting.stdout.readline()  # the lock is its first step: it says it waits, then blocks
+        assert "a shared eval of" in first and f"pid {os.getpid()}" in first and "waiting for it to end" in first
+        time.sleep(3)
+        assert waiting.poll() is None and not any((c / contract.RESULT_FILE).exists() for c in cells)
+    out, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, out[-3000:]
+    assert "2 cells evaluated" in out
+    assert all(load_result(c / contract.RESULT_FILE) is not None for c in cells)
 
 
 def test_engine_per_base_needs_merged_stages():

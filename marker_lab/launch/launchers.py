@@ -113,7 +113,8 @@ def run_aggregation(sweep_dir: Path) -> None:
 def run_shared_eval(sweep_dir: Path, gpus: tuple[int, ...] = ()) -> bool:
     """The sweep's shared eval (engine_per=base: one engine per shared base, marker-lab eval) as its own process,
     on `gpus`; its log is <sweep_dir>/shared_eval.log. Returns whether every waiting cell got its result."""
-    cmd = [sys.executable, "-m", "marker_lab.cli", "eval", str(sweep_dir)]
+    # --wait: an eval someone started by hand finishes first; this one then evaluates what it left
+    cmd = [sys.executable, "-m", "marker_lab.cli", "eval", "--wait", str(sweep_dir)]
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {})}
     log_file = sweep_dir / "shared_eval.log"
     log.info("shared eval (one engine per shared base%s): %s  (log: %s)",
