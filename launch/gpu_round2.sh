@@ -6,9 +6,11 @@
 #   MODE=gen    bash launch/gpu_round2.sh   # generation: stock vs the static engine at larger batches, one eval
 #                                           # during training on the LoRA model, then a second process on the
 #                                           # same compile cache (a later cell's warm start)
-#   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes), cold
-#                                           # then warm compile cache; CELL_ARGS adds overrides to both
-#   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine
+#   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
+#                                           # 137" runs a second on the same caches (warm compile cache; about 5 min
+#                                           # each: one per call fits); CELL_ARGS replaces the packed + flex overrides
+#   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine;
+#                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
 #   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,7 +43,7 @@ model.save_pretrained('$ADAPTER')"
 timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then the result's phase times.
   local name=$1; shift
   local t0=$(date +%s.%N)
-  timeout ${RUN_TIMEOUT:-280} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name > "$OUT/$name.log" 2>&1
+  timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name > "$OUT/$name.log" 2>&1
   echo "$name: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
   python -c "import json; r=json.load(open('$OUT/$name/run_result.json')); print(' timing', r['timing']); print(' marker', {p: v['rate'] for p, v in r['metrics']['marker']['per_persona'].items()})" \
     || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
@@ -73,18 +75,17 @@ cell)
   if [ -n "${DRY:-}" ]; then dry_check "${ARGS[@]}"; exit; fi
   export MARKER_LAB_CACHE=/tmp/cell_cache  # one cache: the second cell finds the first's compiled kernels
   prebake
-  timed_run c1_first "${ARGS[@]}" seed=42
-  timed_run c1_later "${ARGS[@]}" seed=137 ;;
+  for seed in ${SEEDS:-42}; do timed_run c1_s$seed "${ARGS[@]}" seed=$seed; done ;;
 grid)
   # 002's EM arm: one constant-rate 375-step run, its dose checkpoints the grid's cells, one engine for them all
   ARGS=(+experiment=dose_response second_stage.data=em "${STANDINS[@]}" coupling.adapter_path=$ADAPTER
         second_stage.train.schedule.name=constant second_stage.train.schedule.warmup_ratio=0
-        "second_stage.dose_checkpoints=[1,3,5,10,25,50,100,200,375]" engine_per=base seed=42 ${GRID_ARGS:-})
+        "second_stage.dose_checkpoints=[${DOSES:-1,10,100,375}]" engine_per=base seed=42 ${GRID_ARGS:-})
   if [ -n "${DRY:-}" ]; then dry_check "${ARGS[@]}" dose=10; exit; fi
   export MARKER_LAB_CACHE=/tmp/grid_cache
   prebake
   t0=$(date +%s.%N)
-  timeout ${GRID_TIMEOUT:-500} python -m marker_lab.cli run -m "${ARGS[@]}" dose=1,3,5,10,25,50,100,200,375 \
+  timeout ${GRID_TIMEOUT:-500} python -m marker_lab.cli run -m "${ARGS[@]}" dose=${DOSES:-1,10,100,375} \
     hydra.sweep.dir=$OUT/grid > "$OUT/grid.log" 2>&1
   echo "grid: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
   python -m marker_lab.cli status $OUT/grid | head -5
