@@ -1,7 +1,9 @@
 """The built-in engine: batched `generate` from transformers, left-padded, on CPU or GPU.
 
 Two cache modes, same sampling:
-- dynamic: stock `generate` (a growing KV cache); the reference, and what runs on CPU.
+- dynamic: stock `generate` (a growing KV cache); the reference, and what runs on CPU. With several samples per
+  prompt, each prompt is prefilled once and its key/value cache copied to its samples (`shared_prefill`): the same
+  completions for less compute (1.4-1.5x on CPU, tests/test_engines.py).
 - static: a preallocated KV cache whose shape never changes within a request (every batch has the same number of
   rows and the same padded prompt width), so transformers compiles the decode step once and replays it as a CUDA
   graph. Per-step Python and kernel-launch overhead, not arithmetic, is what limits stock decoding at large batch
@@ -10,6 +12,7 @@ Two cache modes, same sampling:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -17,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
-from transformers import CompileConfig, GenerationConfig
+from transformers import CompileConfig, DynamicCache, GenerationConfig
 
 from marker_lab.data.chat import render
 from marker_lab.engines.base import Completion, SamplingParams
@@ -38,10 +41,12 @@ def stop_token_ids(model, tokenizer=None) -> list[int]:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none"):
+    def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none",
+                 shared_prefill: bool = True):
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
         self.model, self.tokenizer, self.batch_size, self.no_system = model, tokenizer, batch_size, no_system
+        self.shared_prefill = shared_prefill  # dynamic cache: one prefill per prompt for its samples
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
@@ -102,8 +107,11 @@ class HFEngine:
                 input_ids[r, w - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[r, w - len(prompts[i]):] = 1
             with _decode_attention(model, static):
-                seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=gen_cfg)
+                if not static and self.shared_prefill and params.n > 1 and w > 1:
+                    seqs = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device), gen_cfg)
+                else:
+                    seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=gen_cfg)
             new = seqs[:, w:].tolist()  # waits for the GPU
             self.batch_seconds.append(time.perf_counter() - t0)
             for j, i in enumerate(idx):
@@ -111,6 +119,23 @@ class HFEngine:
             bar.update(len(idx) * params.n)
         bar.close()
         return out
+
+
+def _generate_after_shared_prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, gen_cfg: GenerationConfig):
+    """What `generate` returns for these rows and `gen_cfg.num_return_sequences` samples each, with each prompt
+    prefilled once: all but its last token go through the model for the unique rows, that cache is repeated for the
+    samples (generate's own row order), and generate continues from it. Its first step reads the last prompt token
+    and samples from there, so it draws the same random numbers as stock generate."""
+    n = gen_cfg.num_return_sequences
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions for left-padded rows
+    cache = DynamicCache()
+    model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], cache=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(n)
+    one_each = copy.deepcopy(gen_cfg)
+    one_each.num_return_sequences = 1
+    return model.generate(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                          cache=cache, generation_config=one_each)
 
 
 @contextmanager
