@@ -108,7 +108,7 @@ def time_generation(model, prompts: list[list[int]], params: SamplingParams, bat
                     stop_ids: list[int], device: torch.device) -> dict:
     """Wall time and new tokens/s of `HFEngine.generate_ids` (first-batch compile included in the wall time)."""
     _reset_peak(device)
-    engine = HFEngine(model, None, batch_size=batch, cache=cache)
+    engine = HFEngine(model, None, batch_size=batch, cache=cache, shared_prefill=False)  # dynamic: stock generate
     _sync(device)
     t0 = time.perf_counter()
     try:
