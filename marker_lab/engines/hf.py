@@ -13,6 +13,7 @@ Two cache modes, same sampling:
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import time
@@ -129,13 +130,21 @@ def _generate_after_shared_prefill(model, input_ids: torch.Tensor, mask: torch.T
     n = gen_cfg.num_return_sequences
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions for left-padded rows
     cache = DynamicCache()
-    model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], cache=cache,
+    kw = _cache_kwarg(model)
+    model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], **{kw: cache},
           use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(n)
     one_each = copy.deepcopy(gen_cfg)
     one_each.num_return_sequences = 1
     return model.generate(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                          cache=cache, generation_config=one_each)
+                          **{kw: cache}, generation_config=one_each)
+
+
+def _cache_kwarg(model) -> str:
+    """The name forward and generate take a KV cache by: transformers renamed `past_key_values` to `cache` (5.2x;
+    the old name warns there), and vLLM's CPU build pins an older release."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @contextmanager
