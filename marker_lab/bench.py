@@ -161,10 +161,13 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str], out: Path | None = None) -> dict:
-    """Every measurement of the report, in one process, on one device (saved to `out` after each phase)."""
+def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str], out: Path | None = None,
+              compile_cache: dict | None = None) -> dict:
+    """Every measurement of the report, in one process, on one device (saved to `out` after each phase);
+    `compile_cache`: where torch.compile's caches are and whether they held entries at the start."""
     cfg = model_config(model_name)
-    report: dict = {"model": model_name, "random_init": True, "workload": w.__dict__, "env": environment(device)}
+    report: dict = {"model": model_name, "random_init": True, "workload": w.__dict__, "env": environment(device),
+                    "compile_cache": compile_cache}
     _reset_peak(device)
     t0 = time.perf_counter()
     model = build_model(cfg, device)
@@ -350,14 +353,16 @@ def main(argv: list[str]) -> None:
     if args.gen_batch:
         w.gen_batch, *more = (int(b) for b in args.gen_batch.split(","))
         w.more_gen_batches = tuple(more)
+    compile_cache = None
     if args.compile_cache:  # named on the command line: it wins over $TORCHINDUCTOR_CACHE_DIR (a cell's does not)
-        w.compile_cache = str(Path(args.compile_cache).expanduser().resolve())
-        w.compile_cache_warm = Path(w.compile_cache).is_dir() and any(Path(w.compile_cache).iterdir())
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = w.compile_cache
+        where = Path(args.compile_cache).expanduser().resolve()
+        compile_cache = {"dir": str(where), "warm": where.is_dir() and any(where.iterdir())}  # warm: a later cell
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(where)
     if args.budgets:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None
-    report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out)
+    report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out,
+                       compile_cache)
     print(format_report(report))
     if out:
         log.info("bench report: %s", out)

@@ -33,8 +33,6 @@ class Workload:
     warmup_steps: int = 2  # untimed optimizer steps before each timed run
     timed_steps: int = 5
     budgets: tuple[int, ...] = (6144, 4096)  # fast path: micro-batch token budgets tried
-    compile_cache: str | None = None  # torch.compile's on-disk cache (--compile-cache); None = Inductor's default
-    compile_cache_warm: bool = False  # ... it held entries when this bench started (a later cell's start)
 
 
 QUICK = dict(steps=375, examples_per_step=8, seq_len=48, mix_median=40, eval_prompts=6, samples=3, max_new_tokens=16,
