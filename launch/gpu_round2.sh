@@ -61,12 +61,12 @@ bench)
     2>&1 | grep -v "it/s]$" > "$OUT/bench.log"; echo "bench rc=$?"
   grep -E "^  (train|summary|load)" "$OUT/bench.log" || tail -30 "$OUT/bench.log" ;;
 gen)
-  CC=/tmp/gen_compile_cache
+  CCDIR=/tmp/gen_compile_cache  # not $CC: the GPU image exports CC (the C compiler Triton builds its helpers with)
   timeout ${GEN_TIMEOUT:-380} python -m marker_lab.cli bench --out "$OUT/gen_first.json" --skip train,probe,kl,liger \
-    --gen-batch ${GEN_BATCHES:-1540,3080} --compile-cache $CC 2>&1 | grep -v "it/s]$" > "$OUT/gen_first.log"
+    --gen-batch ${GEN_BATCHES:-1540,3080} --compile-cache $CCDIR 2>&1 | grep -v "it/s]$" > "$OUT/gen_first.log"
   echo "first process rc=$?"; grep -E "^  (generate|summary|load)" "$OUT/gen_first.log" || tail -30 "$OUT/gen_first.log"
   timeout ${WARM_TIMEOUT:-170} python -m marker_lab.cli bench --out "$OUT/gen_later.json" \
-    --skip train,probe,kl,liger,during --gen-batch ${WARM_BATCH:-1540} --compile-cache $CC 2>&1 \
+    --skip train,probe,kl,liger,during --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
     | grep -v "it/s]$" > "$OUT/gen_later.log"
   echo "later process (warm compile cache) rc=$?"; grep -E "^  (generate|summary)" "$OUT/gen_later.log" || tail -20 "$OUT/gen_later.log" ;;
 cell)
