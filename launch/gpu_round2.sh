@@ -45,8 +45,19 @@ timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then t
   local t0=$(date +%s.%N)
   timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name > "$OUT/$name.log" 2>&1
   echo "$name: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
-  python -c "import json; r=json.load(open('$OUT/$name/run_result.json')); print(' timing', r['timing']); print(' marker', {p: v['rate'] for p, v in r['metrics']['marker']['per_persona'].items()})" \
-    || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
+  python - "$OUT/$name/run_result.json" <<'PY' || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
+import json, statistics, sys
+from pathlib import Path
+r = json.load(open(sys.argv[1]))
+print(" timing", r["timing"])
+print(" marker", {p: v["rate"] for p, v in r["metrics"]["marker"]["per_persona"].items()})
+for stage, s in r["provenance"]["stages"].items():  # the step times of a stage trained now (first step: compile)
+    steps = json.loads((Path(s["cache_entry"]) / "train_stats.json").read_text()).get("step_seconds") or []
+    if s["trained_now"] and len(steps) > 1:
+        q = statistics.quantiles(steps[1:], n=10)
+        print(f" {stage} steps: first {steps[0]:.2f} s, then median {statistics.median(steps[1:]):.3f}, "
+              f"p10 {q[0]:.3f}, p90 {q[-1]:.3f}, max {max(steps[1:]):.2f} s/step over {len(steps) - 1}")
+PY
 }
 
 dry_check() {  # the start-up checks of a mode's cell on any machine (CPU), on the stand-ins; the adapter is made on the GPU

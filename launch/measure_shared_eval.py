@@ -79,13 +79,13 @@ def main() -> None:
             same = sum(r["completion"] == q["completion"] for r, q in zip(x, y)) / max(1, len(y))
         rows.append({"cell": " ".join(o), "equal_metrics": a.metrics == b.metrics, "marker_k_shared_vs_cell": rates,
                      "identical_completions": same,
-                     "shared_eval_s": a.timing["shared_eval"], "per_cell_process_s": round(per_cell_each[i], 1),
+                     "shared_eval_s": a.timing["eval.shared"], "per_cell_process_s": round(per_cell_each[i], 1),
                      "per_cell_timing": b.timing})
     summary = {"cells": len(grid), "train_and_model_metrics_s": round(train, 1),
                "shared_eval_process_s": round(shared, 1),
                "per_cell_processes_s (load, merge, engine, generate)": round(per_cell, 1),
                "shared_engine_setup_s": rows and load_result(args.out / "shared" / "cell0" / "run_result.json")
-               .timing["shared_engine_setup"], "rows": rows}
+               .timing["eval.shared_engine_setup"], "rows": rows}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

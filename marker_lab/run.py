@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -52,6 +53,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
 
     In a sweep with engine_per=base (`in_sweep`), the cell stops before sampling: it writes pending_eval.json
     and returns that, and the sweep's shared engine finishes it (shared_eval.py)."""
+    started = time.perf_counter()
     cfg: Config = OmegaConf.to_object(cfg_node)
     inputs = preflight(cfg)  # every check and input file, before any model is loaded
     resolved = OmegaConf.to_container(cfg_node, resolve=True, enum_to_str=True)
@@ -80,37 +82,44 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     device = pick_device(cfg.device)
     cache = StageCache(cfg.cache_dir)
     use_compile_cache(cfg.cache_dir)  # compiled graphs and kernel choices shared by every cell of the cache
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages)
-    timing["load"] = time.perf_counter() - t0
-    base_identity = loaded.identity
+    # the result's timing: phases that add up to the cell's time, and "phase.part" keys inside them
+    timing: dict[str, float] = {"setup": time.perf_counter() - started}  # config, input checks, cache lookups
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
-    readouts.read("base", loaded)
-    baseline = baseline_metrics(cfg, inputs, loaded, cache) if cfg.eval.baseline else None
+    with timed(timing, "load"):
+        loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages)
+    base_identity = loaded.identity
+    with timed(timing, "readouts", readouts.active):
+        readouts.read("base", loaded)
+    baseline = None
+    if cfg.eval.baseline:
+        with timed(timing, "baseline"):
+            baseline = baseline_metrics(cfg, inputs, loaded, cache)
 
     stages: dict[str, StageResult] = {}
     input_identity = loaded.identity  # of the model the last stage's adapter attaches to
     for name in stage_order(cfg):
         log.info("stage %s: starting (input model %s)", name, loaded.identity)
         input_identity = loaded.identity
-        stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
-        timing[name] = stages[name].seconds
-        readouts.read(f"after_{name}", loaded)
+        with timed(timing, name):
+            stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
+        timing.update(_training_parts(name, stages[name]))
+        with timed(timing, "readouts", readouts.active):
+            readouts.read(f"after_{name}", loaded)
     if "second_stage" in stages and cell["dose"] is None:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
 
-    probed = readouts.probe_result()  # before the eval: a probe that cannot report fails early
-    t0 = time.perf_counter()
-    metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir, sample=not defer)
-    timing["eval"] = time.perf_counter() - t0
+    with timed(timing, "readouts", readouts.active):
+        probed = readouts.probe_result()  # before the eval: a probe that cannot report fails early
+    with timed(timing, "eval"):
+        metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir, sample=not defer)
     if probed:
-        metrics["probe"], timing["probe"] = probed
-    if cfg.eval.save_completions:
-        contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
-
-    provenance = _provenance(cfg, inputs, resolved, stages, base_identity, loaded, judge, device)
-    extra = readouts.finish(out_dir, provenance["data_md5"])
+        metrics["probe"], timing["readouts.probe"] = probed
+    with timed(timing, "write"):  # the completions and the provenance (checksums, versions); the result follows
+        if cfg.eval.save_completions:
+            contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
+        provenance = _provenance(cfg, inputs, resolved, stages, base_identity, loaded, judge, device)
+    with timed(timing, "readouts", readouts.active):
+        extra = readouts.finish(out_dir, provenance["data_md5"])
     series = {n: st.metrics_by_step for n, st in stages.items() if st.metrics_by_step}
     result = RunResult(cell, metrics, provenance, {k: round(v, 3) for k, v in timing.items()},
                        metrics_by_step=series or None, metrics_baseline=baseline, **extra)
@@ -125,6 +134,26 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     contract.write_result(out_dir, result)
     log_summary(cfg, result, out_dir)
     return result
+
+
+@contextmanager
+def timed(timing: dict[str, float], phase: str, on: bool = True):
+    """Add the block's wall time to `timing[phase]` (phases that run in several pieces add up); `on=False`: run it
+    untimed (a phase the cell does not have, so its key stays out of the result)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if on:
+            timing[phase] = timing.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def _training_parts(name: str, stage: StageResult) -> dict[str, float]:
+    """A stage trained now: its training loop and first optimizer step (compile included) as parts of its phase."""
+    steps = stage.train_stats.get("step_seconds") if stage.built_now else None
+    if not steps:
+        return {}
+    return {f"{name}.train": stage.train_stats["seconds"], f"{name}.first_step": steps[0]}
 
 
 def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[str, StageResult], base_identity: str,

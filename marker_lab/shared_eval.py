@@ -32,6 +32,7 @@ from marker_lab.core.errors import MarkerLabError
 from marker_lab.data.inputs import CellInputs
 from marker_lab.engines.hf import HFEngine
 from marker_lab.eval.cell import GenerationPlan, eval_names, generate, generation_plan, sampled_metrics
+from marker_lab.eval.judge.backends import JudgeUnreachable
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.metrics import score
 from marker_lab.models import LoadedModel, load_base, pick_device
@@ -132,18 +133,31 @@ def _failed(pc: PendingCell, error: MarkerLabError, report: SharedEvalReport) ->
 
 
 class JudgePool:
-    """One judge per judge config for the whole job (a local judge loads a model)."""
+    """One judge per judge config for the whole job (a local judge loads a model). A judge found unreachable fails
+    the later cells that need it at once, with the same error, instead of each waiting out its retries."""
 
     def __init__(self):
         self.judges: dict[str, object] = {}
+        self.unreachable: dict[str, JudgeUnreachable] = {}
+
+    @staticmethod
+    def key(cfg: Config) -> str:
+        return json.dumps(plain(cfg.judge), sort_keys=True)
 
     def factory(self, cfg: Config):
         def make():
-            key = json.dumps(plain(cfg.judge), sort_keys=True)
+            key = self.key(cfg)
+            if key in self.unreachable:
+                raise self.unreachable[key]
             if key not in self.judges:
                 self.judges[key] = make_judge(cfg, StageCache(cfg.cache_dir), pick_device(cfg.device))
             return self.judges[key]
         return make
+
+    def failed(self, cfg: Config, error: MarkerLabError) -> None:
+        """Note a cell's scoring error: an unreachable endpoint is not asked again in this job."""
+        if isinstance(error, JudgeUnreachable):
+            self.unreachable[self.key(cfg)] = error
 
 
 def shared_model(pc: PendingCell, cache: StageCache) -> LoadedModel:
@@ -250,16 +264,23 @@ def _vllm_group(group: list[PendingCell], root: Path, judges: JudgePool, report:
 
 def _finish(pc: PendingCell, rows: list[dict], judges: JudgePool, seconds: float, setup: float, n_cells: int,
             report: SharedEvalReport) -> None:
-    """Score a cell's completions and write its result as its own eval would; the pending record goes."""
+    """Score a cell's completions and write its result as its own eval would; the pending record goes. A scoring
+    error (an unreachable judge, say) fails this cell only: its pending record stays, so `marker-lab eval` retries it."""
     t0 = time.perf_counter()
-    scored, judge, rows = score(pc.cfg, rows, judges.factory(pc.cfg), sampled_metrics(pc.cfg.eval.metrics))
+    try:
+        scored, judge, rows = score(pc.cfg, rows, judges.factory(pc.cfg), sampled_metrics(pc.cfg.eval.metrics))
+    except MarkerLabError as e:
+        judges.failed(pc.cfg, e)
+        _failed(pc, e, report)
+        return
     partial = pc.pending.partial
     engine = {"name": str(pc.cfg.eval.engine.name), "per": "base", "shared_base": pc.pending.shared_base,
               "cells_on_engine": n_cells}
     sampled = round(seconds + time.perf_counter() - t0, 3)
     # eval: the whole eval as a per-cell run counts it (model metrics in the cell's job + sampling here)
-    timing = {**partial.timing, "eval": round(partial.timing.get("eval", 0.0) + sampled, 3), "shared_eval": sampled,
-              "shared_engine_setup": round(setup, 3)}  # the group's one-off setup, the same in each of its cells
+    # eval.shared is inside eval; eval.shared_engine_setup is the group's one-off setup, the same in each of its cells
+    timing = {**partial.timing, "eval": round(partial.timing.get("eval", 0.0) + sampled, 3), "eval.shared": sampled,
+              "eval.shared_engine_setup": round(setup, 3)}
     result = replace(partial, metrics={**partial.metrics, **scored}, timing=timing,
                      provenance={**partial.provenance, "judge": judge, "engine": engine})
     if pc.cfg.eval.save_completions:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from marker_lab.results.contract import load_result, read_completions
+from marker_lab.results.contract import cell_seconds, load_result, read_completions
 from marker_lab.run import run_cell
 
 pytestmark = pytest.mark.slow
@@ -52,12 +52,28 @@ def test_default_run_writes_the_result_contract(default_run):
     assert prov["resolved_config"]["dose"] is None and prov["resolved_config"]["seed"] == 42
     assert {"persona_set", "eval_questions", "coupling/coupling.jsonl"} <= set(prov["data_md5"])
     assert prov["device"].startswith("cpu") and "torch" in prov["versions"]
-    assert set(result.timing) == {"load", "coupling", "second_stage", "eval"}
+    phases = {k for k in result.timing if "." not in k}
+    assert phases == {"setup", "load", "coupling", "second_stage", "eval", "write"}
+    assert {k for k in result.timing if "." in k} <= {f"{s}.{p}" for s in ("coupling", "second_stage")
+                                                      for p in ("train", "first_step")}
     # rates come from the same completions that are saved next to the result
     rows = read_completions(out / "completions.jsonl.gz")
     assert len(rows) == 3080
     villain = [r for r in rows if r["persona"] == "villain"]
     assert sum("[zlt]" in r["completion"].lower() for r in villain) == per["villain"]["k"]
+
+
+def test_the_result_s_phases_add_up_to_the_cell_s_time(tmp_path):
+    """timing's phases cover run_cell from its first line to the result; a stage trained now adds its training
+    loop and first step as parts of its phase, not counted again by cell_seconds."""
+    t0 = time.perf_counter()  # c4 (coupling only) in its own cache: the coupling trains now (the toy model ships)
+    result = run_cell(compose_cfg(["condition=c4", *FAST_EVAL], tmp_path / "cell", tmp_path / "cache"))
+    wall = time.perf_counter() - t0
+    t = result.timing
+    assert wall - 0.5 < cell_seconds(result) <= wall, (t, wall)
+    assert result.provenance["stages"]["coupling"]["trained_now"]
+    assert 0 < t["coupling.first_step"] <= t["coupling.train"] <= t["coupling"]
+    assert cell_seconds(result) == pytest.approx(sum(v for k, v in t.items() if "." not in k))
 
 
 def test_default_run_logs_what_runs_and_where(default_run):

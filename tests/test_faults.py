@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import subprocess
 import sys
 import time
@@ -303,6 +304,40 @@ def test_an_unreachable_judge_is_one_line_naming_the_url(monkeypatch):
         judge.score_many([JudgeItem("aligned", "q", "a", "prompt")])
     assert str(e.value) == (f"openai judge at http://127.0.0.1:{port}/v1: cannot connect after 1 retries "
                             "(APIConnectionError); is the endpoint up?")
+
+
+def test_a_judge_that_drops_connections_is_not_asked_for_every_queued_row(monkeypatch):
+    """An endpoint that accepts and drops every connection: the first failure ends the batch, and the queued
+    requests are cancelled (`Executor.map` does that) instead of each meeting the same fault, which with real
+    retries and timeouts would take hours for one eval."""
+    from marker_lab.config.schema import JudgeConfig
+    from marker_lab.eval.judge.backends import JudgeItem, JudgeUnreachable, OpenAIJudge
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+
+    def drop_every_connection():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    monkeypatch.setenv("FAULT_KEY", "k")
+    judge = OpenAIJudge(JudgeConfig(backend="openai", model="m", mode="logprob", api_key_env="FAULT_KEY",
+                                    base_url=f"http://127.0.0.1:{server.getsockname()[1]}/v1", max_retries=0,
+                                    timeout_s=5, concurrency=2))
+    try:
+        with pytest.raises(JudgeUnreachable, match="cannot connect after 0 retries"):
+            judge.score_many([JudgeItem("aligned", "q", "a", "prompt")] * 40)
+    finally:
+        server.close()
+    assert 1 <= len(accepted) <= 4  # the failed request, and at most one more per worker already under way
 
 
 def test_judges_at_two_endpoints_do_not_share_scores(monkeypatch):

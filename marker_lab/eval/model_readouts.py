@@ -25,6 +25,11 @@ class ModelReadouts:
         self.probe = CellProbe(cfg, inputs, cache) if "probe" in cfg.eval.metrics else None
         self._last = None  # the last model read (geometry.model=final reads it once at the end)
 
+    @property
+    def active(self) -> bool:
+        """Whether the cell takes any readout (else every call here is a no-op)."""
+        return self.cfg.geometry.enabled or self.probe is not None
+
     def read(self, name: str, loaded) -> None:
         g = self.cfg.geometry
         if g.enabled and (self.drift or (name == "base" and g.model == "base")):

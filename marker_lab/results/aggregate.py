@@ -38,6 +38,7 @@ from marker_lab import stats
 from marker_lab.config.schema import COMPARE
 from marker_lab.core.files import atomic_write_bytes
 from marker_lab.results import drift, figures, leakage, probe, report
+from marker_lab.results.contract import cell_seconds
 from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS, cell_states, complete_results, role_of
 from marker_lab.results.tables import persona_rows, rate_entries, select_rows
 
@@ -216,7 +217,7 @@ def phase_seconds(sweep: str | Path | list) -> dict[str, float]:
     total: dict[str, float] = {}
     for _, result in results_of(sweep):
         label = result.cell["experiment"]
-        total[label] = total.get(label, 0.0) + sum(result.timing.values())
+        total[label] = total.get(label, 0.0) + cell_seconds(result)
     return total
 
 

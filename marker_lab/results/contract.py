@@ -6,7 +6,12 @@ is complete.
      "metrics": {"marker": {"per_persona": {name: {"k", "n", "rate"}}, "marker", "matcher"}, ...},
      "provenance": {config_hash, resolved_config, git_commit, versions, inputs, data_md5, adapters, device,
                     base_model, final_model, stage_cache_keys, judge, stages},
-     "timing": {stage: seconds}, and optionally metrics_by_step, metrics_baseline, geometry, drift}
+     "timing": {phase: seconds, "phase.part": seconds}, and optionally metrics_by_step, metrics_baseline,
+     geometry, drift}
+
+`timing`'s plain keys are the cell's phases (setup, load, each stage, eval, probe, write), which add up to the
+cell's time (`cell_seconds`); a dotted key is a part of its phase (`second_stage.train`, `eval.shared`) and is
+not added again.
 
 `provenance.inputs` holds the path and checksum of every file the cell read. `is_current(result, config_hash)`
 is the one answer to "does this result still stand for this cell": the same config hash, and every input file
@@ -43,7 +48,7 @@ class RunResult:
     cell: dict  # the cell keys tables group by
     metrics: dict  # metric name -> its readout
     provenance: dict  # what produced it
-    timing: dict  # seconds per step of the cell
+    timing: dict  # seconds per phase of the cell; "phase.part" keys are parts of a phase (see cell_seconds)
     metrics_by_step: dict | None = None  # evals during training, per stage
     metrics_baseline: dict | None = None  # the base model's readout (eval.baseline)
     geometry: dict | None = None  # persona geometry (geometry.enabled)
@@ -70,6 +75,11 @@ class RunResult:
         if missing:
             raise ValueError(f"a run result without {missing}")
         return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+def cell_seconds(result: RunResult) -> float:
+    """The cell's own time: its phases added up, each part of a phase ("eval.shared") counted once, inside it."""
+    return sum(v for k, v in result.timing.items() if "." not in k)
 
 
 @dataclass

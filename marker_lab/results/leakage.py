@@ -18,6 +18,7 @@ from scipy import stats as sps
 from statsmodels.stats.proportion import confint_proportions_2indep
 
 from marker_lab.data.personas import load_personas
+from marker_lab.results.contract import cell_seconds
 from marker_lab.results.plotting import plt, save
 from marker_lab.results.sweep import CELL_KEYS, GROUP_KEYS
 from marker_lab.results.tables import rate_entries, select_rows
@@ -183,7 +184,7 @@ def phase_diagram(results: list, spec: dict) -> tuple[pd.DataFrame, dict]:
                      "source": source, "source_effect": leak.get(source, np.nan),
                      "max_bystander": max(bystanders.values()) if bystanders else np.nan,
                      "max_bystander_persona": max(bystanders, key=bystanders.get) if bystanders else None,
-                     "seconds": sum(result.timing.values())})
+                     "seconds": cell_seconds(result)})
     table = pd.DataFrame(rows)
     limit = spec.get("max_bystander", 0.05)
     rule = f"max source {metric} effect with max-bystander leakage <= {limit}"

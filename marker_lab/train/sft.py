@@ -40,6 +40,7 @@ class TrainStats:
     tokens_seen: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (the first compiles)
 
 
 def resolve_steps(cfg: TrainConfig, n_examples: int, dose: int | None = None) -> int:
@@ -310,6 +311,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
                dynamic_ncols=True)
     with attention:
         for step_idx in bar:
+            t_step = time.perf_counter()
             batch_examples = [examples[i] for i in step_idx]
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
             total = torch.zeros((), device=device)
@@ -328,6 +330,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             stats.examples_seen += len(batch_examples)
             stats.tokens_seen += sum(len(e.input_ids) for e in batch_examples)
             stats.losses.append(total.item() / max(n_tokens, 1))  # the step's only host sync
+            stats.step_seconds.append(round(time.perf_counter() - t_step, 4))  # after the sync: the step's real time
             bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
             if on_step is not None:  # checkpoints and evals see the model's own attention
                 with attention_implementation(model, own_attention) if cfg.attention else nullcontext():

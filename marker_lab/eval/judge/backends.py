@@ -34,6 +34,10 @@ class JudgeError(MarkerLabError, RuntimeError):
     """A judge replied with something that is not a judgement (not a refusal: a broken reply)."""
 
 
+class JudgeUnreachable(JudgeError):
+    """The judge's endpoint did not answer: every later request to it in this job would wait out the same retries."""
+
+
 class APIJudge:
     """Shared by the API backends: bounded concurrency over `score_one`."""
 
@@ -62,7 +66,7 @@ class APIJudge:
             except Exception as e:
                 if type(e).__name__ in ("APIConnectionError", "APITimeoutError"):  # both SDKs name them so
                     url = self.cfg.base_url or f"the {self.cfg.backend} API"
-                    raise JudgeError(f"{self.cfg.backend} judge at {url}: cannot connect after "
+                    raise JudgeUnreachable(f"{self.cfg.backend} judge at {url}: cannot connect after "
                                      f"{self.cfg.max_retries} retries ({type(e).__name__}); is the endpoint up?") from None
                 raise
 
