@@ -62,6 +62,9 @@ def test_a_sweep_on_one_engine_gives_the_per_cell_numbers(cache_dir, tmp_path):
     assert sorted(results) == [3, 6]
     for dose, shared in results.items():
         assert shared.provenance["engine"]["cells_on_engine"] == 2
+        # the shared sampling is inside the cell's eval: the cell's time counts it once
+        assert 0 < shared.timing["eval.shared"] <= shared.timing["eval"]
+        assert contract.cell_seconds(shared) == pytest.approx(sum(v for k, v in shared.timing.items() if "." not in k))
         per_cell = run_cell(compose_cfg(["condition=c1", f"dose={dose}", *FAST_EVAL], tmp_path / f"cell{dose}",
                                         cache_dir))
         _same_result(shared, per_cell)
