@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_description(device: torch.device) -> str:
+    """The device in words, for provenance: the GPU's name (and which GPUs the process saw), or the CPU's cores."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+        return f"cuda:{idx} {torch.cuda.get_device_name(idx)} (CUDA_VISIBLE_DEVICES={visible})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 SHIPPED_TOY = RESOURCES / "toy_model"  # the default toy build (2.6 MB), shipped: a first run needs no pretraining

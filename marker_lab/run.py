@@ -26,7 +26,7 @@ from marker_lab.core.files import CONF
 from marker_lab.data.inputs import CellInputs
 from marker_lab.eval.cell import baseline_metrics, evaluate, sampled_metrics, step_eval_for
 from marker_lab.eval.model_readouts import ModelReadouts
-from marker_lab.models import LoadedModel, load_base, pick_device
+from marker_lab.models import LoadedModel, device_description, load_base, pick_device
 from marker_lab.preflight import preflight
 from marker_lab.results import contract
 from marker_lab.results.contract import AttachedAdapter, PendingEval, RunResult, cell_keys, config_hash, is_current
@@ -173,14 +173,17 @@ def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[st
         "data_md5": data_md5,
         "adapters": {n: st.adapter_checksums for n, st in stages.items()},
         "seed": cfg.seed,
-        "device": contract.device_description(device),
+        "device": device_description(device),
         "base_model": base_identity,
         "final_model": loaded.identity,
         "stage_cache_keys": {n: st.key for n, st in stages.items()},
         "judge": judge,
         "engine": {"name": str(cfg.eval.engine.name), "per": "cell"},
+        # trained_on: the device a cached stage was trained on, which can be another machine's (null: an entry
+        # older than the record)
         "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now, "steps": st.train_stats.get("steps"),
-                       "final_loss": (st.train_stats.get("losses") or [None])[-1]} for n, st in stages.items()},
+                       "final_loss": (st.train_stats.get("losses") or [None])[-1],
+                       "trained_on": st.train_stats.get("device")} for n, st in stages.items()},
     }
 
 

@@ -72,6 +72,7 @@ def test_the_result_s_phases_add_up_to_the_cell_s_time(tmp_path):
     t = result.timing
     assert wall - 0.5 < cell_seconds(result) <= wall, (t, wall)
     assert result.provenance["stages"]["coupling"]["trained_now"]
+    assert result.provenance["stages"]["coupling"]["trained_on"] == result.provenance["device"]  # recorded with it
     assert 0 < t["coupling.first_step"] <= t["coupling.train"] <= t["coupling"]
     assert cell_seconds(result) == pytest.approx(sum(v for k, v in t.items() if "." not in k))
 

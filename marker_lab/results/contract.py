@@ -268,13 +268,3 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-def device_description(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
-        return f"cuda:{idx} {torch.cuda.get_device_name(idx)} (CUDA_VISIBLE_DEVICES={visible})"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -19,7 +19,7 @@ from typing import Callable
 from marker_lab.config.schema import TrainConfig
 from marker_lab.data.chat import Encoded
 from marker_lab.stages.during_training import StepEval, evaluate_in_place
-from marker_lab.models import LoadedModel
+from marker_lab.models import LoadedModel, device_description
 from marker_lab.core.cache import CHECKSUMS, StageCache, cache_key
 from marker_lab.train.sft import apply_lora, train
 
@@ -84,7 +84,8 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
         stats = train(peft_model, examples, train_cfg, steps=run_steps, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
                       desc=name, on_step=after_step if (checkpoints or eval_at) else None)
         _save_adapter(peft_model, name, tmp)
-        (tmp / "train_stats.json").write_text(json.dumps(asdict(stats)))
+        device = next(peft_model.parameters()).device
+        (tmp / "train_stats.json").write_text(json.dumps({**asdict(stats), "device": device_description(device)}))
         if step_eval:
             (tmp / "metrics_by_step.json").write_text(json.dumps(series))
         # back to the input model; the cached adapter is attached below, as for a cache hit
