@@ -9,9 +9,9 @@ is complete.
      "timing": {phase: seconds, "phase.part": seconds}, and optionally metrics_by_step, metrics_baseline,
      geometry, drift}
 
-`timing`'s plain keys are the cell's phases (setup, load, each stage, eval, probe, write), which add up to the
-cell's time (`cell_seconds`); a dotted key is a part of its phase (`second_stage.train`, `eval.shared`) and is
-not added again.
+`timing`'s plain keys are the cell's phases (setup, load, baseline, each stage, readouts, eval, write), which add
+up to the cell's time (`cell_seconds`); a dotted key is a part of its phase (`second_stage.train`, `eval.shared`,
+`readouts.probe`) and is not added again.
 
 `provenance.inputs` holds the path and checksum of every file the cell read. `is_current(result, config_hash)`
 is the one answer to "does this result still stand for this cell": the same config hash, and every input file
