@@ -9,6 +9,8 @@
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
 #                                           # 137" runs a second on the same caches (warm compile cache; about 5 min
 #                                           # each: one per call fits); CELL_ARGS replaces the packed + flex overrides
+#                                           # (CELL_ARGS=" ": the defaults); CACHE_TAG: a stage and compile cache of
+#                                           # its own, so two settings compared on one machine both start cold
 #   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine;
 #                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
 #   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
@@ -84,7 +86,8 @@ cell)
   ARGS=(+experiment=marker_transfer condition=c1 "${STANDINS[@]}" coupling.adapter_path=$ADAPTER
         ${CELL_ARGS:-second_stage.train.pack=true second_stage.train.attention=flex_attention})
   if [ -n "${DRY:-}" ]; then dry_check "${ARGS[@]}"; exit; fi
-  export MARKER_LAB_CACHE=/tmp/cell_cache  # one cache: the second cell finds the first's compiled kernels
+  # one cache per CACHE_TAG: a second seed finds the first's compiled kernels; another tag starts cold
+  export MARKER_LAB_CACHE=/tmp/cell_cache${CACHE_TAG:+_$CACHE_TAG}
   prebake
   for seed in ${SEEDS:-42}; do timed_run c1_s$seed "${ARGS[@]}" seed=$seed; done ;;
 grid)
