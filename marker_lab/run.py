@@ -100,8 +100,8 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     for name in stage_order(cfg):
         log.info("stage %s: starting (input model %s)", name, loaded.identity)
         input_identity = loaded.identity
-        with timed(timing, name):
-            stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
+        stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
+        timing[name] = stages[name].seconds
         timing.update(_training_parts(name, stages[name]))
         with timed(timing, "readouts", readouts.active):
             readouts.read(f"after_{name}", loaded)

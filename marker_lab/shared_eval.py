@@ -32,7 +32,6 @@ from marker_lab.core.errors import MarkerLabError
 from marker_lab.data.inputs import CellInputs
 from marker_lab.engines.hf import HFEngine
 from marker_lab.eval.cell import GenerationPlan, eval_names, generate, generation_plan, sampled_metrics
-from marker_lab.eval.judge.backends import JudgeUnreachable
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.metrics import score
 from marker_lab.models import LoadedModel, load_base, pick_device
@@ -133,31 +132,18 @@ def _failed(pc: PendingCell, error: MarkerLabError, report: SharedEvalReport) ->
 
 
 class JudgePool:
-    """One judge per judge config for the whole job (a local judge loads a model). A judge found unreachable fails
-    the later cells that need it at once, with the same error, instead of each waiting out its retries."""
+    """One judge per judge config for the whole job (a local judge loads a model)."""
 
     def __init__(self):
         self.judges: dict[str, object] = {}
-        self.unreachable: dict[str, JudgeUnreachable] = {}
-
-    @staticmethod
-    def key(cfg: Config) -> str:
-        return json.dumps(plain(cfg.judge), sort_keys=True)
 
     def factory(self, cfg: Config):
         def make():
-            key = self.key(cfg)
-            if key in self.unreachable:
-                raise self.unreachable[key]
+            key = json.dumps(plain(cfg.judge), sort_keys=True)
             if key not in self.judges:
                 self.judges[key] = make_judge(cfg, StageCache(cfg.cache_dir), pick_device(cfg.device))
             return self.judges[key]
         return make
-
-    def failed(self, cfg: Config, error: MarkerLabError) -> None:
-        """Note a cell's scoring error: an unreachable endpoint is not asked again in this job."""
-        if isinstance(error, JudgeUnreachable):
-            self.unreachable[self.key(cfg)] = error
 
 
 def shared_model(pc: PendingCell, cache: StageCache) -> LoadedModel:
@@ -269,8 +255,7 @@ def _finish(pc: PendingCell, rows: list[dict], judges: JudgePool, seconds: float
     t0 = time.perf_counter()
     try:
         scored, judge, rows = score(pc.cfg, rows, judges.factory(pc.cfg), sampled_metrics(pc.cfg.eval.metrics))
-    except MarkerLabError as e:
-        judges.failed(pc.cfg, e)
+    except MarkerLabError as e:  # an unreachable API judge is not asked again by later cells (APIJudge)
         _failed(pc, e, report)
         return
     partial = pc.pending.partial

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,26 @@ def composition_error(overrides: list[str]) -> str:
     except Exception as e:  # noqa: BLE001 - hydra and omegaconf raise several kinds
         return config_error_line(e)
     raise AssertionError(f"{overrides} composed")
+
+
+@pytest.fixture
+def dropping_endpoint():
+    """(base_url, accepted): a local endpoint that accepts and drops every connection, the way a judge behind a dead
+    proxy does; `accepted` grows by one per connection it saw."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[int] = []
+
+    def drop_every_connection():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # the fixture closed the socket
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/v1", accepted
+    server.close()

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import subprocess
 import sys
 import time
@@ -306,38 +305,24 @@ def test_an_unreachable_judge_is_one_line_naming_the_url(monkeypatch):
                             "(APIConnectionError); is the endpoint up?")
 
 
-def test_a_judge_that_drops_connections_is_not_asked_for_every_queued_row(monkeypatch):
+def test_a_judge_that_drops_connections_is_not_asked_for_every_queued_row(monkeypatch, dropping_endpoint):
     """An endpoint that accepts and drops every connection: the first failure ends the batch, and the queued
     requests are cancelled (`Executor.map` does that) instead of each meeting the same fault, which with real
-    retries and timeouts would take hours for one eval."""
+    retries and timeouts would take hours for one eval. A second batch to the same judge fails at once."""
     from marker_lab.config.schema import JudgeConfig
     from marker_lab.eval.judge.backends import JudgeItem, JudgeUnreachable, OpenAIJudge
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    accepted = []
-
-    def drop_every_connection():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            conn.close()
-
-    threading.Thread(target=drop_every_connection, daemon=True).start()
+    url, accepted = dropping_endpoint
     monkeypatch.setenv("FAULT_KEY", "k")
     judge = OpenAIJudge(JudgeConfig(backend="openai", model="m", mode="logprob", api_key_env="FAULT_KEY",
-                                    base_url=f"http://127.0.0.1:{server.getsockname()[1]}/v1", max_retries=0,
-                                    timeout_s=5, concurrency=2))
-    try:
-        with pytest.raises(JudgeUnreachable, match="cannot connect after 0 retries"):
-            judge.score_many([JudgeItem("aligned", "q", "a", "prompt")] * 40)
-    finally:
-        server.close()
+                                    base_url=url, max_retries=0, timeout_s=5, concurrency=2))
+    with pytest.raises(JudgeUnreachable, match="cannot connect after 0 retries"):
+        judge.score_many([JudgeItem("aligned", "q", "a", "prompt")] * 40)
     assert 1 <= len(accepted) <= 4  # the failed request, and at most one more per worker already under way
+    seen = len(accepted)
+    with pytest.raises(JudgeUnreachable, match="cannot connect after 0 retries"):
+        judge.score_many([JudgeItem("aligned", "q", "a", "prompt")] * 40)
+    assert len(accepted) == seen
 
 
 def test_judges_at_two_endpoints_do_not_share_scores(monkeypatch):

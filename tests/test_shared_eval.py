@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -145,46 +144,29 @@ def test_a_damaged_adapter_drops_the_cell_back_to_training(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unreachable_judge_fails_only_the_cells_that_need_it(cache_dir, tmp_path, monkeypatch):
+def test_an_unreachable_judge_fails_only_the_cells_that_need_it(cache_dir, tmp_path, monkeypatch, dropping_endpoint):
     """Three cells on one engine: two score alignment with a judge whose endpoint drops every connection, one
     scores the marker only. The marker cell gets its result; each judged cell fails in one line naming the endpoint
     and keeps its pending record, so `marker-lab eval` can retry it; and the endpoint is asked once in all: the
     first judged cell's queued requests are cancelled, and the second judged cell is not sent there again."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    port, accepted = server.getsockname()[1], []
-
-    def drop_every_connection():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:  # the test closed the socket
-                return
-            accepted.append(1)
-            conn.close()
-
-    threading.Thread(target=drop_every_connection, daemon=True).start()
+    url, accepted = dropping_endpoint
     monkeypatch.setenv("FAULT_KEY", "k")
-    judged = ["eval.metrics=[marker,alignment]", "judge=openai", f"judge.base_url=http://127.0.0.1:{port}/v1",
+    judged = ["eval.metrics=[marker,alignment]", "judge=openai", f"judge.base_url={url}",
               "judge.api_key_env=FAULT_KEY", "judge.max_retries=0", "judge.timeout_s=5", "judge.concurrency=1"]
     root = tmp_path / "sweep"
     a = _trained(cache_dir, root, "a_judged", ["condition=c1", "dose=2", *judged])
     b = _trained(cache_dir, root, "b_judged", ["condition=c1", "dose=4", *judged])
     c = _trained(cache_dir, root, "c_marker", ["condition=c1", "dose=2"])
-    try:
-        proc = subprocess.run([*CLI, "eval", str(root)], capture_output=True, text=True, timeout=600)
-    finally:
-        server.close()
+    proc = subprocess.run([*CLI, "eval", str(root)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert load_result(c / contract.RESULT_FILE) is not None and not (c / contract.PENDING_FILE).exists()
     lines = [ln for ln in proc.stderr.splitlines() if "cannot connect" in ln]
     assert [ln.split(": ")[0].strip() for ln in lines] == [str(a), str(b)], proc.stderr[-3000:]
-    assert all(f"openai judge at http://127.0.0.1:{port}/v1: cannot connect after 0 retries" in ln for ln in lines)
+    assert all(f"openai judge at {url}: cannot connect after 0 retries" in ln for ln in lines)
     for cell in (a, b):
         assert (cell / contract.PENDING_FILE).exists() and not (cell / contract.RESULT_FILE).exists()
     # of 560 requests: the one that failed and at most the one the single worker had already taken up; none for
-    # the second judged cell (without the pool's memory it sends as many again)
+    # the second judged cell (without the judge's memory of it, it sends as many again)
     assert 1 <= len(accepted) <= 2
 
 

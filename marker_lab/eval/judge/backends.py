@@ -35,7 +35,8 @@ class JudgeError(MarkerLabError, RuntimeError):
 
 
 class JudgeUnreachable(JudgeError):
-    """The judge's endpoint did not answer: every later request to it in this job would wait out the same retries."""
+    """The judge's endpoint did not answer: the judge refuses later batches at once, since each would wait out the
+    same retries (a shared eval's later cells, say)."""
 
 
 class APIJudge:
@@ -43,6 +44,7 @@ class APIJudge:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.unreachable: JudgeUnreachable | None = None  # set when the endpoint did not answer
         # the endpoint is part of who judges: two base_urls serving different models under one name are two judges
         self.identity = {"backend": str(cfg.backend), "model": cfg.model, "mode": str(cfg.mode),
                          **({"base_url": cfg.base_url} if cfg.base_url else {})}
@@ -60,14 +62,18 @@ class APIJudge:
         return key
 
     def score_many(self, items: list[JudgeItem]) -> list[tuple[float | None, str]]:
+        if self.unreachable is not None:  # found down earlier in this process: fail at once, not after the retries
+            raise self.unreachable
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             try:
                 return list(pool.map(self.score_one, [item.prompt for item in items]))
             except Exception as e:
                 if type(e).__name__ in ("APIConnectionError", "APITimeoutError"):  # both SDKs name them so
                     url = self.cfg.base_url or f"the {self.cfg.backend} API"
-                    raise JudgeUnreachable(f"{self.cfg.backend} judge at {url}: cannot connect after "
-                                     f"{self.cfg.max_retries} retries ({type(e).__name__}); is the endpoint up?") from None
+                    self.unreachable = JudgeUnreachable(
+                        f"{self.cfg.backend} judge at {url}: cannot connect after {self.cfg.max_retries} retries "
+                        f"({type(e).__name__}); is the endpoint up?")
+                    raise self.unreachable from None
                 raise
 
 
