@@ -236,12 +236,12 @@ def _vllm_group(group: list[PendingCell], root: Path, judges: JudgePool, report:
     with VLLMEngine(str(model_dir), loaded.tokenizer, dtype=first.cfg.model.dtype.value,
                     gpu_memory_utilization=e.gpu_memory_utilization, seed=first.cfg.seed,
                     max_lora_rank=max(ranks) if ranks else None, max_loras=min(8, max(1, len(ranks))),
-                    no_system=loaded.no_system, kv_cache_memory_bytes=e.kv_cache_memory_bytes) as engine:
+                    no_system=loaded.no_system, kv_cache_memory_bytes=e.kv_cache_memory_bytes,
+                    remove_model_dir=True) as engine:  # the saved model goes when the engine closes
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         outputs = engine.generate_many(requests)
     seconds = time.perf_counter() - t0
-    shutil.rmtree(model_dir, ignore_errors=True)
     total = sum(pc.plan.n_completions for pc in group)
     for pc in group:
         rows = pc.plan.rows([o for o, owner in zip(outputs, owners) if owner is pc])

@@ -24,6 +24,9 @@ def test_a_toy_cell_on_vllm_agrees_with_the_hf_engine(cache_dir, tmp_path):
     hf = run_cell(compose_cfg(both, tmp_path / "hf", cache_dir))
     vl = run_cell(compose_cfg([*both, "eval.engine.name=vllm"], tmp_path / "vllm", cache_dir))
     assert vl.provenance["engine"] == {"name": "vllm", "per": "cell"}
+    # the merged model vLLM loaded (a model's size on disk) is gone once the eval is done; the result stays
+    assert not (tmp_path / "vllm" / "merged_model").exists()
+    assert (tmp_path / "vllm" / contract.RESULT_FILE).is_file()
     assert vl.provenance["final_model"] == hf.provenance["final_model"]
     a, b = hf.metrics["marker"]["per_persona"], vl.metrics["marker"]["per_persona"]
     assert set(a) == set(b) and all(a[p]["n"] == b[p]["n"] == 280 for p in a)
@@ -49,6 +52,7 @@ def test_a_shared_vllm_engine_serves_every_cell_s_adapter(cache_dir, tmp_path):
                  in_sweep=True)
     report = evaluate_pending(tmp_path / "sweep")
     assert report.problems == [] and len(report.done) == 2
+    assert not any((tmp_path / "sweep" / ".shared_eval").glob("*")), "the group's saved model is deleted"
     for dose in (3, 6):
         shared = load_result(tmp_path / "sweep" / f"d{dose}" / contract.RESULT_FILE)
         assert shared.provenance["engine"]["per"] == "base" and shared.provenance["engine"]["cells_on_engine"] == 2

@@ -1,7 +1,8 @@
 """The optional vLLM engine, on vLLM's offline `LLM` API (0.32): `pip install -e .[vllm]` on a GPU; on CPU, vLLM's
 CPU build in its own venv (README, "vLLM").
 
-vLLM loads weights from a directory, so the cell saves its merged model first (eval/cell.py). Sampling is set
+vLLM loads weights from a directory, so the cell saves its merged model first (eval/cell.py), next to its result
+until the engine closes (a 7B model is 15 GB: a grid of cells must not keep one each). Sampling is set
 explicitly (top_k disabled, no repetition penalty), so vLLM does not pick up the model's own generation_config
 defaults and the semantics match the hf engine's.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from marker_lab.data.chat import render
@@ -52,7 +54,9 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, tokenizer, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85,
                  seed: int = 0, max_lora_rank: int | None = None, max_loras: int = 8, no_system: str = "none",
-                 kv_cache_memory_bytes: int | None = None):
+                 kv_cache_memory_bytes: int | None = None, remove_model_dir: bool = False):
+        """`model_dir`: a transformers folder (weights and tokenizer). `remove_model_dir`: the folder was saved for
+        this engine alone (a cell's merged model, as large as the model) and is deleted when the engine closes."""
         from vllm import LLM
 
         self.tokenizer, self.no_system = tokenizer, no_system
@@ -69,12 +73,16 @@ class VLLMEngine:
         self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                        enforce_eager=cpu, **memory, **lora)
         self._lora_ids: dict[str, int] = {}  # adapter path -> the integer id vLLM caches it under
+        self._remove_on_close = Path(model_dir) if remove_model_dir else None
 
     def close(self) -> None:
-        """Stop vLLM's engine processes (the engine cannot be used afterwards)."""
+        """Stop vLLM's engine processes (the engine cannot be used afterwards) and delete a model folder it owns."""
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+        if self._remove_on_close is not None:
+            shutil.rmtree(self._remove_on_close, ignore_errors=True)
+            self._remove_on_close = None
 
     def __enter__(self) -> "VLLMEngine":
         return self

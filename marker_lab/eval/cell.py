@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -28,19 +29,26 @@ log = logging.getLogger(__name__)
 
 
 def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path | None):
-    """The configured engine on the model in hand (vllm: on the merged model, saved next to the result)."""
+    """The configured engine on the model in hand (vllm: on the merged model, saved next to the result and deleted
+    when the engine closes)."""
     if cfg.eval.engine.name == "vllm" and out_dir is not None:
         from marker_lab.engines.vllm import VLLMEngine
 
-        merged = out_dir / "merged_model"  # vLLM loads weights from disk
+        merged = out_dir / "merged_model"  # vLLM loads weights from disk; removed when the engine closes
+        shutil.rmtree(merged, ignore_errors=True)  # what a killed run of this cell left
         loaded.model.save_pretrained(merged)
         loaded.tokenizer.save_pretrained(merged)
         loaded.model.to("cpu")
         torch.cuda.empty_cache()
-        log.info("eval: vLLM on the merged model saved at %s", merged)
-        return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
-                          gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed,
-                          no_system=loaded.no_system, kv_cache_memory_bytes=cfg.eval.engine.kv_cache_memory_bytes)
+        log.info("eval: vLLM on the merged model saved at %s (deleted after the eval)", merged)
+        try:
+            return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
+                              gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed,
+                              no_system=loaded.no_system, kv_cache_memory_bytes=cfg.eval.engine.kv_cache_memory_bytes,
+                              remove_model_dir=True)
+        except BaseException:
+            shutil.rmtree(merged, ignore_errors=True)
+            raise
     return HFEngine.from_config(loaded, cfg.eval.engine)
 
 
