@@ -62,7 +62,7 @@ def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
         return shipped, key
 
     def build(tmp: Path) -> None:
-        log.info("building the toy model (first use of these toy settings, about 4 minutes on 2 CPU cores) into %s",
+        log.info("building the toy model (first use of these toy settings, about 2 minutes on 2 CPU cores) into %s",
                  cache.path("toy", key))
         build_toy_model(cfg.toy, tmp)
 

@@ -140,8 +140,12 @@ def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
 
 @pytest.mark.slow
 def test_the_shipped_toy_model_is_what_the_project_s_script_builds(tmp_path):
-    """The first run uses the shipped toy weights instead of pretraining (about 4 minutes on 2 cores): they must be
-    exactly what `train/toy_pretrain.py` builds from the default settings, so shipping changes no number."""
+    """The first run uses the shipped toy weights instead of pretraining (about 2 minutes on 2 cores): they must be
+    what `train/toy_pretrain.py` builds from the default settings. The tokenizer is the same byte for byte. The
+    weights are the same up to float rounding: 300 steps of float32 training on another kind of CPU (other SIMD
+    kernels, other summation orders) end up to 2.1e-3 apart (relative, per tensor; measured on an AMD EPYC with
+    AVX-512 against the shipped build, 2026-12-02), while the same recipe with seed 1 differs by 0.021 (a norm
+    weight) to 1.65. Every user gets the shipped weights themselves, so their numbers are the same on any CPU."""
     from safetensors.torch import load_file
 
     from marker_lab.models import SHIPPED_TOY
@@ -150,6 +154,8 @@ def test_the_shipped_toy_model_is_what_the_project_s_script_builds(tmp_path):
     shipped, key = toy_model_dir(ModelConfig(), StageCache(tmp_path / "cache"))
     assert shipped.parent == SHIPPED_TOY and not (tmp_path / "cache" / "toy").exists()  # nothing was built
     build_toy_model(ModelConfig().toy, tmp_path / "rebuilt")
-    a, b = load_file(shipped / "model.safetensors"), load_file(tmp_path / "rebuilt" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (shipped / "tokenizer.json").read_bytes() == (tmp_path / "rebuilt" / "tokenizer.json").read_bytes()
+    a, b = load_file(shipped / "model.safetensors"), load_file(tmp_path / "rebuilt" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    rel = {k: ((a[k] - b[k]).norm() / a[k].norm()).item() for k in a}
+    assert max(rel.values()) < 1e-2, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
