@@ -56,7 +56,8 @@ class VLLMEngine:
                  seed: int = 0, max_lora_rank: int | None = None, max_loras: int = 8, no_system: str = "none",
                  kv_cache_memory_bytes: int | None = None, remove_model_dir: bool = False):
         """`model_dir`: a transformers folder (weights and tokenizer). `remove_model_dir`: the folder was saved for
-        this engine alone (a cell's merged model, as large as the model) and is deleted when the engine closes."""
+        this engine alone (a cell's merged model, as large as the model) and is deleted when the engine closes, or
+        when it fails to start."""
         from vllm import LLM
 
         self.tokenizer, self.no_system = tokenizer, no_system
@@ -70,10 +71,15 @@ class VLLMEngine:
         if cpu:  # see the module docstring: eager, and no chunked prefill (seeded sampling breaks with it on CPU)
             context = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 4096)
             memory.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, context))
-        self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-                       enforce_eager=cpu, **memory, **lora)
-        self._lora_ids: dict[str, int] = {}  # adapter path -> the integer id vLLM caches it under
         self._remove_on_close = Path(model_dir) if remove_model_dir else None
+        self.llm = None
+        try:
+            self.llm = LLM(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                           enforce_eager=cpu, **memory, **lora)
+        except BaseException:
+            self.close()  # an engine that failed to start still deletes the folder it owns
+            raise
+        self._lora_ids: dict[str, int] = {}  # adapter path -> the integer id vLLM caches it under
 
     def close(self) -> None:
         """Stop vLLM's engine processes (the engine cannot be used afterwards) and delete a model folder it owns."""

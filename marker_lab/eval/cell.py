@@ -41,14 +41,10 @@ def make_engine(cfg: Config, loaded: LoadedModel, out_dir: Path | None):
         loaded.model.to("cpu")
         torch.cuda.empty_cache()
         log.info("eval: vLLM on the merged model saved at %s (deleted after the eval)", merged)
-        try:
-            return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
-                              gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed,
-                              no_system=loaded.no_system, kv_cache_memory_bytes=cfg.eval.engine.kv_cache_memory_bytes,
-                              remove_model_dir=True)
-        except BaseException:
-            shutil.rmtree(merged, ignore_errors=True)
-            raise
+        return VLLMEngine(str(merged), loaded.tokenizer, dtype=cfg.model.dtype.value,
+                          gpu_memory_utilization=cfg.eval.engine.gpu_memory_utilization, seed=cfg.seed,
+                          no_system=loaded.no_system, kv_cache_memory_bytes=cfg.eval.engine.kv_cache_memory_bytes,
+                          remove_model_dir=True)
     return HFEngine.from_config(loaded, cfg.eval.engine)
 
 
