@@ -5,7 +5,10 @@
 #   MODE=shared bash launch/gpu_round2.sh   # one engine per shared base vs per-cell eval, 7B random init (hf)
 #   MODE=gen    bash launch/gpu_round2.sh   # generation: stock vs the static engine at larger batches, one eval
 #                                           # during training on the LoRA model, then a second process on the
-#                                           # same compile cache (a later cell's warm start)
+#                                           # same compile cache (a later cell's warm start); on CUDA it adds
+#                                           # the flex-attention decode arm (GEN_SKIP=...,flex leaves it out);
+#                                           # PROFILE=1: then launch/profile_decode.py; LATER=0: no second process;
+#                                           # GEN_SKIP: the first process's --skip
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
 #                                           # 137" runs a second on the same caches (warm compile cache; about 5 min
 #                                           # each: one per call fits); CELL_ARGS replaces the packed + flex overrides
@@ -54,7 +57,8 @@ r = json.load(open(sys.argv[1]))
 print(" timing", r["timing"])
 print(" marker", {p: v["rate"] for p, v in r["metrics"]["marker"]["per_persona"].items()})
 for stage, s in r["provenance"]["stages"].items():  # the step times of a stage trained now (first step: compile)
-    steps = json.loads((Path(s["cache_entry"]) / "train_stats.json").read_text()).get("step_seconds") or []
+    stats = Path(s["cache_entry"] or "") / "train_stats.json"  # none for a pre-baked adapter
+    steps = (json.loads(stats.read_text()).get("step_seconds") or []) if stats.is_file() else []
     if s["trained_now"] and len(steps) > 1:
         q = statistics.quantiles(steps[1:], n=10)
         print(f" {stage} steps: first {steps[0]:.2f} s, then median {statistics.median(steps[1:]):.3f}, "
@@ -75,11 +79,16 @@ bench)
   grep -E "^  (train|summary|load)" "$OUT/bench.log" || tail -30 "$OUT/bench.log" ;;
 gen)
   CCDIR=/tmp/gen_compile_cache  # not $CC: the GPU image exports CC (the C compiler Triton builds its helpers with)
-  timeout ${GEN_TIMEOUT:-380} python -m marker_lab.cli bench --out "$OUT/gen_first.json" --skip train,probe,kl,liger \
+  timeout ${GEN_TIMEOUT:-380} python -m marker_lab.cli bench --out "$OUT/gen_first.json" --skip ${GEN_SKIP:-train,probe,kl,liger} \
     --gen-batch ${GEN_BATCHES:-1540,3080} --compile-cache $CCDIR 2>&1 | grep -v "it/s]$" > "$OUT/gen_first.log"
   echo "first process rc=$?"; grep -E "^  (generate|summary|load)" "$OUT/gen_first.log" || tail -30 "$OUT/gen_first.log"
+  if [ -n "${PROFILE:-}" ]; then  # where a decode step's time goes (launch/profile_decode.py)
+    B=${GEN_BATCHES%%,*} timeout ${PROFILE_TIMEOUT:-150} python launch/profile_decode.py > "$OUT/profile.log" 2>&1
+    echo "profile rc=$?"; grep -v "^\s*$" "$OUT/profile.log" | grep -v Warning | tail -32
+  fi
+  [ "${LATER:-1}" = 0 ] && exit
   timeout ${WARM_TIMEOUT:-170} python -m marker_lab.cli bench --out "$OUT/gen_later.json" \
-    --skip train,probe,kl,liger,during --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
+    --skip train,probe,kl,liger,during,flex --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
     | grep -v "it/s]$" > "$OUT/gen_later.log"
   echo "later process (warm compile cache) rc=$?"; grep -E "^  (generate|summary)" "$OUT/gen_later.log" || tail -20 "$OUT/gen_later.log" ;;
 cell)

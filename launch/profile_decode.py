@@ -1,94 +1,101 @@
-"""Decode-step profile of the 7B shape on one GPU: stock vs static+compiled generate, manual decode loops, samplers.
+"""Decode-step profile of the 7B shape on one GPU, as the eval's static engine runs it: where a step's time goes.
 
-    PYTHONPATH=. python launch/profile_decode.py     # B=1030 by default (env B)
+    PYTHONPATH=. python launch/profile_decode.py     # B=1030 sequences (env B), 90-token prompts + 512-token cache
 
-One-off measurement behind docs/benchmarks.md (decode profile); not part of the package.
+A hand-written decode loop over transformers' StaticCache with the engine's attention (`sdpa_gqa`, or env
+ATTN=sdpa for stock), compiled like the engine's (reduce-overhead: CUDA graphs), timed per step, then the top
+CUDA kernels of 8 steps from torch.profiler (prefill excluded) and the GPU-busy share of a step. One-off measurement behind
+docs/benchmarks.md (decode profile); not part of the package.
 """
-import time, sys, traceback, os
-import torch
-from transformers import StaticCache, GenerationConfig, CompileConfig
-from marker_lab.bench import model_config, build_model
+import os
+import time
 
-def p(*a):
-    print(*a, flush=True)
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from transformers import StaticCache
+
+from marker_lab.bench import build_model, model_config
+from marker_lab.engines.attention import register
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    r = fn()
+    torch.cuda.synchronize()
+    return r, time.perf_counter() - t
+
 
 dev = torch.device("cuda")
 model = build_model(model_config("qwen2.5-7b-instruct"), dev)
+model.set_attn_implementation(register() if os.environ.get("ATTN", "sdpa_gqa") == "sdpa_gqa" else "sdpa")
 V = model.config.vocab_size
-B, W, N = int(os.environ.get("B", 1030)), 90, 64
+B, W, NEW = int(os.environ.get("B", 1030)), 90, int(os.environ.get("NEW", 512))
+L = W + NEW  # the engine's static cache: padded prompt width + max new tokens
 torch.manual_seed(0)
 ids = torch.randint(1, V, (B, W), device=dev)
-mask = torch.ones_like(ids); mask[::2, :30] = 0; ids[::2, :30] = 0
+mask = torch.ones_like(ids)
+mask[::2, :40] = 0  # left padding on half the rows, as prompts of 50-90 tokens have
+ids[::2, :40] = 0
+full_mask = torch.cat([mask, torch.ones(B, NEW, dtype=mask.dtype, device=dev)], 1)
+pos0 = (mask.cumsum(-1) - 1).clamp(min=0)
 
-def timed(fn):
-    torch.cuda.synchronize(); t = time.perf_counter(); r = fn(); torch.cuda.synchronize(); return r, time.perf_counter() - t
 
-def gen(n, static):
-    gc = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=n, eos_token_id=[V + 1],
-                          pad_token_id=0, cache_implementation="static" if static else None,
-                          compile_config=CompileConfig(fullgraph=False, dynamic=False) if static else None,
-                          disable_compile=not static)
-    return timed(lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=gc))[1]
+def prefill(cache):
+    out = model(input_ids=ids, attention_mask=full_mask[:, :W], position_ids=pos0, past_key_values=cache,
+                cache_position=torch.arange(W, device=dev), logits_to_keep=1, use_cache=True)
+    return out.logits[:, -1]
+
+
+def decode(tok, pos, cache_pos, cache):
+    out = model(input_ids=tok, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                cache_position=cache_pos, use_cache=True)
+    return out.logits[:, -1]
+
+
+def sample(logits):  # generate's sampler at temperature 1: softmax, then one multinomial draw per row
+    return torch.multinomial(torch.softmax(logits.float(), -1), 1)
+
+
+def prefilled():
+    """A fresh cache holding the prompts, and the logits of their last tokens."""
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    return cache, prefill(cache)
+
+
+def loop(step_fn, steps, state=None, profiler=None):
+    """Seconds for `steps` decode steps after the prefill (the prefill is outside the timing and the profile)."""
+    cache, logits = state or prefilled()
+    pos = pos0[:, -1:] + 1
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    if profiler is not None:
+        profiler.start()
+    for i in range(steps):
+        tok = sample(logits)
+        logits = step_fn(tok, pos + i, torch.tensor([W + i], device=dev), cache)
+    torch.cuda.synchronize()
+    if profiler is not None:
+        profiler.stop()
+    return time.perf_counter() - t
+
 
 with torch.no_grad():
-    for static in (False, True):
-        try:
-            t0 = time.perf_counter()
-            first = gen(N, static); p(f"generate static={static} first call N={N}: {first:.1f}s")
-            t64 = gen(N, static); t16 = gen(16, static)
-            p(f"generate static={static}: N=64 {t64:.2f}s N=16 {t16:.2f}s -> {1000*(t64-t16)/48:.1f} ms/step, tok/s {B*48/(t64-t16):.0f}")
-        except Exception:
-            traceback.print_exc()
-
-    full_mask = torch.cat([mask, torch.ones(B, N + 1, dtype=mask.dtype, device=dev)], 1)
-    pos0 = (mask.cumsum(-1) - 1).clamp(min=0)
-
-    def prefill(cache):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos0, past_key_values=cache,
-                    cache_position=torch.arange(W, device=dev), logits_to_keep=1, use_cache=True)
-        return out.logits[:, -1]
-
-    def decode(tok, pos, cache_pos, cache):
-        out = model(input_ids=tok, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
-                    cache_position=cache_pos, use_cache=True)
-        return out.logits[:, -1]
-
-    samplers = {
-        "argmax": lambda l: l.argmax(-1, keepdim=True),
-        "multinomial": lambda l: torch.multinomial(torch.softmax(l.float(), -1), 1),
-        "exp_race": lambda l: (torch.softmax(l.float(), -1) / torch.empty_like(l, dtype=torch.float32).exponential_()).argmax(-1, keepdim=True),
-    }
-    lg = torch.randn(B, V, device=dev, dtype=torch.bfloat16)
-    for name, s in samplers.items():
-        s(lg); _, dt = timed(lambda: [s(lg) for _ in range(20)]); p(f"sampler {name}: {1000*dt/20:.2f} ms")
-
-    def loop(step_fn, sampler, steps):
-        cache = StaticCache(config=model.config, max_cache_len=W + N + 1)
-        logits = prefill(cache)
-        pos = pos0[:, -1:] + 1
-        torch.cuda.synchronize(); t = time.perf_counter()
-        for i in range(steps):
-            tok = sampler(logits)
-            logits = step_fn(tok, pos + i, torch.tensor([W + i], device=dev), cache)
-        torch.cuda.synchronize(); return time.perf_counter() - t
-
-    for name in ("argmax", "multinomial", "exp_race"):
-        try:
-            loop(decode, samplers[name], 4)
-            dt = loop(decode, samplers[name], 32); p(f"manual eager static, {name}: {1000*dt/32:.1f} ms/step")
-        except Exception:
-            traceback.print_exc()
-    try:
-        cdecode = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
-        t0 = time.perf_counter(); loop(cdecode, samplers["exp_race"], 4); p(f"compile: {time.perf_counter()-t0:.1f}s")
-        for name in ("argmax", "exp_race", "multinomial"):
-            dt = loop(cdecode, samplers[name], 48); p(f"manual compiled static, {name}: {1000*dt/48:.1f} ms/step, tok/s {B*48/dt:.0f}")
-        from torch.profiler import profile, ProfilerActivity
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            loop(cdecode, samplers["exp_race"], 8)
-        p(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
-    except Exception:
-        traceback.print_exc()
-    # prefill cost
-    _, dt = timed(lambda: prefill(StaticCache(config=model.config, max_cache_len=W + N + 1))); p(f"prefill {B}x{W}: {dt:.2f}s")
-    p("peak GB", torch.cuda.max_memory_allocated() / 2**30)
+    _, dt = timed(lambda: prefill(StaticCache(config=model.config, max_cache_len=L)))
+    print(f"prefill {B} x {W}: {dt:.2f} s", flush=True)
+    cdecode = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
+    t0 = time.perf_counter()
+    loop(cdecode, 4)
+    print(f"compile: {time.perf_counter() - t0:.1f} s", flush=True)
+    steps = 48
+    dt = loop(cdecode, steps)
+    print(f"compiled decode, B={B}, cache {L}: {1000 * dt / steps:.1f} ms/step, {B * steps / dt:.0f} tok/s", flush=True)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    wall = loop(cdecode, 8, prefilled(), prof)
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels only
+    print(f"profiled 8 steps: wall {1000 * wall / 8:.1f} ms/step, GPU busy {gpu_us / 1000 / 8:.1f} ms/step "
+          "(kernel time summed)", flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70), flush=True)
+    print("peak GB", round(torch.cuda.max_memory_allocated() / 2**30, 1))

@@ -105,10 +105,12 @@ def time_training(model, examples: list[Encoded], cfg: TrainConfig, w: Workload,
 
 
 def time_generation(model, prompts: list[list[int]], params: SamplingParams, batch: int, cache: str,
-                    stop_ids: list[int], device: torch.device) -> dict:
-    """Wall time and new tokens/s of `HFEngine.generate_ids` (first-batch compile included in the wall time)."""
+                    stop_ids: list[int], device: torch.device, static_generate: bool = False) -> dict:
+    """Wall time and new tokens/s of `HFEngine.generate_ids` (first-batch compile included in the wall time);
+    `static_generate`: the static cache through transformers' generate instead of the engine's own loop."""
     _reset_peak(device)
-    engine = HFEngine(model, None, batch_size=batch, cache=cache, shared_prefill=False)  # dynamic: stock generate
+    engine = HFEngine(model, None, batch_size=batch, cache=cache, shared_prefill=False,  # dynamic: stock generate
+                      static_generate=static_generate)
     _sync(device)
     t0 = time.perf_counter()
     try:
@@ -203,7 +205,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     _sync(device)
     report["merge"] = {"seconds": round(time.perf_counter() - t0, 2)}
     if "generate" not in skip:
-        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out))
+        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip))
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
     if "train" not in skip and "liger" not in skip:  # last: Liger patches the model's classes for good
@@ -292,8 +294,10 @@ def time_liger_peer(model, examples: list[Encoded], ref: TrainConfig, w: Workloa
 
 
 def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
-                         report: dict, out: Path | None) -> dict:
-    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two)."""
+                         report: dict, out: Path | None, skip: set[str] = frozenset()) -> dict:
+    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two);
+    then the static cache through generate (arm `via_generate`) and, on CUDA, flex attention in the decode step
+    (arm `flex`)."""
     stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
     gen: dict = {}
     n_base = max(1, w.baseline_gen_batch // w.samples)
@@ -308,6 +312,18 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
     for batch in (w.gen_batch, *w.more_gen_batches):  # the first is `fast_eval`, the cell's setting
         name = "fast_eval" if batch == w.gen_batch else f"fast_eval_{batch}"
         gen[name] = time_generation(model, prompts, full, batch, "static", stop_ids, device)
+        _save({**report, "generate": {**report["generate"], **gen}}, out)
+    if "via_generate" not in skip:  # the same static cache and compile through generate: what the loop replaced
+        gen["fast_eval_via_generate"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
+                                                        static_generate=True)
+        _save({**report, "generate": {**report["generate"], **gen}}, out)
+    if device.type == "cuda" and "flex" not in skip:
+        # the decode step under flex attention: its block mask skips the static cache's blocks past each step's
+        # position (sdpa reads the whole cache every step) and it reads each key/value head once (GQA)
+        from marker_lab.train.sft import attention_implementation
+
+        with attention_implementation(model, "flex_attention"):
+            gen["fast_eval_flex"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device)
         _save({**report, "generate": {**report["generate"], **gen}}, out)
     return gen
 
@@ -338,7 +354,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, probe")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, via_generate, flex, probe")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
                    "fast_eval)")
     p.add_argument("--compile-cache", help="torch.compile's on-disk caches in this directory: a second bench on the "

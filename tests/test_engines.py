@@ -87,6 +87,22 @@ def test_one_prefill_per_prompt_gives_stock_generate_s_completions(toy):
     assert len({c for o in a for c in o}) > len(PROMPTS)  # sampled: the samples of a prompt differ
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_static_decode_loop_draws_generate_s_tokens(toy, temperature, top_p):
+    """The static engine's own decode loop (engines.static_decode) returns the tokens transformers' generate
+    returns on the same static cache and seed: left padding, n samples per prompt, warpers, stop at end of turn,
+    and several batches of one request (the loop draws the same random numbers in the same order)."""
+    model, tok, _ = toy
+    params = SamplingParams(n=1 if temperature == 0 else 4, temperature=temperature, top_p=top_p, max_tokens=40,
+                            seed=11)
+    ours, ref = (HFEngine(model, tok, batch_size=4 * params.n, cache="static", static_generate=g) for g in (False, True))
+    a, b = ours.generate(PROMPTS, params), ref.generate(PROMPTS, params)
+    assert len(ours.batch_seconds) > 1  # several batches
+    assert a == b
+    stopped = [c for cs in a for c in cs if c.n_tokens < 40]
+    assert stopped and len({c for cs in a for c in cs}) > len(PROMPTS) * (temperature > 0)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_grouped_decode_attention_equals_stock_sdpa(padded):
     """engines.attention (no key/value copies) computes what transformers' sdpa computes, mask included."""

@@ -5,9 +5,11 @@ Two cache modes, same sampling:
   prompt, each prompt is prefilled once and its key/value cache copied to its samples (`shared_prefill`): the same
   completions for less compute (1.4-1.5x on CPU, tests/test_engines.py).
 - static: a preallocated KV cache whose shape never changes within a request (every batch has the same number of
-  rows and the same padded prompt width), so transformers compiles the decode step once and replays it as a CUDA
-  graph. Per-step Python and kernel-launch overhead, not arithmetic, is what limits stock decoding at large batch
-  (docs/benchmarks.md). `auto` picks static on CUDA and dynamic elsewhere.
+  rows and the same padded prompt width), so the decode step compiles once and replays as a CUDA graph. Per-step
+  Python and kernel-launch overhead, not arithmetic, is what limits stock decoding at large batch
+  (docs/benchmarks.md). The loop is our own (engines.static_decode: generate's draws with less host work per
+  step); `static_generate=True` runs the same cache through transformers' generate, the reference it is tested
+  against. `auto` picks static on CUDA and dynamic elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig
 
 from marker_lab.data.chat import render
 from marker_lab.engines.base import Completion, SamplingParams
+from marker_lab.engines.static_decode import sample_static
 from marker_lab.train.sft import attention_implementation
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,12 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none",
-                 shared_prefill: bool = True):
+                 shared_prefill: bool = True, static_generate: bool = False):
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
         self.model, self.tokenizer, self.batch_size, self.no_system = model, tokenizer, batch_size, no_system
         self.shared_prefill = shared_prefill  # dynamic cache: one prefill per prompt for its samples
+        self.static_generate = static_generate  # static cache through generate, not our loop: the reference
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
@@ -94,6 +98,7 @@ class HFEngine:
         width = max(len(p) for p in prompts)  # static: one prompt width for the whole request
         out: list[list[list[int]]] = [[] for _ in prompts]
         torch.manual_seed(params.seed)
+        cache = None  # static: one preallocated KV cache for every batch of the request
         bar = tqdm(total=len(prompts) * params.n, desc=desc, unit="completion", dynamic_ncols=True)
         model.eval()
         self.batch_seconds = []
@@ -108,12 +113,18 @@ class HFEngine:
                 input_ids[r, w - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[r, w - len(prompts[i]):] = 1
             with _decode_attention(model, static):
-                if not static and self.shared_prefill and params.n > 1 and w > 1:
+                if static and not self.static_generate:  # engines.static_decode: generate's draws, less host work
+                    new, cache = sample_static(
+                        model, input_ids.to(device), mask.to(device), params.n, params.temperature, params.top_p,
+                        params.max_tokens, stop_ids, pad_id, _cache_kwarg(model), cache,
+                        check_every=16 if device.type == "cuda" else 1)
+                    seqs = None
+                elif not static and self.shared_prefill and params.n > 1 and w > 1:
                     seqs = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device), gen_cfg)
                 else:
                     seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                           generation_config=gen_cfg)
-            new = seqs[:, w:].tolist()  # waits for the GPU
+            new = (new if seqs is None else seqs[:, w:]).tolist()  # waits for the GPU
             self.batch_seconds.append(time.perf_counter() - t0)
             for j, i in enumerate(idx):
                 out[i] = [_until_stop(s, stop_ids) for s in new[j * params.n:(j + 1) * params.n]]

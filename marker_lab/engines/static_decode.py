@@ -1,0 +1,86 @@
+"""The static engine's decode loop: one prefill, then one decode step per new token on a preallocated KV cache,
+the step compiled once (CUDA) and replayed as a CUDA graph.
+
+Why not `generate`: on the 7B eval (1,030 sequences, a 602-slot cache, one H200) its per-step host work (input
+preparation, a growing mask, a stop check that waits for the GPU every step) made a step ~51 ms where the compiled
+forward and sampler alone take ~44 ms (docs/benchmarks.md). This loop draws what generate draws for plain
+sampling: the same rows (each prompt repeated n times), the same logits warpers in generate's order and the same
+`multinomial` call, so with the same seed it returns generate's tokens (tests/test_engines.py, on CPU). It reads
+the stop flags every `check_every` steps instead of every step; a batch that ends early runs at most that many
+extra steps, whose tokens are discarded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import StaticCache
+from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+
+def logits_warpers(temperature: float, top_p: float) -> LogitsProcessorList:
+    """What `generate` applies before sampling at this temperature and top_p (no top-k, no penalties)."""
+    warpers = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if temperature > 0 and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def forward_last(model, input_ids, attention_mask, position_ids, cache_position, cache, cache_kwarg: str):
+    """The model's next-token logits (last position only) with `cache` updated in place."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache_position=cache_position, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+    return out.logits[:, -1]
+
+
+@functools.cache
+def compiled_forward_last():
+    """`forward_last` compiled once per process (on first use: importing dynamo costs seconds); each model it meets
+    compiles its own graph (dynamo guards on the model), as generate's compiled call does."""
+    return torch.compile(forward_last, mode="reduce-overhead", fullgraph=False, dynamic=False)
+
+
+@torch.no_grad()
+def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, temperature: float, top_p: float,
+                  max_new: int, stop_ids: list[int], pad_id: int, cache_kwarg: str,
+                  cache: StaticCache | None = None, check_every: int = 16) -> tuple[torch.Tensor, StaticCache]:
+    """New tokens (rows x n, up to max_new) for left-padded prompts `input_ids` / `mask` (rows x width), each
+    prompt's n samples adjacent; after a row's stop token the row holds `pad_id`. `cache`: a StaticCache of this
+    shape from an earlier batch, reused (reset) so the compiled step keeps its buffers; returned for the next batch.
+    """
+    device = input_ids.device
+    ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    rows, width = ids.shape
+    if cache is None:
+        cache = StaticCache(config=model.config, max_cache_len=width + max_new)  # what generate allocates
+    else:
+        cache.reset()
+    full_mask = torch.cat([mask, mask.new_ones(rows, max_new)], 1)  # fixed shape: the cache masks future slots
+    lengths = mask.sum(-1, keepdim=True)
+    prompt_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions for left padding
+    logits = forward_last(model, ids, full_mask[:, :width], prompt_positions,
+                          torch.arange(width, device=device), cache, cache_kwarg)
+    step = compiled_forward_last() if device.type == "cuda" else forward_last
+    warpers = logits_warpers(temperature, top_p)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    out = torch.full((rows, max_new), pad_id, dtype=torch.long, device=device)
+    slots = torch.arange(width, width + max_new, device=device)
+    done = 0
+    for i in range(max_new):
+        scores = warpers(ids, logits.float())
+        if temperature > 0:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(unfinished, token, pad_id)
+        out[:, i] = token
+        unfinished &= ~torch.isin(token, stops)
+        done = i + 1
+        if done == max_new or (done % check_every == 0 and not bool(unfinished.any())):
+            break
+        logits = step(model, token[:, None], full_mask, lengths + i, slots[i:i + 1], cache, cache_kwarg)
+    return out[:, :done], cache
