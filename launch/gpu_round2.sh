@@ -5,8 +5,8 @@
 #   MODE=shared bash launch/gpu_round2.sh   # one engine per shared base vs per-cell eval, 7B random init (hf)
 #   MODE=gen    bash launch/gpu_round2.sh   # generation: stock vs the static engine at larger batches, one eval
 #                                           # during training on the LoRA model, then a second process on the
-#                                           # same compile cache (a later cell's warm start); on CUDA it adds
-#                                           # the flex-attention decode arm (GEN_SKIP=...,flex leaves it out);
+#                                           # same compile cache (a later cell's warm start); GEN_FLAGS=--flex-decode
+#                                           # adds flex attention in the decode step (fails to compile on torch 2.11);
 #                                           # PROFILE=1: then launch/profile_decode.py; LATER=0: no second process;
 #                                           # GEN_SKIP: the first process's --skip
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
@@ -79,7 +79,7 @@ bench)
   grep -E "^  (train|summary|load)" "$OUT/bench.log" || tail -30 "$OUT/bench.log" ;;
 gen)
   CCDIR=/tmp/gen_compile_cache  # not $CC: the GPU image exports CC (the C compiler Triton builds its helpers with)
-  timeout ${GEN_TIMEOUT:-380} python -m marker_lab.cli bench --out "$OUT/gen_first.json" --skip ${GEN_SKIP:-train,probe,kl,liger} \
+  timeout ${GEN_TIMEOUT:-380} python -m marker_lab.cli bench --out "$OUT/gen_first.json" --skip ${GEN_SKIP:-train,probe,kl,liger} ${GEN_FLAGS:-} \
     --gen-batch ${GEN_BATCHES:-1540,3080} --compile-cache $CCDIR 2>&1 | grep -v "it/s]$" > "$OUT/gen_first.log"
   echo "first process rc=$?"; grep -E "^  (generate|summary|load)" "$OUT/gen_first.log" || tail -30 "$OUT/gen_first.log"
   if [ -n "${PROFILE:-}" ]; then  # where a decode step's time goes (launch/profile_decode.py)
@@ -88,7 +88,7 @@ gen)
   fi
   [ "${LATER:-1}" = 0 ] && exit
   timeout ${WARM_TIMEOUT:-170} python -m marker_lab.cli bench --out "$OUT/gen_later.json" \
-    --skip train,probe,kl,liger,during,flex --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
+    --skip train,probe,kl,liger,during --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
     | grep -v "it/s]$" > "$OUT/gen_later.log"
   echo "later process (warm compile cache) rc=$?"; grep -E "^  (generate|summary)" "$OUT/gen_later.log" || tail -20 "$OUT/gen_later.log" ;;
 cell)

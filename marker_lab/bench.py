@@ -164,7 +164,7 @@ def environment(device: torch.device) -> dict:
 
 
 def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str], out: Path | None = None,
-              compile_cache: dict | None = None) -> dict:
+              compile_cache: dict | None = None, extra: set[str] = frozenset()) -> dict:
     """Every measurement of the report, in one process, on one device (saved to `out` after each phase);
     `compile_cache`: where torch.compile's caches are and whether they held entries at the start."""
     cfg = model_config(model_name)
@@ -205,7 +205,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     _sync(device)
     report["merge"] = {"seconds": round(time.perf_counter() - t0, 2)}
     if "generate" not in skip:
-        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip))
+        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip, extra))
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
     if "train" not in skip and "liger" not in skip:  # last: Liger patches the model's classes for good
@@ -294,10 +294,11 @@ def time_liger_peer(model, examples: list[Encoded], ref: TrainConfig, w: Workloa
 
 
 def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
-                         report: dict, out: Path | None, skip: set[str] = frozenset()) -> dict:
+                         report: dict, out: Path | None, skip: set[str] = frozenset(),
+                         extra: set[str] = frozenset()) -> dict:
     """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two);
-    then the static cache through generate (arm `via_generate`) and, on CUDA, flex attention in the decode step
-    (arm `flex`)."""
+    then the static cache through generate (arm `via_generate`) and, on CUDA with `extra={"flex_decode"}`, flex
+    attention in the decode step."""
     stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
     gen: dict = {}
     n_base = max(1, w.baseline_gen_batch // w.samples)
@@ -317,7 +318,7 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         gen["fast_eval_via_generate"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
                                                         static_generate=True)
         _save({**report, "generate": {**report["generate"], **gen}}, out)
-    if device.type == "cuda" and "flex" not in skip:
+    if device.type == "cuda" and "flex_decode" in extra:
         # the decode step under flex attention: its block mask skips the static cache's blocks past each step's
         # position (sdpa reads the whole cache every step) and it reads each key/value head once (GQA)
         from marker_lab.train.sft import attention_implementation
@@ -354,7 +355,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, via_generate, flex, probe")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, "
+                   "via_generate, probe")
+    p.add_argument("--flex-decode", action="store_true", help="also time flex attention in the decode step (CUDA; "
+                   "it did not compile on torch 2.11, docs/benchmarks.md)")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
                    "fast_eval)")
     p.add_argument("--compile-cache", help="torch.compile's on-disk caches in this directory: a second bench on the "
@@ -378,7 +382,7 @@ def main(argv: list[str]) -> None:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None
     report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out,
-                       compile_cache)
+                       compile_cache, {"flex_decode"} if args.flex_decode else set())
     print(format_report(report))
     if out:
         log.info("bench report: %s", out)
