@@ -2,10 +2,10 @@
 
     PYTHONPATH=. python launch/profile_decode.py     # B=1030 sequences (env B), 90-token prompts + 512-token cache
 
-A hand-written decode loop over transformers' StaticCache with the engine's attention (`sdpa_gqa`, or env
-ATTN=sdpa for stock), compiled like the engine's (reduce-overhead: CUDA graphs), timed per step, then the top
-CUDA kernels of 8 steps from torch.profiler (prefill excluded) and the GPU-busy share of a step. One-off measurement behind
-docs/benchmarks.md (decode profile); not part of the package.
+A decode loop over transformers' StaticCache with the engine's step (engines.static_decode, compiled as the engine
+compiles it: CUDA graphs) and attention (`sdpa_gqa`, or env ATTN=sdpa for stock), timed per step, then the top CUDA
+kernels of 8 steps from torch.profiler (prefill excluded) and the GPU-busy share of a step. One-off measurement
+behind docs/benchmarks.md (decode profile); not part of the package.
 """
 import os
 import time
@@ -17,6 +17,8 @@ from transformers import StaticCache
 
 from marker_lab.bench import build_model, model_config
 from marker_lab.engines.attention import register
+from marker_lab.engines.hf import _cache_kwarg
+from marker_lab.engines.static_decode import compiled_forward_last, forward_last
 
 
 def timed(fn):
@@ -39,19 +41,16 @@ mask = torch.ones_like(ids)
 mask[::2, :40] = 0  # left padding on half the rows, as prompts of 50-90 tokens have
 ids[::2, :40] = 0
 full_mask = torch.cat([mask, torch.ones(B, NEW, dtype=mask.dtype, device=dev)], 1)
-pos0 = (mask.cumsum(-1) - 1).clamp(min=0)
+pos0 = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # the engine's positions
+CACHE_KW = _cache_kwarg(model)
 
 
 def prefill(cache):
-    out = model(input_ids=ids, attention_mask=full_mask[:, :W], position_ids=pos0, past_key_values=cache,
-                cache_position=torch.arange(W, device=dev), logits_to_keep=1, use_cache=True)
-    return out.logits[:, -1]
+    return forward_last(model, ids, full_mask[:, :W], pos0, torch.arange(W, device=dev), cache, CACHE_KW)
 
 
-def decode(tok, pos, cache_pos, cache):
-    out = model(input_ids=tok, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
-                cache_position=cache_pos, use_cache=True)
-    return out.logits[:, -1]
+def decode(tok, pos, cache_pos, cache):  # the engine's compiled decode step (reduce-overhead: CUDA graphs)
+    return compiled_forward_last()(model, tok, full_mask, pos, cache_pos, cache, CACHE_KW)
 
 
 def sample(logits):  # generate's sampler at temperature 1: softmax, then one multinomial draw per row
@@ -84,15 +83,14 @@ def loop(step_fn, steps, state=None, profiler=None):
 with torch.no_grad():
     _, dt = timed(lambda: prefill(StaticCache(config=model.config, max_cache_len=L)))
     print(f"prefill {B} x {W}: {dt:.2f} s", flush=True)
-    cdecode = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
     t0 = time.perf_counter()
-    loop(cdecode, 4)
+    loop(decode, 4)
     print(f"compile: {time.perf_counter() - t0:.1f} s", flush=True)
     steps = 48
-    dt = loop(cdecode, steps)
+    dt = loop(decode, steps)
     print(f"compiled decode, B={B}, cache {L}: {1000 * dt / steps:.1f} ms/step, {B * steps / dt:.0f} tok/s", flush=True)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    wall = loop(cdecode, 8, prefilled(), prof)
+    wall = loop(decode, 8, prefilled(), prof)
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels only
     print(f"profiled 8 steps: wall {1000 * wall / 8:.1f} ms/step, GPU busy {gpu_us / 1000 / 8:.1f} ms/step "

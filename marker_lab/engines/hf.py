@@ -114,17 +114,17 @@ class HFEngine:
                 mask[r, w - len(prompts[i]):] = 1
             with _decode_attention(model, static):
                 if static and not self.static_generate:  # engines.static_decode: generate's draws, less host work
-                    new, cache = sample_static(
+                    new_ids, cache = sample_static(
                         model, input_ids.to(device), mask.to(device), params.n, params.temperature, params.top_p,
                         params.max_tokens, stop_ids, pad_id, _cache_kwarg(model), cache,
                         check_every=16 if device.type == "cuda" else 1)
-                    seqs = None
                 elif not static and self.shared_prefill and params.n > 1 and w > 1:
-                    seqs = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device), gen_cfg)
+                    new_ids = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device),
+                                                             gen_cfg)[:, w:]
                 else:
-                    seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                          generation_config=gen_cfg)
-            new = (new if seqs is None else seqs[:, w:]).tolist()  # waits for the GPU
+                    new_ids = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                             generation_config=gen_cfg)[:, w:]
+            new = new_ids.tolist()  # waits for the GPU
             self.batch_seconds.append(time.perf_counter() - t0)
             for j, i in enumerate(idx):
                 out[i] = [_until_stop(s, stop_ids) for s in new[j * params.n:(j + 1) * params.n]]
