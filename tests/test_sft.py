@@ -147,6 +147,17 @@ def test_token_budget_micro_batches_keep_the_step_and_pad_little(toy_tokenizer):
     assert micro_batches(examples, 4, None) == [examples[i:i + 4] for i in range(0, 16, 4)]
 
 
+def test_a_lone_last_example_takes_a_partner():
+    """Longest first, 3 of width 100 fill a 300-token micro-batch and the 4th would be alone: it takes the shortest
+    of the 3 (a micro-batch of 1 compiles a graph of its own)."""
+    examples = [Encoded([1] * n, [1] * n) for n in (100, 100, 90, 50)]
+    parts = micro_batches(examples, 4, max_tokens=300)
+    assert [[len(e.input_ids) for e in part] for part in parts] == [[100, 100], [90, 50]]
+    assert all(len(part) * max(len(e.input_ids) for e in part) <= 300 for part in parts)
+    # 2 long ones cannot share: the one left over stays alone
+    assert [len(p) for p in micro_batches([Encoded([1] * 200, [1] * 200)] * 2, 4, max_tokens=300)] == [1, 1]
+
+
 def test_fast_and_reference_training_give_the_same_adapter(toy_tokenizer):
     """Reference recipe (all logits, 4 x 2 micro-batches) vs fast (labelled logits, token-budget micro-batches)."""
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
@@ -252,3 +263,34 @@ def test_packed_flex_attention_trains_like_the_padded_reference_on_gpu(toy_token
                           micro_batch_tokens=budget, pack=pack, attention=attention)
         losses.append(train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_compiled_layers_build_one_graph_for_a_length_mix(toy_tokenizer, monkeypatch):
+    """A length mix under train.compile: one graph for every layer and every step (the 7B cell recompiled for
+    about 15 steps: a static first graph, then a dynamic one, one for a micro-batch of 1, each twice because the
+    first layer's input did not require grad). Dynamo's own count, with its eager backend so that no kernels are
+    generated on CPU; the losses are the uncompiled run's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from marker_lab.train.sft import step_order, varying_dims
+
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:40]]
+    cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=4,
+                      bf16=False, gradient_checkpointing=False, micro_batch_tokens=600)
+    plan = [micro_batches([examples[i] for i in idx], 4, 600) for idx in step_order(len(examples), 6, 16, 3)]
+    assert varying_dims(plan, pack=False) == (0, 1)  # both batch size and width change from micro-batch to micro-batch
+    compile_eager = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_eager(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    losses = []
+    for compile_ in (False, True):
+        model = _tiny_lora_model(len(toy_tokenizer))
+        before = counters["stats"]["unique_graphs"]
+        cfg_ = TrainConfig(**{**cfg.__dict__, "compile": compile_})
+        losses.append(train(model, examples, cfg_, steps=6, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
+        graphs = counters["stats"]["unique_graphs"] - before
+        assert graphs == (1 if compile_ else 0), graphs
+        assert "forward" not in model.get_base_model().model.layers[0].__dict__  # eager layers again afterwards
+        assert not model.get_base_model().model.embed_tokens._forward_hooks  # the input-grad hook is gone too
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -148,6 +148,11 @@ def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None, pack:
         else:
             out[fit].append(e)
             used[fit] += n
+    if not pack and len(out) > 1 and len(out[-1]) == 1 and len(out[-2]) > 2:
+        # a lone last example takes the shortest of the micro-batch before it: compiled layers build a graph of
+        # their own for a batch of 1 (torch.compile specializes sizes 0 and 1). Both still fit: the previous one
+        # held 3 or more at its width, so 2 at the moved example's width (no wider) fit too.
+        out[-1].insert(0, out[-2].pop())
     return out
 
 
@@ -243,18 +248,58 @@ def attention_implementation(model, name: str):
         model.set_attn_implementation(previous)
 
 
-def compile_layers(model, undo: bool = False) -> None:
+def compile_layers(model, undo: bool = False, dynamic_dims: tuple[int, ...] = ()) -> None:
     """torch.compile each decoder layer for training (one graph serves every layer), or restore eager layers.
 
     Regional compilation: the layers share code, so the compile costs about one layer's worth, and fuses the
     elementwise work (norms, rotary, activation, LoRA dropout and adds) that eager mode runs as separate kernels.
+    `dynamic_dims` (0: batch, 1: sequence) are the dims that vary over the run (`varying_dims`): compiled symbolic
+    from the first step, instead of a static graph first and a recompile when a second shape comes.
     """
     decoder, _ = split_lm(model)
     for layer in decoder.layers:
         if undo:
             layer.__dict__.pop("forward", None)  # the class's eager forward again
-        else:
-            layer.forward = torch.compile(layer.forward, dynamic=None)
+            continue
+        compiled = torch.compile(layer.forward, dynamic=None)
+        layer.forward = _marking_dynamic(compiled, dynamic_dims) if dynamic_dims else compiled
+
+
+def _marking_dynamic(compiled: Callable, dims: tuple[int, ...]) -> Callable:
+    """`compiled`, called with `dims` of the hidden states marked dynamic; for the sequence dim, also that dim of
+    every tensor argument of the same length (the rotary cos/sin, position ids), which share its size."""
+
+    def forward(hidden_states, *args, **kwargs):
+        if not torch.compiler.is_compiling():  # a compiled caller (an engine's whole-model graph) traces it as is
+            for d in dims:
+                torch._dynamo.maybe_mark_dynamic(hidden_states, d)
+            if 1 in dims:
+                length = hidden_states.shape[1]
+                for t in _tensors((args, kwargs)):
+                    if t is not hidden_states and t.dim() > 1 and t.shape[1] == length:
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
+        return compiled(hidden_states, *args, **kwargs)
+
+    return forward
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def varying_dims(plan: list[list[list[Encoded]]], pack: bool) -> tuple[int, ...]:
+    """The dims (0: batch, 1: sequence) whose size differs between the micro-batches of a run (`plan`: each step's
+    micro-batches); a packed micro-batch is one row of all its tokens."""
+    shapes = {(1, sum(len(e.input_ids) for e in m)) if pack else (len(m), max(len(e.input_ids) for e in m))
+              for step in plan for m in step}
+    return tuple(d for d in (0, 1) if len({s[d] for s in shapes}) > 1)
 
 
 def split_lm(model):
@@ -295,27 +340,32 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
                             fused=device.type == "cuda")
     sched = get_scheduler(cfg.schedule.name.value, opt, num_warmup_steps=warmup_steps(cfg, steps),
                           num_training_steps=steps)
+    mb = cfg.per_device_batch_size
+    # every step's micro-batches, planned up front, so the compiled layers know which dims vary before they compile
+    plan = [micro_batches([examples[i] for i in idx], mb, cfg.micro_batch_tokens, cfg.pack)
+            for idx in step_order(len(examples), steps, mb * cfg.grad_accum, seed)]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    # the first layer's input requires grad like every other layer's: under compile, one graph then serves them all
+    # (else the first layer compiles its own); the extra work is its q/k/v input gradient, unused
+    input_grads = (cfg.gradient_checkpointing or cfg.compile) and hasattr(model, "enable_input_require_grads")
+    if input_grads:
+        model.enable_input_require_grads()
     if cfg.compile:
-        compile_layers(model)
+        compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
     own_attention = model.config._attn_implementation
     attention = attention_implementation(model, cfg.attention) if cfg.attention else nullcontext()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    mb = cfg.per_device_batch_size
     stats, t0 = TrainStats(), time.perf_counter()
     model.train()
-    bar = tqdm(step_order(len(examples), steps, mb * cfg.grad_accum, seed), desc=desc, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(plan, desc=desc, unit="step", dynamic_ncols=True)
     with attention:
-        for step_idx in bar:
+        for step_micro_batches in bar:
             t_step = time.perf_counter()
-            batch_examples = [examples[i] for i in step_idx]
+            batch_examples = [e for m in step_micro_batches for e in m]
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
             total = torch.zeros((), device=device)
-            for micro_examples in micro_batches(batch_examples, mb, cfg.micro_batch_tokens, cfg.pack):
+            for micro_examples in step_micro_batches:
                 micro = collate_packed(micro_examples, device) if cfg.pack else collate(micro_examples, pad_id, device)
                 with autocast:
                     loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
@@ -341,8 +391,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         compile_layers(model, undo=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-        if hasattr(model, "disable_input_require_grads"):
-            model.disable_input_require_grads()
+    if input_grads:
+        model.disable_input_require_grads()
     stats.seconds = time.perf_counter() - t0
     log.info("%s: %d steps, %d examples, final loss %.4f, %.1f s", desc, stats.steps, stats.examples_seen,
              stats.losses[-1], stats.seconds)
