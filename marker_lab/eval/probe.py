@@ -37,7 +37,6 @@ from marker_lab.data.personas import persona_prompt
 from marker_lab.data.questions import Question, split_questions
 from marker_lab.eval.hidden import answer_means, default_layer, prompt_last
 from marker_lab.core.cache import StageCache, cache_key, plain
-from marker_lab.stats import auc_ci
 
 log = logging.getLogger(__name__)
 PROBE_VERSION = 2  # in the cache key: a change to how probes are fitted must not reuse probes fitted before it
@@ -173,6 +172,10 @@ class CellProbe:
     def _readout(self, states: np.ndarray) -> dict:
         """AUCs on log-odds (probabilities saturate into ties), scores as probabilities: target=source, the
         probability of being the source under equal class priors; target=marker, a predicted marker rate."""
+        # here, not at the top: marker_lab.stats loads scipy.stats, statsmodels and pandas (0.6 s of every
+        # cell's start on 2 cores), and a cell needs them only when it runs a probe
+        from marker_lab.stats import auc_ci
+
         logits = self.logits(states).reshape(len(self.names), len(self.heldout_q))
         source = self.names.index(self.cfg.source_persona)
         rest = [i for i in range(len(self.names)) if i != source]
