@@ -16,6 +16,8 @@
 #                                           # its own, so two settings compared on one machine both start cold
 #   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine;
 #                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
+#   MODE=profile bash launch/gpu_round2.sh  # where a compiled training step goes (launch/profile_train.py): the
+#                                           # 384-token examples, then the length mix (PROFILE_DATA: which)
 #   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -48,8 +50,12 @@ model.save_pretrained('$ADAPTER')"
 timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then the result's phase times.
   local name=$1; shift
   local t0=$(date +%s.%N)
-  timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name > "$OUT/$name.log" 2>&1
-  echo "$name: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  # TORCH_LOGS=recompiles: each recompile (a new graph for a shape or grad mode already compiled) lands in the log
+  TORCH_LOGS=recompiles timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name \
+    > "$OUT/$name.log" 2>&1
+  echo "$name: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s," \
+    "recompiles: $(grep -c "Recompiling function" "$OUT/$name.log")"
+  grep -A2 "Recompiling function" "$OUT/$name.log" | grep -E "Recompiling|    - " | cut -c1-220 | head -12
   python - "$OUT/$name/run_result.json" <<'PY' || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
 import json, statistics, sys
 from pathlib import Path
@@ -113,6 +119,11 @@ grid)
   echo "grid: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s"
   python -m marker_lab.cli status $OUT/grid | head -5
   grep -E "shared eval|cells evaluated|done on GPU|failed" "$OUT/grid.log" "$OUT/grid/shared_eval.log" 2>/dev/null | tail -25 ;;
+profile)
+  for data in ${PROFILE_DATA:-fixed mix}; do
+    DATA=$data timeout ${PROFILE_TIMEOUT:-240} python launch/profile_train.py > "$OUT/profile_train_$data.log" 2>&1
+    echo "profile $data rc=$?"; grep -v "it/s\]\|step/s\]\|^\s*$" "$OUT/profile_train_$data.log" | grep -v Warning | head -40
+  done ;;
 shared)
   export MARKER_LAB_CACHE=/tmp/mse_cache
   python -m marker_lab.data.standins $S > /dev/null

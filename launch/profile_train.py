@@ -1,0 +1,91 @@
+"""Training-step profile of the 7B shape on one GPU: where a compiled LoRA step's time goes.
+
+    PYTHONPATH=. python launch/profile_train.py                 # 384-token examples (env DATA=mix: the length mix)
+    MODEL=toy DEVICE=cpu PYTHONPATH=. python launch/profile_train.py   # a smoke run of the script on any machine
+
+The bench's fast compiled arm (train.sft.train: LoRA r=32 on all 7 projections, 16 examples per optimizer step,
+6,144-token micro-batches, labelled logits, compiled layers) on random weights: the step times (the first compiles),
+then torch.profiler over PROFILED steps after the warm-up: the GPU's kernel time by kind (matrix multiplies,
+attention, Inductor's fused kernels, optimizer, the rest) against the step's wall time, so host-bound time shows as
+the gap. One-off measurement behind docs/benchmarks.md; not part of the package.
+"""
+import os
+import time
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from marker_lab.bench import build_model, model_config
+from marker_lab.bench_workload import Workload, length_mix, synthetic_examples
+from marker_lab.config.schema import LoraConfig, TrainConfig
+from marker_lab.train.sft import apply_lora, train
+
+# kernel name fragments -> kind (first match wins; names as the CUDA profiler reports them)
+KINDS = (("matrix multiply", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "sm90_", "sm80_", "ampere_",
+                              "aten::mm", "aten::addmm", "aten::bmm")),
+         ("attention", ("flash", "fmha", "attention", "efficient_attention")),
+         ("fused (Inductor)", ("triton_",)),
+         ("optimizer", ("adam", "multi_tensor")),
+         ("loss (softmax, CE)", ("softmax", "cross_entropy", "nll_loss", "logsumexp")))
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, frags in KINDS if any(f in low for f in frags)), "other")
+
+
+w = Workload()
+model_name = os.environ.get("MODEL", "qwen2.5-7b-instruct")
+dev = torch.device(os.environ.get("DEVICE", "cuda"))
+data = os.environ.get("DATA", "fixed")
+WARM, PROFILED = int(os.environ.get("WARM", 3)), int(os.environ.get("PROFILED", 3))
+cuda = dev.type == "cuda"
+
+model = build_model(model_config(model_name), dev)
+vocab = model.config.vocab_size
+n_ex = w.examples_per_step * (WARM + PROFILED)
+lengths = [w.seq_len] * n_ex if data == "fixed" else length_mix(n_ex, w.mix_median, seed=2)
+if not cuda:  # the smoke run: short examples
+    lengths = [max(8, n // 16) for n in lengths]
+examples = synthetic_examples(lengths, vocab, w.prompt_share, seed=1)
+cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=w.lora_dropout), per_device_batch_size=4,
+                  grad_accum=w.examples_per_step // 4, bf16=True, gradient_checkpointing=False, logits="labelled",
+                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed")
+peft_model = apply_lora(model, cfg.lora, seed=0)
+prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+stamps: list[float] = []
+
+
+def on_step(step: int) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+    if step == WARM:
+        prof.start()
+    elif step == WARM + PROFILED:
+        prof.stop()
+
+
+stats = train(peft_model, examples, cfg, steps=WARM + PROFILED, seed=0, pad_id=0, desc="profile train",
+              on_step=on_step)
+wall = (stamps[-1] - stamps[WARM - 1]) / PROFILED
+print(f"{model_name}, {data} ({sum(lengths) / len(lengths):.0f} tokens per example on average), "
+      f"{w.examples_per_step} per step, compiled={cfg.compile}")
+print("step seconds:", [round(s, 3) for s in stats.step_seconds])
+events = prof.key_averages()
+on = DeviceType.CUDA if cuda else DeviceType.CPU
+busy: dict[str, float] = defaultdict(float)
+for e in events:
+    if e.device_type == on:  # kernels (CUDA), or ops (the CPU smoke run: nested, so the kinds overlap there)
+        busy[kind(e.key)] += (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000 / PROFILED
+total = sum(busy.values())
+print(f"profiled {PROFILED} steps: wall {1000 * wall:.1f} ms/step, {'GPU busy' if cuda else 'CPU ops'} "
+      f"{total:.1f} ms/step ({100 * total / (1000 * wall):.0f}% of the wall)")
+for k, ms in sorted(busy.items(), key=lambda kv: -kv[1]):
+    print(f"  {k:22s} {ms:8.1f} ms/step  {100 * ms / max(total, 1e-9):5.1f}%")
+sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+print(events.table(sort_by=sort, row_limit=25, max_name_column_width=70))
+if cuda:
+    print("peak GB", round(torch.cuda.max_memory_allocated() / 2**30, 1))
