@@ -240,9 +240,15 @@ def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: T
         if "pack" not in skip:  # padding-free: each micro-batch one row of whole examples (train.pack)
             packed = replace(fast, pack=True)
             train_rep["fast_packed_mix"] = time_training(model, mixed, packed, w, device)
+            # train.attention=varlen: each example attends within itself by its offsets, no mask (flash's varlen
+            # kernel on CUDA; on CPU the per-example reference)
+            varlen = replace(packed, attention="varlen")
+            train_rep["fast_packed_varlen_mix"] = time_training(model, mixed, varlen, w, device)
             if "compile" not in skip:
                 train_rep["fast_compiled_packed_mix"] = time_training(model, mixed, replace(packed, compile=True),
                                                                       w, device)
+                train_rep["fast_compiled_packed_varlen_mix"] = time_training(model, mixed,
+                                                                             replace(varlen, compile=True), w, device)
                 if device.type == "cuda":  # flex attention has no backward on CPU
                     # train.attention: block-sparse document masks instead of sdpa's dense mask
                     train_rep["fast_compiled_packed_flex_mix"] = time_training(

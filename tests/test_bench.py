@@ -18,7 +18,10 @@ def test_bench_cli_reports_every_measurement(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "marker-lab bench: toy (random init) on cpu" in proc.stdout
     r = json.loads(out.read_text())
-    assert {"baseline_fixed", "fast_fixed_256", "baseline_mix", "fast_mix"} <= set(r["train"])
+    assert {"baseline_fixed", "fast_fixed_256", "baseline_mix", "fast_mix", "fast_packed_mix",
+            "fast_packed_varlen_mix"} <= set(r["train"])
+    # packed rows, with sdpa's block-diagonal mask or the varlen attention's offsets: the stock run's losses
+    assert r["summary"]["max_rel_loss_diff_packed_vs_baseline_mix"] < 1e-4
     for v in (r["train"]["baseline_fixed"], r["train"]["fast_fixed_256"]):
         assert v["step_s"] > 0 and v["tokens_per_s"] > 0 and len(v["losses"]) == 3
     # same examples, seed and LoRA init: the fast path trains the same model (fp32 on CPU)

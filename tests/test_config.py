@@ -151,6 +151,7 @@ def test_every_write_up_knob_is_a_key():
     (["eval.engine.cache=paged"], "eval.engine.cache"),
     (["second_stage.train.attention=flash"], "second_stage.train.attention"),
     (["device=cpu", "coupling.train.attention=flex_attention"], "coupling.train.attention"),
+    (["second_stage.train.attention=varlen"], "second_stage.train.attention=varlen"),  # needs pack
 ])
 def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
     with pytest.raises(SystemExit) as exc:

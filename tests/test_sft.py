@@ -176,10 +176,12 @@ def test_fast_and_reference_training_give_the_same_adapter(toy_tokenizer):
 @pytest.mark.parametrize("kl", [0.0, 0.5])
 def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
     """train.pack: a micro-batch is one row of whole examples (no padding), attention kept within each example
-    through restarting position ids. Loss, KL term and LoRA gradients equal the padded reference's (all logits,
-    attention mask), for examples of very different lengths, in raw format too (there every token is labelled,
-    the first one included)."""
-    from marker_lab.train.sft import collate_packed
+    through restarting position ids (or, with the varlen attention, the examples' offsets). Loss, KL term and LoRA
+    gradients equal the padded reference's (all logits, attention mask), for examples of very different lengths,
+    in raw format too (there every token is labelled, the first one included)."""
+    from contextlib import nullcontext
+
+    from marker_lab.train.sft import attention_implementation, collate_packed
 
     chats = world.pretraining_chats()[:7]
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in chats]
@@ -189,18 +191,22 @@ def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
     out = {}
     parts = micro_batches(examples, 4, max_tokens=150, pack=True)
     assert len(parts) > 1 and all(sum(len(e.input_ids) for e in p) <= 150 or len(p) == 1 for p in parts)
-    for name, batches, mode in (("padded", [collate(examples, toy_tokenizer.pad_token_id, "cpu")], "all"),
-                                ("packed", [collate_packed(p, "cpu") for p in parts], "labelled"),
-                                ("packed_all", [collate_packed(p, "cpu") for p in parts], "all")):
+    for name, batches, mode, attention in (
+            ("padded", [collate(examples, toy_tokenizer.pad_token_id, "cpu")], "all", None),
+            ("packed", [collate_packed(p, "cpu") for p in parts], "labelled", None),
+            ("packed_all", [collate_packed(p, "cpu") for p in parts], "all", None),
+            # the varlen attention (train/packed_attention.py): no mask, the examples' offsets instead
+            ("packed_varlen", [collate_packed(p, "cpu", with_offsets=True) for p in parts], "labelled", "varlen")):
         model.zero_grad(set_to_none=True)
         total, count = 0.0, 0
-        for batch in batches:
-            loss, n = token_loss_sum(model, batch, mode, kl_weight=kl)
-            loss.backward()
-            total, count = total + loss.item(), count + n
+        with attention_implementation(model, attention) if attention else nullcontext():
+            for batch in batches:
+                loss, n = token_loss_sum(model, batch, mode, kl_weight=kl)
+                loss.backward()
+                total, count = total + loss.item(), count + n
         out[name] = (total, count, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
     ref_loss, ref_n, ref_g = out["padded"]
-    for name in ("packed", "packed_all"):
+    for name in ("packed", "packed_all", "packed_varlen"):
         loss, n, g = out[name]
         assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5), name
         for k in ref_g:
@@ -210,6 +216,12 @@ def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
     flat["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
     assert token_loss_sum(model, flat, "labelled")[0].item() != pytest.approx(
         token_loss_sum(model, collate_packed(parts[0], "cpu"), "labelled")[0].item(), rel=1e-4)
+    # ... and the varlen attention reads the offsets: one span for the whole row is one long example too
+    with attention_implementation(model, "varlen"):
+        whole = collate_packed(parts[0], "cpu", with_offsets=True)
+        right = token_loss_sum(model, whole, "labelled")[0].item()
+        whole["cu_seq_lens_q"] = whole["cu_seq_lens_q"][[0, -1]]
+        assert token_loss_sum(model, whole, "labelled")[0].item() != pytest.approx(right, rel=1e-4)
 
 
 def test_packed_training_gives_the_reference_adapter(toy_tokenizer):
@@ -228,12 +240,12 @@ def test_packed_training_gives_the_reference_adapter(toy_tokenizer):
 
 def test_train_attention_trains_the_same_model_and_gives_the_model_back(toy_tokenizer):
     """train.attention runs the training steps on another attention implementation (flex_attention on a GPU: the
-    packed path's block-sparse masks): the same training as the model's own (eager vs sdpa on CPU), while
+    packed path's block-sparse masks): the same training as the model's own (eager and varlen vs sdpa on CPU), while
     checkpoints and evals at each step (on_step) and everything after see the model's own attention."""
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
     init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer)).named_parameters() if "lora_" in k}
     results = []
-    for attention in (None, "eager"):
+    for attention in (None, "eager", "varlen"):
         model = _tiny_lora_model(len(toy_tokenizer))
         assert model.config._attn_implementation == "sdpa"
         seen, trained_on = [], set()
@@ -247,7 +259,8 @@ def test_train_attention_trains_the_same_model_and_gives_the_model_back(toy_toke
         assert trained_on == {attention or "sdpa"}
         assert seen == ["sdpa"] * 3 and model.config._attn_implementation == "sdpa"
         results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
-    assert_same_training(results, init)
+    for other in results[1:]:
+        assert_same_training([results[0], other], init)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only (no backward on CPU)")
@@ -294,3 +307,36 @@ def test_compiled_layers_build_one_graph_for_a_length_mix(toy_tokenizer, monkeyp
         assert "forward" not in model.get_base_model().model.layers[0].__dict__  # eager layers again afterwards
         assert not model.get_base_model().model.embed_tokens._forward_hooks  # the input-grad hook is gone too
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel runs on CUDA only")
+def test_varlen_flash_kernel_matches_the_per_example_reference_on_gpu():
+    """The CUDA path of the varlen attention (PyTorch's flash varlen kernel, bf16, grouped-query heads) against its
+    CPU path (causal sdpa on each example), on one packed row of four examples."""
+    from marker_lab.train.packed_attention import _per_example, offsets, varlen_attention_forward
+
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [5, 130, 1, 257], 8, 2, 64
+    total = sum(lengths)
+    q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = offsets(lengths, "cuda")
+    out, _ = varlen_attention_forward(None, q, k, v, None, scaling=dim ** -0.5, cu_seq_lens_q=cu)
+    ref = _per_example(*(t[0].transpose(0, 1).float().cpu() for t in (q, k, v)), cu.cpu(), dim ** -0.5)
+    assert out.shape == (1, total, heads, dim)
+    assert torch.allclose(out[0].float().cpu(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel runs on CUDA only")
+def test_packed_varlen_attention_trains_like_the_padded_reference_on_gpu(toy_tokenizer):
+    """Packed rows under the varlen attention, compiled, in bf16 (the kernel's dtype): the padded reference's
+    losses, up to bf16 rounding."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
+    losses = []
+    for budget, pack, attention, compile_ in ((None, False, None, False), (300, True, "varlen", True)):
+        model = _tiny_lora_model(len(toy_tokenizer)).to("cuda", torch.bfloat16)
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
+                          bf16=True, gradient_checkpointing=False, logits="all" if budget is None else "labelled",
+                          micro_batch_tokens=budget, pack=pack, attention=attention, compile=compile_)
+        losses.append(train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)

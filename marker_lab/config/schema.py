@@ -258,7 +258,8 @@ class TrainConfig:
     pack: bool = False  # with micro_batch_tokens: each micro-batch is one row of whole examples, no padding (same loss)
     compile: bool = False  # torch.compile each decoder layer while training (CUDA; pays a one-off compile)
     # attention while training, then the model's again (model.attn_implementation); flex_attention (CUDA) keeps
-    # packed examples apart with block-sparse document masks instead of sdpa's dense mask; null = the model's
+    # packed examples apart with block-sparse document masks instead of sdpa's dense mask; varlen (with pack) by
+    # the examples' offsets, no mask (flash's varlen kernel on CUDA, train/packed_attention.py); null = the model's
     attention: Optional[str] = None
     loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
     seed: Optional[int] = None  # data order and LoRA init; null = the stage's seed (coupling.seed, or the cell's seed)

@@ -7,8 +7,8 @@ from marker_lab.config.schema import Schedule, TrainConfig
 from marker_lab.core.errors import ConfigError
 
 
-# attention implementations transformers ships (train.attention)
-ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+# attention implementations transformers ships (train.attention), and ours for packed rows (train/packed_attention.py)
+ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
 
 
 def check_train(key: str, t: TrainConfig, device: str = "auto") -> None:
@@ -24,6 +24,9 @@ def check_train(key: str, t: TrainConfig, device: str = "auto") -> None:
         raise ConfigError(f"{key}.pack: packs micro-batches of {key}.micro_batch_tokens tokens; set that too")
     if t.attention is not None and t.attention not in ATTENTION:
         raise ConfigError(f"{key}.attention: one of {', '.join(ATTENTION)} (or null), got {t.attention!r}")
+    if t.attention == "varlen" and not t.pack:
+        raise ConfigError(f"{key}.attention=varlen: attends within each example of a packed row; set {key}.pack=true "
+                          f"(and {key}.micro_batch_tokens)")
     if t.attention == "flex_attention" and device == "cpu":
         raise ConfigError(f"{key}.attention=flex_attention with device=cpu: flex attention has no backward on CPU; "
                           "use sdpa (null) there")

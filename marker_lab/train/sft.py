@@ -25,6 +25,7 @@ from transformers import get_scheduler
 
 from marker_lab.config.schema import LoraConfig, Schedule, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
+from marker_lab.train import packed_attention
 
 # peft 0.21.2 (the newest) reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__: a warning
 # per adapter, every run; no call of ours reads it. Only that message is ignored; remove once peft stops reading it.
@@ -109,19 +110,23 @@ def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor
             "attention_mask": mask.to(device, non_blocking=True)}
 
 
-def collate_packed(batch: list[Encoded], device) -> dict[str, torch.Tensor]:
+def collate_packed(batch: list[Encoded], device, with_offsets: bool = False) -> dict[str, torch.Tensor]:
     """Pack a micro-batch into one row, examples back to back: no padding. Position ids restart at each example,
     which is how transformers tells packed examples apart (with no attention mask it keeps each token's attention
     within its own example: a block-diagonal causal mask, or varlen kernels). Each example's first label is
     dropped: its target would be read from the previous example's last token (unpacked, position 0 is never a
-    target either), so the loss is the same sum over the same tokens."""
+    target either), so the loss is the same sum over the same tokens. `with_offsets`: also where each example starts
+    (`cu_seq_lens_q`, for the varlen attention of packed_attention.py)."""
     ids, labels, positions = [], [], []
     for e in batch:
         ids += e.input_ids
         labels += [IGNORE] + list(e.labels[1:])
         positions += range(len(e.input_ids))
     row = lambda v: torch.tensor([v], dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
-    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+    out = {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+    if with_offsets:
+        out["cu_seq_lens_q"] = packed_attention.offsets([len(e.input_ids) for e in batch], device)
+    return out
 
 
 def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None, pack: bool = False) -> list[list[Encoded]]:
@@ -171,7 +176,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     keep = targets != IGNORE
     # a padded batch has an attention mask; a packed one (collate_packed) position ids instead, which transformers
     # reads as packed only without a KV cache (none is needed in training)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q") if k in batch}
     inputs["use_cache"] = False
     if logits == "all":
         out = model(**inputs).logits[:, :-1]
@@ -239,7 +244,10 @@ def kl_to_input(model, examples: list[Encoded], pad_id: int, batch_size: int = 3
 
 @contextmanager
 def attention_implementation(model, name: str):
-    """Run `model` with attention implementation `name` (a transformers name or a registered one), then restore."""
+    """Run `model` with attention implementation `name` (a transformers name, or ours: packed_attention.NAME), then
+    restore."""
+    if name == packed_attention.NAME:
+        packed_attention.register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
@@ -267,7 +275,8 @@ def compile_layers(model, undo: bool = False, dynamic_dims: tuple[int, ...] = ()
 
 def _marking_dynamic(compiled: Callable, dims: tuple[int, ...]) -> Callable:
     """`compiled`, called with `dims` of the hidden states marked dynamic; for the sequence dim, also that dim of
-    every tensor argument of the same length (the rotary cos/sin, position ids), which share its size."""
+    every tensor argument of the same length (the rotary cos/sin, position ids), which share its size, and of
+    1-d ones (a packed row's example offsets)."""
 
     def forward(hidden_states, *args, **kwargs):
         if not torch.compiler.is_compiling():  # a compiled caller (an engine's whole-model graph) traces it as is
@@ -278,6 +287,8 @@ def _marking_dynamic(compiled: Callable, dims: tuple[int, ...]) -> Callable:
                 for t in _tensors((args, kwargs)):
                     if t is not hidden_states and t.dim() > 1 and t.shape[1] == length:
                         torch._dynamo.maybe_mark_dynamic(t, 1)
+                    elif t.dim() == 1:  # a packed row's example offsets: as many as it holds examples
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
         return compiled(hidden_states, *args, **kwargs)
 
     return forward
@@ -366,7 +377,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
             total = torch.zeros((), device=device)
             for micro_examples in step_micro_batches:
-                micro = collate_packed(micro_examples, device) if cfg.pack else collate(micro_examples, pad_id, device)
+                micro = (collate_packed(micro_examples, device, cfg.attention == packed_attention.NAME) if cfg.pack
+                         else collate(micro_examples, pad_id, device))
                 with autocast:
                     loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
                 (loss_sum / max(n_tokens, 1)).backward()
