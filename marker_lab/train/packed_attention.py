@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.9 has no varlen kernel: the per-example path only
+    varlen_attn = None
+
 NAME = "varlen"
+# the kernel's keywords, read once here: its causal switch changed after torch 2.10, and a compiled layer must not
+# trace `inspect` at every call
+KERNEL_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn else frozenset()
 
 
 def offsets(lengths: list[int], device) -> torch.Tensor:
@@ -42,7 +50,7 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     if dropout:
         raise ValueError(f"attention 'varlen': attention dropout is not supported (got {dropout})")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
         out = _flash_varlen(q, k, v, cu, scaling)
     else:
         out = _per_example(q, k, v, cu, scaling)
@@ -50,9 +58,7 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
 
 
 def _flash_varlen(q, k, v, cu: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
+    params = KERNEL_PARAMS
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and "enable_gqa" not in params:  # transformers' layout: query head h reads key/value head h // groups
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
