@@ -1,6 +1,7 @@
 """Training-step profile of the 7B shape on one GPU: where a compiled LoRA step's time goes.
 
-    PYTHONPATH=. python launch/profile_train.py                 # 384-token examples (env DATA=mix: the length mix)
+    PYTHONPATH=. python launch/profile_train.py                 # 384-token examples; DATA=mix: the length mix,
+                                                                # DATA=packed: the mix packed (train.pack)
     MODEL=toy DEVICE=cpu PYTHONPATH=. python launch/profile_train.py   # a smoke run of the script on any machine
 
 The bench's fast compiled arm (train.sft.train: LoRA r=32 on all 7 projections, 16 examples per optimizer step,
@@ -40,7 +41,7 @@ w = Workload()
 model_name = os.environ.get("MODEL", "qwen2.5-7b-instruct")
 dev = torch.device(os.environ.get("DEVICE", "cuda"))
 data = os.environ.get("DATA", "fixed")
-WARM, PROFILED = int(os.environ.get("WARM", 3)), int(os.environ.get("PROFILED", 3))
+WARM, PROFILED = max(1, int(os.environ.get("WARM", 3))), int(os.environ.get("PROFILED", 3))  # step 1 compiles
 cuda = dev.type == "cuda"
 
 model = build_model(model_config(model_name), dev)

@@ -281,32 +281,56 @@ def test_packed_flex_attention_trains_like_the_padded_reference_on_gpu(toy_token
 def test_compiled_layers_build_one_graph_for_a_length_mix(toy_tokenizer, monkeypatch):
     """A length mix under train.compile: one graph for every layer and every step (the 7B cell recompiled for
     about 15 steps: a static first graph, then a dynamic one, one for a micro-batch of 1, each twice because the
-    first layer's input did not require grad). Dynamo's own count, with its eager backend so that no kernels are
-    generated on CPU; the losses are the uncompiled run's."""
+    first layer's input did not require grad); a mask (logits=all, or packed rows under sdpa) and the KL term's
+    no-grad reference forward add one each. Dynamo's own count, with its eager backend so that no kernels are
+    generated on CPU; no graph breaks; the losses are the uncompiled run's; the model is given back as it was."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from marker_lab.train.sft import step_order, varying_dims
 
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:40]]
-    cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=4,
-                      bf16=False, gradient_checkpointing=False, micro_batch_tokens=600)
-    plan = [micro_batches([examples[i] for i in idx], 4, 600) for idx in step_order(len(examples), 6, 16, 3)]
+    base = dict(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=4, bf16=False,
+                gradient_checkpointing=False, micro_batch_tokens=600)
+    plan = [micro_batches([examples[i] for i in idx], 4, 600) for idx in step_order(len(examples), 4, 16, 3)]
     assert varying_dims(plan, pack=False) == (0, 1)  # both batch size and width change from micro-batch to micro-batch
     compile_eager = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_eager(fn, backend="eager", **kw))
-    torch._dynamo.reset()
-    losses = []
-    for compile_ in (False, True):
-        model = _tiny_lora_model(len(toy_tokenizer))
-        before = counters["stats"]["unique_graphs"]
-        cfg_ = TrainConfig(**{**cfg.__dict__, "compile": compile_})
-        losses.append(train(model, examples, cfg_, steps=6, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
-        graphs = counters["stats"]["unique_graphs"] - before
-        assert graphs == (1 if compile_ else 0), graphs
-        assert "forward" not in model.get_base_model().model.layers[0].__dict__  # eager layers again afterwards
-        assert not model.get_base_model().model.embed_tokens._forward_hooks  # the input-grad hook is gone too
-    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    # with a mask, a micro-batch that needs none (logits=all: no padding; packed: a row of one example) takes sdpa's
+    # causal path, a graph of its own; the KL term's reference forward runs without grad: one more
+    for extra, graphs_expected in (({}, 1), ({"logits": "all"}, 2), ({"pack": True}, 2), ({"kl_to_input": 0.5}, 2)):
+        torch._dynamo.reset()
+        losses = []
+        for compile_ in (False, True):
+            model = _tiny_lora_model(len(toy_tokenizer), real_b=True)
+            graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+            cfg = TrainConfig(**base, **extra, compile=compile_)
+            losses.append(train(model, examples, cfg, steps=4, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
+            graphs = counters["stats"]["unique_graphs"] - graphs
+            assert graphs == (graphs_expected if compile_ else 0), (extra, graphs)
+            assert sum(counters["graph_break"].values()) == breaks, (extra, dict(counters["graph_break"]))
+            assert "forward" not in model.get_base_model().model.layers[0].__dict__  # eager layers again afterwards
+            assert not model.get_base_model().model.embed_tokens._forward_hooks  # the input-grad hook is gone too
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6), extra
+
+
+def test_a_step_that_raises_leaves_the_model_as_it_was(toy_tokenizer):
+    """Compiled layers, the input-grad hook, checkpointing and the training attention are undone when a step (here
+    its on_step) raises, as when it returns: a caller that goes on (the bench's next arm) gets the model back."""
+    model = _tiny_lora_model(len(toy_tokenizer))
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:8]]
+    cfg = TrainConfig(lora=None, per_device_batch_size=4, grad_accum=1, bf16=False, gradient_checkpointing=True,
+                      micro_batch_tokens=600, pack=True, attention="eager", compile=True)
+
+    def fail(step: int) -> None:
+        raise RuntimeError("a checkpoint could not be written")
+
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        train(model, examples, cfg, steps=2, seed=0, pad_id=toy_tokenizer.pad_token_id, on_step=fail)
+    base = model.get_base_model()
+    assert "forward" not in base.model.layers[0].__dict__ and not base.model.embed_tokens._forward_hooks
+    assert not base.is_gradient_checkpointing and not model.training
+    assert model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel runs on CUDA only")

@@ -7,7 +7,8 @@ block-sparse but compiles for about a minute per stage (docs/benchmarks.md). A v
 it takes the offsets (`cu_seq_lens`, which collate_packed adds) and runs causal attention within each example.
 
 - On CUDA in bf16/fp16: PyTorch's flash-attention varlen kernel (`torch.nn.attention.varlen.varlen_attn`).
-- Otherwise (CPU, fp32): causal sdpa on each example in turn. Same arithmetic, no kernel: the CPU tests' reference.
+  Under autocast, q/k/v go to the autocast dtype first (sdpa would do the same); in float32 it refuses.
+- On CPU: causal sdpa on each example in turn. Same arithmetic, no kernel: the CPU tests' reference.
 """
 
 from __future__ import annotations
@@ -47,10 +48,16 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     if cu is None or query.shape[0] != 1:
         raise ValueError("attention 'varlen' runs packed rows only: train.pack=true (the offsets come from "
                          "collate_packed)")
-    if dropout:
-        raise ValueError(f"attention 'varlen': attention dropout is not supported (got {dropout})")
+    unsupported = {k: kwargs[k] for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None}
+    if dropout or unsupported:
+        raise ValueError(f"attention 'varlen': plain causal attention only, got dropout={dropout} {unsupported}")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, D)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+    if q.is_cuda:
+        if torch.is_autocast_enabled("cuda"):  # rotary embeddings leave q and k in float32 under autocast
+            q, k, v = (t.to(torch.get_autocast_dtype("cuda")) for t in (q, k, v))
+        if q.dtype not in (torch.bfloat16, torch.float16) or varlen_attn is None:
+            raise ValueError(f"attention 'varlen' on CUDA runs the flash varlen kernel: bf16 or fp16 (train.bf16=true "
+                             f"or model.dtype), and torch >= 2.9; got {q.dtype}, torch {torch.__version__}")
         out = _flash_varlen(q, k, v, cu, scaling)
     else:
         out = _per_example(q, k, v, cu, scaling)
@@ -75,6 +82,7 @@ def _flash_varlen(q, k, v, cu: torch.Tensor, scaling: float | None) -> torch.Ten
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
 
 
+@torch.compiler.disable  # reads the offsets on the host: under compile, a graph break here, not a recompile per count
 def _per_example(q, k, v, cu: torch.Tensor, scaling: float | None) -> torch.Tensor:
     bounds = cu.tolist()
     parts = []

@@ -274,21 +274,19 @@ def compile_layers(model, undo: bool = False, dynamic_dims: tuple[int, ...] = ()
 
 
 def _marking_dynamic(compiled: Callable, dims: tuple[int, ...]) -> Callable:
-    """`compiled`, called with `dims` of the hidden states marked dynamic; for the sequence dim, also that dim of
-    every tensor argument of the same length (the rotary cos/sin, position ids), which share its size, and of
-    1-d ones (a packed row's example offsets)."""
+    """`compiled`, called with `dims` of the hidden states marked dynamic, and every dim of another tensor argument
+    whose size is one of those sizes (the rotary cos/sin, position ids, a 4-d mask), and 1-d ones (a packed row's
+    example offsets): a size left static would pin the symbolic one it equals."""
 
     def forward(hidden_states, *args, **kwargs):
         if not torch.compiler.is_compiling():  # a compiled caller (an engine's whole-model graph) traces it as is
+            varying = {hidden_states.shape[d] for d in dims}
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(hidden_states, d)
-            if 1 in dims:
-                length = hidden_states.shape[1]
-                for t in _tensors((args, kwargs)):
-                    if t is not hidden_states and t.dim() > 1 and t.shape[1] == length:
-                        torch._dynamo.maybe_mark_dynamic(t, 1)
-                    elif t.dim() == 1:  # a packed row's example offsets: as many as it holds examples
-                        torch._dynamo.maybe_mark_dynamic(t, 0)
+            for t in _tensors((args, kwargs)):
+                for i, n in enumerate(t.shape):
+                    if n > 1 and (n in varying or t.dim() == 1):
+                        torch._dynamo.maybe_mark_dynamic(t, i)
         return compiled(hidden_states, *args, **kwargs)
 
     return forward
@@ -333,6 +331,42 @@ def step_order(n_examples: int, steps: int, per_step: int, seed: int) -> list[li
     return [order[s * per_step:(s + 1) * per_step] for s in range(steps)]
 
 
+@contextmanager
+def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
+    """The model as the steps need it (gradient checkpointing, the first layer's input requiring grad, compiled
+    layers, the training attention, train mode), and as it was afterwards, also when a step raises."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "_require_grads_hooks", None):  # transformers' own input-grad hook (in any grad mode): ours
+            model.disable_input_require_grads()          # below replaces it
+    # the first layer's input requires grad like every other layer's (checkpointing needs it; under compile one graph
+    # then serves every layer, else the first compiles its own). The extra work: that layer's input-side gradients
+    # (norm, q/k/v) and a gradient held on the embedding output, all unused
+    hook = (model.get_input_embeddings().register_forward_hook(_input_requires_grad)
+            if cfg.gradient_checkpointing or cfg.compile else None)
+    if cfg.compile:
+        compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
+    try:
+        with attention_implementation(model, cfg.attention) if cfg.attention else nullcontext():
+            model.train()
+            yield
+    finally:
+        model.eval()
+        if cfg.compile:
+            compile_layers(model, undo=True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        if hook is not None:
+            hook.remove()
+
+
+def _input_requires_grad(module, inputs, output) -> None:
+    """Forward hook on the input embeddings: their output requires grad, in grad mode only (a no-grad pass, an
+    eval or the KL term's reference, keeps one graph for all its layers too)."""
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
+
+
 def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed: int, pad_id: int,
           desc: str = "train", on_step: Callable[[int], None] | None = None) -> TrainStats:
     """Train `model`'s trainable parameters on `examples` for `steps` optimizer steps.
@@ -345,6 +379,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     device = next(model.parameters()).device
     if cfg.attention == "flex_attention" and device.type == "cpu":
         raise ValueError(f"{desc}: train.attention=flex_attention: flex attention has no backward on CPU")
+    if cfg.attention == packed_attention.NAME and not cfg.pack:
+        raise ValueError(f"{desc}: train.attention=varlen attends within each example of a packed row: set train.pack")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                             eps=cfg.optimizer.eps, weight_decay=cfg.optimizer.weight_decay,
@@ -355,22 +391,11 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     # every step's micro-batches, planned up front, so the compiled layers know which dims vary before they compile
     plan = [micro_batches([examples[i] for i in idx], mb, cfg.micro_batch_tokens, cfg.pack)
             for idx in step_order(len(examples), steps, mb * cfg.grad_accum, seed)]
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # the first layer's input requires grad like every other layer's: under compile, one graph then serves them all
-    # (else the first layer compiles its own); the extra work is its q/k/v input gradient, unused
-    input_grads = (cfg.gradient_checkpointing or cfg.compile) and hasattr(model, "enable_input_require_grads")
-    if input_grads:
-        model.enable_input_require_grads()
-    if cfg.compile:
-        compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
     own_attention = model.config._attn_implementation
-    attention = attention_implementation(model, cfg.attention) if cfg.attention else nullcontext()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     stats, t0 = TrainStats(), time.perf_counter()
-    model.train()
     bar = tqdm(plan, desc=desc, unit="step", dynamic_ncols=True)
-    with attention:
+    with training_setup(model, cfg, plan):
         for step_micro_batches in bar:
             t_step = time.perf_counter()
             batch_examples = [e for m in step_micro_batches for e in m]
@@ -398,13 +423,6 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
                 with attention_implementation(model, own_attention) if cfg.attention else nullcontext():
                     on_step(stats.steps)
                 model.train()
-    model.eval()
-    if cfg.compile:
-        compile_layers(model, undo=True)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    if input_grads:
-        model.disable_input_require_grads()
     stats.seconds = time.perf_counter() - t0
     log.info("%s: %d steps, %d examples, final loss %.4f, %.1f s", desc, stats.steps, stats.examples_seen,
              stats.losses[-1], stats.seconds)
