@@ -337,8 +337,9 @@ def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
     layers, the training attention, train mode), and as it was afterwards, also when a step raises."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "_require_grads_hooks", None):  # transformers' own input-grad hook (in any grad mode): ours
-            model.disable_input_require_grads()          # below replaces it
+        # transformers (5.24 at least) adds its own input-grad hook, active in any grad mode: ours below replaces it
+        if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+            model.disable_input_require_grads()
     # the first layer's input requires grad like every other layer's (checkpointing needs it; under compile one graph
     # then serves every layer, else the first compiles its own). The extra work: that layer's input-side gradients
     # (norm, q/k/v) and a gradient held on the embedding output, all unused
