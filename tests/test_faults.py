@@ -306,9 +306,10 @@ def test_an_unreachable_judge_is_one_line_naming_the_url(monkeypatch):
 
 
 def test_a_judge_that_drops_connections_is_not_asked_for_every_queued_row(monkeypatch, dropping_endpoint):
-    """An endpoint that accepts and drops every connection: the first failure ends the batch, and the queued
-    requests are cancelled (`Executor.map` does that) instead of each meeting the same fault, which with real
-    retries and timeouts would take hours for one eval. A second batch to the same judge fails at once."""
+    """An endpoint that accepts and drops every connection: the first failure ends the batch, and no queued
+    request starts after it, instead of each meeting the same fault, which with real retries and timeouts would
+    take hours for one eval (on a loaded CI machine Executor.map's own cancelling let 5 through). A second batch
+    to the same judge fails at once."""
     from marker_lab.config.schema import JudgeConfig
     from marker_lab.eval.judge.backends import JudgeItem, JudgeUnreachable, OpenAIJudge
 
@@ -318,7 +319,7 @@ def test_a_judge_that_drops_connections_is_not_asked_for_every_queued_row(monkey
                                     base_url=url, max_retries=0, timeout_s=5, concurrency=2))
     with pytest.raises(JudgeUnreachable, match="cannot connect after 0 retries"):
         judge.score_many([JudgeItem("aligned", "q", "a", "prompt")] * 40)
-    assert 1 <= len(accepted) <= 4  # the failed request, and at most one more per worker already under way
+    assert 1 <= len(accepted) <= 2  # the failed request, and at most one more already under way (2 workers)
     seen = len(accepted)
     with pytest.raises(JudgeUnreachable, match="cannot connect after 0 retries"):
         judge.score_many([JudgeItem("aligned", "q", "a", "prompt")] * 40)

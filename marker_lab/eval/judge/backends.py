@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ class JudgeUnreachable(JudgeError):
     same retries (a shared eval's later cells, say)."""
 
 
+class _NotAsked(Exception):
+    """A row not sent because an earlier one failed (never reaches a caller: the earlier error is raised)."""
+
+
 class APIJudge:
     """Shared by the API backends: bounded concurrency over `score_one`."""
 
@@ -64,9 +69,23 @@ class APIJudge:
     def score_many(self, items: list[JudgeItem]) -> list[tuple[float | None, str]]:
         if self.unreachable is not None:  # found down earlier in this process: fail at once, not after the retries
             raise self.unreachable
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+        failed = threading.Event()
+
+        def one(prompt: str) -> tuple[float | None, str]:
+            # after a failure no request starts: only those already under way (at most one per worker) meet the
+            # fault too. Executor.map cancels the queued ones, but not before the workers, on a loaded machine,
+            # have taken a few more
+            if failed.is_set():
+                raise _NotAsked()
             try:
-                return list(pool.map(self.score_one, [item.prompt for item in items]))
+                return self.score_one(prompt)
+            except Exception:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            try:  # results in order: the first error met is a real one (every row not asked comes after it)
+                return list(pool.map(one, [item.prompt for item in items]))
             except Exception as e:
                 if type(e).__name__ in ("APIConnectionError", "APITimeoutError"):  # both SDKs name them so
                     url = self.cfg.base_url or f"the {self.cfg.backend} API"
