@@ -164,7 +164,7 @@ def environment(device: torch.device) -> dict:
 
 
 def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str], out: Path | None = None,
-              compile_cache: dict | None = None, extra: set[str] = frozenset()) -> dict:
+              compile_cache: dict | None = None, flex_decode: bool = False) -> dict:
     """Every measurement of the report, in one process, on one device (saved to `out` after each phase);
     `compile_cache`: where torch.compile's caches are and whether they held entries at the start."""
     cfg = model_config(model_name)
@@ -205,7 +205,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     _sync(device)
     report["merge"] = {"seconds": round(time.perf_counter() - t0, 2)}
     if "generate" not in skip:
-        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip, extra))
+        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip, flex_decode))
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
     if "train" not in skip and "liger" not in skip:  # last: Liger patches the model's classes for good
@@ -301,10 +301,10 @@ def time_liger_peer(model, examples: list[Encoded], ref: TrainConfig, w: Workloa
 
 def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
                          report: dict, out: Path | None, skip: set[str] = frozenset(),
-                         extra: set[str] = frozenset()) -> dict:
+                         flex_decode: bool = False) -> dict:
     """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two);
-    then the static cache through generate (arm `via_generate`) and, on CUDA with `extra={"flex_decode"}`, flex
-    attention in the decode step."""
+    then the static cache through generate (arm `via_generate`) and, on CUDA with `flex_decode`, flex attention
+    in the decode step."""
     stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
     gen: dict = {}
     n_base = max(1, w.baseline_gen_batch // w.samples)
@@ -324,7 +324,7 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         gen["fast_eval_via_generate"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
                                                         static_generate=True)
         _save({**report, "generate": {**report["generate"], **gen}}, out)
-    if device.type == "cuda" and "flex_decode" in extra:
+    if device.type == "cuda" and flex_decode:
         # the decode step under flex attention: its block mask skips the static cache's blocks past each step's
         # position (sdpa reads the whole cache every step) and it reads each key/value head once (GQA)
         from marker_lab.train.sft import attention_implementation
@@ -388,7 +388,7 @@ def main(argv: list[str]) -> None:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None
     report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out,
-                       compile_cache, {"flex_decode"} if args.flex_decode else set())
+                       compile_cache, args.flex_decode)
     print(format_report(report))
     if out:
         log.info("bench report: %s", out)

@@ -14,6 +14,7 @@ it takes the offsets (`cu_seq_lens`, which collate_packed adds) and runs causal 
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,7 @@ KERNEL_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_a
 def offsets(lengths: list[int], device) -> torch.Tensor:
     """Where each example of a packed row starts, and the row's end: [0, n1, n1 + n2, ...] (int32, as the kernel
     takes them)."""
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32).to(device, non_blocking=True)
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device, non_blocking=True)
 
 
 def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
