@@ -24,9 +24,10 @@ from marker_lab.config.schema import LoraConfig, TrainConfig
 from marker_lab.train.sft import apply_lora, train
 
 # kernel name fragments -> kind (first match wins; names as the CUDA profiler reports them)
-KINDS = (("matrix multiply", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "sm90_", "sm80_", "ampere_",
+KINDS = (("attention", ("flash", "fmha", "attention", "efficient_attention", "sdpa")),  # first: cuDNN's sdpa kernels
+         # carry "sm90_" in their names, which the matrix multiplies' fragments would take
+         ("matrix multiply", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "sm90_", "sm80_", "ampere_",
                               "aten::mm", "aten::addmm", "aten::bmm")),
-         ("attention", ("flash", "fmha", "attention", "efficient_attention")),
          ("fused (Inductor)", ("triton_",)),
          ("optimizer", ("adam", "multi_tensor")),
          ("loss (softmax, CE)", ("softmax", "cross_entropy", "nll_loss", "logsumexp")))
