@@ -10,9 +10,10 @@
 #                                           # PROFILE=1: then launch/profile_decode.py; LATER=0: no second process;
 #                                           # GEN_SKIP: the first process's --skip
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
-#                                           # 137" runs a second on the same caches (warm compile cache; about 5 min
-#                                           # each: one per call fits); CELL_ARGS replaces the packed + flex overrides
-#                                           # (CELL_ARGS=" ": the defaults); CACHE_TAG: a stage and compile cache of
+#                                           # 137" runs a second on the same caches (warm compile cache; about 4 min
+#                                           # each); CELL_ARGS: overrides (the recipe's defaults: packed + varlen;
+#                                           # padded: "second_stage.train.pack=false second_stage.train.attention=null");
+#                                           # CACHE_TAG: a stage and compile cache of
 #                                           # its own, so two settings compared on one machine both start cold
 #   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine;
 #                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
@@ -99,7 +100,7 @@ gen)
   echo "later process (warm compile cache) rc=$?"; grep -E "^  (generate|summary)" "$OUT/gen_later.log" || tail -20 "$OUT/gen_later.log" ;;
 cell)
   ARGS=(+experiment=marker_transfer condition=c1 "${STANDINS[@]}" coupling.adapter_path=$ADAPTER
-        ${CELL_ARGS:-second_stage.train.pack=true second_stage.train.attention=flex_attention})
+        ${CELL_ARGS:-})
   if [ -n "${DRY:-}" ]; then dry_check "${ARGS[@]}"; exit; fi
   # one cache per CACHE_TAG: a second seed finds the first's compiled kernels; another tag starts cold
   export MARKER_LAB_CACHE=/tmp/cell_cache${CACHE_TAG:+_$CACHE_TAG}
