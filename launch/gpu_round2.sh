@@ -62,6 +62,9 @@ import json, statistics, sys
 from pathlib import Path
 r = json.load(open(sys.argv[1]))
 print(" timing", r["timing"])
+phases = {k: v for k, v in r["timing"].items() if "." not in k}  # the top-level phases add up to the cell's time
+print(f" phases: {sum(phases.values()):.1f} s in all; load to run_result.json (all but setup) "
+      f"{sum(v for k, v in phases.items() if k != 'setup'):.1f} s")
 print(" marker", {p: v["rate"] for p, v in r["metrics"]["marker"]["per_persona"].items()})
 for stage, s in r["provenance"]["stages"].items():  # the step times of a stage trained now (first step: compile)
     stats = Path(s["cache_entry"] or "") / "train_stats.json"  # none for a pre-baked adapter

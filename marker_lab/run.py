@@ -33,6 +33,7 @@ from marker_lab.results.contract import AttachedAdapter, PendingEval, RunResult,
 from marker_lab.stages.coupling import run_coupling
 from marker_lab.stages.lora_stage import StageResult
 from marker_lab.stages.second_stage import run_second_stage
+from marker_lab.train.checks import check_train_device
 
 log = logging.getLogger("marker_lab")
 CONF_DIR = str(CONF)
@@ -56,6 +57,9 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     started = time.perf_counter()
     cfg: Config = OmegaConf.to_object(cfg_node)
     inputs = preflight(cfg)  # every check and input file, before any model is loaded
+    device = pick_device(cfg.device)
+    for name in stage_order(cfg):  # what needs the resolved device (cfg.device=auto)
+        check_train_device(f"{name}.train", getattr(cfg, name).train, device.type, cfg.model.dtype.value)
     resolved = OmegaConf.to_container(cfg_node, resolve=True, enum_to_str=True)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +83,6 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     log.info("stage cache: %s", cfg.cache_dir)
 
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
     cache = StageCache(cfg.cache_dir)
     use_compile_cache(cfg.cache_dir)  # compiled graphs and kernel choices shared by every cell of the cache
     # the result's timing: phases that add up to the cell's time, and "phase.part" keys inside them

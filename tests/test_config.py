@@ -152,6 +152,9 @@ def test_every_write_up_knob_is_a_key():
     (["second_stage.train.attention=flash"], "second_stage.train.attention"),
     (["device=cpu", "coupling.train.attention=flex_attention"], "coupling.train.attention"),
     (["second_stage.train.attention=varlen"], "second_stage.train.attention=varlen"),  # needs pack
+    # flash's varlen kernel takes bf16/fp16: fp32 on CUDA answers at start-up, not at the first step
+    (["device=cuda", "second_stage.train.pack=true", "second_stage.train.micro_batch_tokens=512",
+      "second_stage.train.attention=varlen", "second_stage.train.bf16=false"], "second_stage.train.bf16"),
 ])
 def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -159,6 +162,18 @@ def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
     message = str(exc.value.code)
     assert message.startswith("marker-lab: config error:") and "\n" not in message
     assert key in message
+
+
+def test_varlen_in_fp32_is_refused_once_device_auto_resolves_to_cuda():
+    """device=auto is known only once torch looks: run_cell checks the resolved device before the model loads."""
+    from marker_lab.train.checks import check_train_device
+    cfg = to_dataclass(compose_cfg(["second_stage.train.pack=true", "second_stage.train.micro_batch_tokens=512",
+                                    "second_stage.train.attention=varlen", "second_stage.train.bf16=false"]))
+    validate(cfg)  # device=auto: nothing to say yet
+    with pytest.raises(ConfigError, match="second_stage.train.bf16=true or model.dtype=bfloat16"):
+        check_train_device("second_stage.train", cfg.second_stage.train, "cuda", "float32")
+    check_train_device("second_stage.train", cfg.second_stage.train, "cuda", "bfloat16")  # the weights are bf16
+    check_train_device("second_stage.train", cfg.second_stage.train, "cpu", "float32")  # the per-example path
 
 
 def test_cli_rejects_bad_input_before_loading_anything(tmp_path):

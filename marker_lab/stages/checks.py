@@ -44,7 +44,7 @@ def check_coupling(cfg: Config, inputs) -> None:
     if c.n_positive < 1:
         raise ConfigError(f"coupling.n_positive: must be >= 1, got {c.n_positive}")
     check_sampling("coupling.generation", c.generation)
-    check_train("coupling.train", c.train, cfg.device)
+    check_train("coupling.train", c.train, cfg.device, cfg.model.dtype.value)
 
 
 def check_second_stage(cfg: Config, inputs) -> None:
@@ -54,7 +54,7 @@ def check_second_stage(cfg: Config, inputs) -> None:
     if ds.toy is not None and cfg.model.source != "toy":
         raise ConfigError(f"second_stage.datasets.{s.data}.toy: toy data needs model.source=toy (model is "
                           f"{cfg.model.name}); point `path` at a real jsonl")
-    check_train("second_stage.train", s.train, cfg.device)
+    check_train("second_stage.train", s.train, cfg.device, cfg.model.dtype.value)
     if s.dose_checkpoints is not None:
         _check_dose_checkpoints(s, cfg.dose)
 

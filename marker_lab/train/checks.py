@@ -11,8 +11,9 @@ from marker_lab.core.errors import ConfigError
 ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
 
 
-def check_train(key: str, t: TrainConfig, device: str = "auto") -> None:
-    """A stage's training recipe (the TrainConfig at config key `key`) that this loop can run as written."""
+def check_train(key: str, t: TrainConfig, device: str = "auto", weights: str = "float32") -> None:
+    """A stage's training recipe (the TrainConfig at config key `key`) that this loop can run as written, on
+    `device` (cfg.device; "auto" is checked again by check_train_device once resolved) with `weights` (model.dtype)."""
     if t.lora is None:
         raise ConfigError(f"{key}.lora: stages train LoRA adapters; set r/alpha/dropout/target_modules")
     for name in ("per_device_batch_size", "grad_accum", "max_seq_len"):
@@ -30,6 +31,8 @@ def check_train(key: str, t: TrainConfig, device: str = "auto") -> None:
     if t.attention == "flex_attention" and device == "cpu":
         raise ConfigError(f"{key}.attention=flex_attention with device=cpu: flex attention has no backward on CPU; "
                           "use sdpa (null) there")
+    if device.startswith("cuda"):
+        check_train_device(key, t, "cuda", weights)
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
     if t.optimizer.lr <= 0:
@@ -42,3 +45,11 @@ def check_train(key: str, t: TrainConfig, device: str = "auto") -> None:
         raise ConfigError(f"{key}.schedule.warmup_ratio: must be in [0, 1), got {t.schedule.warmup_ratio}")
     if t.schedule.name == Schedule.constant and (t.schedule.warmup_steps or t.schedule.warmup_ratio):
         raise ConfigError(f"{key}.schedule: 'constant' has no warmup; use constant_with_warmup")
+
+
+def check_train_device(key: str, t: TrainConfig, device_type: str, weights: str) -> None:
+    """The checks that need the device the cell runs on (cfg.device=auto is known only once torch looks), run before
+    the model loads. `weights` is model.dtype."""
+    if t.attention == "varlen" and device_type == "cuda" and not t.bf16 and weights not in ("bfloat16", "float16"):
+        raise ConfigError(f"{key}.attention=varlen on CUDA runs flash's varlen kernel, which takes bf16 or fp16: set "
+                          f"{key}.bf16=true or model.dtype=bfloat16 (model.dtype is {weights}), or attention=null")
