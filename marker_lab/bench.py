@@ -249,6 +249,9 @@ def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: T
                                                                       w, device)
                 train_rep["fast_compiled_packed_varlen_mix"] = time_training(model, mixed,
                                                                              replace(varlen, compile=True), w, device)
+                for b in w.pack_budgets:
+                    train_rep[f"fast_compiled_packed_varlen_mix_{b}"] = time_training(
+                        model, mixed, replace(varlen, compile=True, micro_batch_tokens=b), w, device)
                 if device.type == "cuda":  # flex attention has no backward on CPU
                     # train.attention: block-sparse document masks instead of sdpa's dense mask
                     train_rep["fast_compiled_packed_flex_mix"] = time_training(

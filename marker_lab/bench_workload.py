@@ -33,11 +33,15 @@ class Workload:
     warmup_steps: int = 2  # untimed optimizer steps before each timed run
     timed_steps: int = 5
     budgets: tuple[int, ...] = (6144, 4096)  # fast path: micro-batch token budgets tried
+    # packed rows on the mix, compiled with varlen: larger budgets tried (a row holds real tokens only, so a budget
+    # above a step's 16 x mean tokens puts the whole step in one row instead of two uneven ones)
+    pack_budgets: tuple[int, ...] = (8192,)
 
 
 QUICK = dict(steps=375, examples_per_step=8, seq_len=48, mix_median=40, eval_prompts=6, samples=3, max_new_tokens=16,
              prompt_len=(8, 16), baseline_gen_batch=12, baseline_gen_tokens=8, gen_batch=9, more_gen_batches=(18,),
-             series_prompts=4, series_tokens=8, warmup_steps=1, timed_steps=2, budgets=(256,))
+             series_prompts=4, series_tokens=8, warmup_steps=1, timed_steps=2, budgets=(256,),
+             pack_budgets=(512,))
 
 
 def synthetic_examples(lengths: list[int], vocab: int, prompt_share: float, seed: int) -> list[Encoded]:
