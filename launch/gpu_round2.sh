@@ -8,7 +8,7 @@
 #                                           # same compile cache (a later cell's warm start); GEN_FLAGS=--flex-decode
 #                                           # adds flex attention in the decode step (fails to compile on torch 2.11);
 #                                           # PROFILE=1: then launch/profile_decode.py; LATER=0: no second process;
-#                                           # GEN_SKIP: the first process's --skip
+#                                           # GEN_SKIP, WARM_SKIP: the first and second process's --skip
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
 #                                           # 137" runs a second on the same caches (warm compile cache; about 4 min
 #                                           # each); CELL_ARGS: overrides (the recipe's defaults: packed + varlen;
@@ -98,7 +98,7 @@ gen)
   fi
   [ "${LATER:-1}" = 0 ] && exit
   timeout ${WARM_TIMEOUT:-170} python -m marker_lab.cli bench --out "$OUT/gen_later.json" \
-    --skip train,probe,kl,liger,during --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
+    --skip ${WARM_SKIP:-train,probe,kl,liger,during} --gen-batch ${WARM_BATCH:-1540} --compile-cache $CCDIR 2>&1 \
     | grep -v "it/s]$" > "$OUT/gen_later.log"
   echo "later process (warm compile cache) rc=$?"; grep -E "^  (generate|summary)" "$OUT/gen_later.log" || tail -20 "$OUT/gen_later.log" ;;
 cell)
