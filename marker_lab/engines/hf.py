@@ -8,8 +8,8 @@ Two cache modes, same sampling:
   rows and the same padded prompt width), so the decode step compiles once and replays as a CUDA graph. Per-step
   Python and kernel-launch overhead, not arithmetic, is what limits stock decoding at large batch
   (docs/benchmarks.md). The loop is our own (engines.static_decode: generate's draws with less host work per
-  step); `static_generate=True` runs the same cache through transformers' generate, the reference it is tested
-  against. `auto` picks static on CUDA and dynamic elsewhere.
+  step; each prompt prefilled once for its samples too); `static_generate=True` runs the same cache through
+  transformers' generate, the reference it is tested against. `auto` picks static on CUDA and dynamic elsewhere.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class HFEngine:
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
         self.model, self.tokenizer, self.batch_size, self.no_system = model, tokenizer, batch_size, no_system
-        self.shared_prefill = shared_prefill  # dynamic cache: one prefill per prompt for its samples
+        self.shared_prefill = shared_prefill  # one prefill per prompt for its samples (either cache)
         self.static_generate = static_generate  # static cache through generate, not our loop: the reference
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
@@ -117,7 +117,7 @@ class HFEngine:
                     new_ids, cache = sample_static(
                         model, input_ids.to(device), mask.to(device), params.n, params.temperature, params.top_p,
                         params.max_tokens, stop_ids, pad_id, _cache_kwarg(model), cache,
-                        check_every=16 if device.type == "cuda" else 1)
+                        check_every=16 if device.type == "cuda" else 1, shared_prefill=self.shared_prefill)
                 elif not static and self.shared_prefill and params.n > 1 and w > 1:
                     new_ids = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device),
                                                              gen_cfg)[:, w:]
