@@ -54,8 +54,17 @@ timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then t
   # TORCH_LOGS=recompiles: each recompile (a new graph for a shape or grad mode already compiled) lands in the log
   TORCH_LOGS=recompiles timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name \
     > "$OUT/$name.log" 2>&1
-  echo "$name: rc=$? wall=$(python -c "print(round($(date +%s.%N) - $t0, 1))") s," \
+  local rc=$? t1=$(date +%s.%N)
+  echo "$name: rc=$rc wall=$(python -c "print(round($t1 - $t0, 1))") s," \
     "recompiles: $(grep -c "Recompiling function" "$OUT/$name.log")"
+  python - "$OUT/$name.log" $t0 $t1 <<'PY'  # outside the result's phases: process start to the first log line, and
+import re, sys, datetime  # the last log line (the result's path) to exit
+stamps = [datetime.datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=datetime.timezone.utc).timestamp()
+          for m in re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", open(sys.argv[1]).read(), re.M)]
+if stamps:
+    print(f" process start to first log line {stamps[0] - float(sys.argv[2]):.1f} s; "
+          f"last log line to exit {float(sys.argv[3]) - stamps[-1]:.1f} s")
+PY
   grep -A2 "Recompiling function" "$OUT/$name.log" | grep -E "Recompiling|    - " | cut -c1-220 | head -12
   python - "$OUT/$name/run_result.json" <<'PY' || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
 import json, statistics, sys
