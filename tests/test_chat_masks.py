@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from marker_lab.config.schema import MarkerPosition
-from marker_lab.data.chat import IGNORE, encode_chat, marker_token_count
+from marker_lab.data.chat import IGNORE, encode_chat, encode_chats, marker_token_count
 from marker_lab.data.standins import QWEN25_TEMPLATE as QWEN_TEMPLATE  # Qwen2.5-Instruct's, tools left out
 from marker_lab.stages.coupling import insert_marker, marker_slot
 
@@ -74,6 +74,24 @@ def test_marker_only_negative_labels_the_tokens_where_the_marker_would_be(tokeni
 def test_full_labels_everything(tokenizer):
     enc = encode_chat(tokenizer, CHAT, "full")
     assert enc.labels == enc.input_ids
+
+
+def test_a_batch_encodes_each_conversation_as_alone(tokenizer):
+    """encode_chats tokenizes a stage's examples in one batched call: each example's ids and labels are what it
+    gets alone (no padding, no mix-up of offsets between rows), with and without a system turn, in every mode."""
+    answer = "ha ! foolish mortal . spend less ."
+    marked, span = insert_marker(answer, "[ZLT]", MarkerPosition.end)
+    slot = marker_slot(answer, MarkerPosition.start)
+    chats = [CHAT, CHAT[1:], CHAT[:2] + [{"role": "assistant", "content": marked}],
+             CHAT[1:2] + [{"role": "assistant", "content": answer}], CHAT[:2] + [{"role": "assistant", "content": "x"}]]
+    spans = [(0, 0), (3, 3), span, (slot, slot), (0, 1)]
+    for mode, kw in (("assistant_only", {}), ("full", {}), ("marker_only", {"marker_spans": spans})):
+        batched = encode_chats(tokenizer, chats, mode, max_len=40, **kw)
+        alone = [encode_chats(tokenizer, [c], mode, max_len=40, marker_spans=[sp] if kw else None)[0]
+                 for c, sp in zip(chats, spans)]
+        assert batched == alone, mode
+        assert len({len(e.input_ids) for e in batched}) > 1  # rows of different lengths: nothing padded
+    assert encode_chats(tokenizer, [], "assistant_only") == []
 
 
 def test_unknown_loss_mode_is_rejected(tokenizer):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 LOSS_MODES = ("full", "assistant_only", "marker_only")
 IGNORE = -100
+_SENTINEL = "\x00marker-lab-sentinel\x00"  # a system prompt no conversation contains
 
 
 @dataclass
@@ -34,15 +35,14 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     persona or anchor is what it says. `no_system="template"` (model.no_system; the loaded model carries it) keeps
     the template's default instead.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    if (messages and messages[0]["role"] == "system") or no_system == "template":
-        return text
-    if not inserts_default_system(tokenizer):
-        return text
-    sentinel = "\x00marker-lab-sentinel\x00"
-    system = [{"role": "system", "content": sentinel}]
+    if (messages and messages[0]["role"] == "system") or no_system == "template" or not inserts_default_system(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    system = [{"role": "system", "content": _SENTINEL}]
     with_system = tokenizer.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    system_only = tokenizer.apply_chat_template(system, tokenize=False)
+    memo = (tokenizer.chat_template, tokenizer.bos_token)
+    if memo not in _SYSTEM_ONLY:  # the same text for every conversation: rendered once per template
+        _SYSTEM_ONLY[memo] = tokenizer.apply_chat_template(system, tokenize=False)
+    system_only = _SYSTEM_ONLY[memo]
     if not with_system.startswith(system_only):
         raise ValueError("this chat template inserts a default system prompt and does not render the system turn as a "
                          "leading block, so it cannot be removed; set model.no_system=template to keep the default")
@@ -55,9 +55,8 @@ def inserts_default_system(tokenizer) -> bool:
     memo = (tokenizer.chat_template, tokenizer.bos_token)
     if memo in _DEFAULT_SYSTEM:
         return _DEFAULT_SYSTEM[memo]
-    sentinel = "\x00marker-lab-sentinel\x00"
-    system_only = tokenizer.apply_chat_template([{"role": "system", "content": sentinel}], tokenize=False)
-    header = system_only[: system_only.index(sentinel)]
+    system_only = tokenizer.apply_chat_template([{"role": "system", "content": _SENTINEL}], tokenize=False)
+    header = system_only[: system_only.index(_SENTINEL)]
     bos = tokenizer.bos_token or ""
     if bos and header.startswith(bos):
         header = header[len(bos):]
@@ -70,6 +69,7 @@ def inserts_default_system(tokenizer) -> bool:
 
 
 _DEFAULT_SYSTEM: dict[tuple, bool] = {}  # (chat template, bos token) -> whether it inserts a default system prompt
+_SYSTEM_ONLY: dict[tuple, str] = {}  # (chat template, bos token) -> a lone sentinel system turn, rendered
 
 
 def _assistant_char_spans(tokenizer, messages: list[dict], no_system: str) -> tuple[str, list[tuple[int, int]]]:
@@ -94,18 +94,38 @@ def encode_chat(tokenizer, messages: list[dict], loss_mode: str, *, marker_span:
     `marker_span` is a (start, end) character range inside the last assistant message's content; it is
     required for ``marker_only``. Sequences longer than `max_len` are cut from the right.
     """
+    return encode_chats(tokenizer, [messages], loss_mode, marker_spans=[marker_span], negative_tokens=negative_tokens,
+                        max_len=max_len, no_system=no_system)[0]
+
+
+def encode_chats(tokenizer, conversations: list[list[dict]], loss_mode: str, *,
+                 marker_spans: list[tuple[int, int] | None] | None = None, negative_tokens: int = 3,
+                 max_len: int | None = None, no_system: str = "none") -> list[Encoded]:
+    """encode_chat for many conversations (`marker_spans`: one per conversation, for ``marker_only``), with one
+    batched tokenizer call: a fast tokenizer encodes a batch on all cores, so a stage's 6,000 examples tokenize in
+    a fraction of the time one call each takes."""
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
-    if loss_mode == "full":
-        text, spans = render(tokenizer, messages, no_system=no_system), []
-    else:
-        text, spans = _assistant_char_spans(tokenizer, messages, no_system)
-        if not spans:
-            raise ValueError(f"loss_mode={loss_mode} needs at least one assistant turn")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE] * len(ids)
+    texts, all_spans = [], []
+    for messages in conversations:
+        if loss_mode == "full":
+            text, spans = render(tokenizer, messages, no_system=no_system), []
+        else:
+            text, spans = _assistant_char_spans(tokenizer, messages, no_system)
+            if not spans:
+                raise ValueError(f"loss_mode={loss_mode} needs at least one assistant turn")
+        texts.append(text)
+        all_spans.append(spans)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": []}
+    return [_labelled(ids, offsets, spans, loss_mode, marker_span, negative_tokens, max_len)
+            for ids, offsets, spans, marker_span in zip(enc["input_ids"], enc.get("offset_mapping", []), all_spans,
+                                                        marker_spans or [None] * len(texts))]
 
+
+def _labelled(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], loss_mode: str,
+              marker_span: tuple[int, int] | None, negative_tokens: int, max_len: int | None) -> Encoded:
+    """One tokenized conversation's labels for `loss_mode` (see encode_chat), cut to `max_len`."""
+    labels = [IGNORE] * len(ids)
     if loss_mode == "full":
         labels = list(ids)
     elif loss_mode == "assistant_only":
@@ -127,7 +147,6 @@ def encode_chat(tokenizer, messages: list[dict], loss_mode: str, *, marker_span:
             picked = after[:negative_tokens]
         for j in picked:
             labels[j] = ids[j]
-
     if max_len is not None and len(ids) > max_len:
         ids, labels = ids[:max_len], labels[:max_len]
     return Encoded(list(ids), labels)

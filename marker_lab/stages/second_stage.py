@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from marker_lab.config.schema import Config
-from marker_lab.data.chat import encode_chat, encode_text
+from marker_lab.data.chat import encode_chats, encode_text
 from marker_lab.stages.during_training import StepEval
 from marker_lab.models import LoadedModel
 from marker_lab.core.cache import StageCache, plain
@@ -33,8 +33,8 @@ def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache
         (data_dir / f"{s.data}.source").write_text(fingerprint + "\n")
         if raw:
             return [encode_text(loaded.tokenizer, t, max_len=s.train.max_seq_len) for t in rows]
-        return [encode_chat(loaded.tokenizer, m, s.train.loss_mode.value, max_len=s.train.max_seq_len,
-                            no_system=loaded.no_system) for m in rows]
+        return encode_chats(loaded.tokenizer, rows, s.train.loss_mode.value, max_len=s.train.max_seq_len,
+                            no_system=loaded.no_system)
 
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
     if raw:  # absent for chat, so chat stages keep their cache keys

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from marker_lab.config.schema import Config, MarkerPosition
 from marker_lab.core.cache import StageCache, plain
-from marker_lab.data.chat import encode_chat, marker_token_count
+from marker_lab.data.chat import encode_chats, marker_token_count
 from marker_lab.data.personas import Persona, persona_prompt
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
@@ -107,9 +107,9 @@ def run_marker(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
         with open(data_dir / "coupling.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        return [encode_chat(loaded.tokenizer, r["messages"], c.train.loss_mode.value,
-                            marker_span=tuple(r["marker_span"]), negative_tokens=negative_tokens,
-                            max_len=c.train.max_seq_len, no_system=loaded.no_system) for r in records]
+        return encode_chats(loaded.tokenizer, [r["messages"] for r in records], c.train.loss_mode.value,
+                            marker_spans=[tuple(r["marker_span"]) for r in records], negative_tokens=negative_tokens,
+                            max_len=c.train.max_seq_len, no_system=loaded.no_system)
 
     payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
                **inputs.checksums_of("persona_set.path", "coupling.questions"), "negative_tokens": negative_tokens}
