@@ -68,7 +68,8 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
         _prefill_shared(model, input_ids[:, :-1], full_mask[::n, :width - 1], prompt_positions[::n, :-1], n, cache,
                         cache_kwarg)
         # the last prompt token of every row: one decode step (the compiled one: same shapes) from the shared cache
-        logits = step(model, ids[:, -1:], full_mask, lengths - 1, torch.arange(width - 1, width, device=device),
+        # (contiguous: a column slice has the prompt's row stride, and a new stride would compile a second graph)
+        logits = step(model, ids[:, -1:].contiguous(), full_mask, lengths - 1, torch.arange(width - 1, width, device=device),
                       cache, cache_kwarg)
     else:
         logits = forward_last(model, ids, full_mask[:, :width], prompt_positions,
