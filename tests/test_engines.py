@@ -103,6 +103,21 @@ def test_static_decode_loop_draws_generate_s_tokens(toy, temperature, top_p):
     assert stopped and len({c for cs in a for c in cs}) > len(PROMPTS) * (temperature > 0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
+def test_static_engine_compiles_its_decode_step_once_on_gpu(toy):
+    """On CUDA the static engine's step is compiled and replayed as a CUDA graph: the shared prefill's first step,
+    every decode step and every batch of a request reuse one graph (a recompile, e.g. for a new stride, costs
+    ~20 s on the 7B eval)."""
+    import copy
+
+    model, tok, _ = toy
+    engine = HFEngine(copy.deepcopy(model).cuda(), tok, batch_size=16, cache="static")
+    torch._dynamo.reset()  # another model's graph from an earlier test would count as this one's recompile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1))
+    assert len(engine.batch_seconds) > 1 and all(len(cs) == 4 for cs in out)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_grouped_decode_attention_equals_stock_sdpa(padded):
     """engines.attention (no key/value copies) computes what transformers' sdpa computes, mask included."""
