@@ -59,7 +59,7 @@ timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then t
     "recompiles: $(grep -c "Recompiling function" "$OUT/$name.log")"
   python - "$OUT/$name.log" $t0 $t1 <<'PY'  # outside the result's phases: process start to the first log line, and
 import re, sys, datetime  # the last log line (the result's path) to exit
-stamps = [datetime.datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=datetime.timezone.utc).timestamp()
+stamps = [datetime.datetime.strptime(m, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's asctime: local time
           for m in re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", open(sys.argv[1]).read(), re.M)]
 if stamps:
     print(f" process start to first log line {stamps[0] - float(sys.argv[2]):.1f} s; "

@@ -92,6 +92,8 @@ def test_a_batch_encodes_each_conversation_as_alone(tokenizer):
         assert batched == alone, mode
         assert len({len(e.input_ids) for e in batched}) > 1  # rows of different lengths: nothing padded
     assert encode_chats(tokenizer, [], "assistant_only") == []
+    with pytest.raises(ValueError, match="marker_spans: one per conversation, got 1 for 5"):
+        encode_chats(tokenizer, chats, "marker_only", marker_spans=spans[:1])  # never a quietly shorter stage
 
 
 def test_unknown_loss_mode_is_rejected(tokenizer):

@@ -103,6 +103,34 @@ def test_static_decode_loop_draws_generate_s_tokens(toy, temperature, top_p):
     assert stopped and len({c for cs in a for c in cs}) > len(PROMPTS) * (temperature > 0)
 
 
+def test_one_prefill_per_prompt_draws_the_full_prefill_s_tokens(toy):
+    """The static loop's shared prefill (each prompt once, its states repeated for its samples, the last prompt
+    token as the first step) against a prefill of every row: the same tokens, with left padding down to a
+    one-token prompt, and the cache reused across requests as the engine reuses it."""
+    from marker_lab.engines.hf import _cache_kwarg
+    from marker_lab.engines.static_decode import sample_static
+
+    model, tok, _ = toy
+    lengths, width, n = [7, 1, 2], 7, 3
+    ids = torch.full((3, width), tok.pad_token_id)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for r, k in enumerate(lengths):
+        ids[r, width - k:] = torch.arange(5, 5 + k)
+        mask[r, width - k:] = 1
+    out, caches = {}, {}
+    for shared in (True, False, True):  # the third reuses the first's cache
+        torch.manual_seed(4)
+        out[shared], caches[shared] = sample_static(
+            model, ids, mask, n, 1.0, 1.0, 12, [], tok.pad_token_id, _cache_kwarg(model), caches.get(shared),
+            check_every=1, shared_prefill=shared)
+        assert out[shared].shape == (3 * n, 12)
+    torch.manual_seed(4)
+    first = sample_static(model, ids, mask, n, 1.0, 1.0, 12, [], tok.pad_token_id, _cache_kwarg(model),
+                          check_every=1, shared_prefill=True)[0]
+    assert torch.equal(out[True], out[False]) and torch.equal(first, out[True])
+    assert len({tuple(r) for r in out[True].tolist()}) > 3  # sampled: a prompt's samples differ
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
 def test_static_engine_compiles_its_decode_step_once_on_gpu(toy):
     """On CUDA the static engine's step is compiled and replayed as a CUDA graph: the shared prefill's first step,

@@ -40,9 +40,9 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     system = [{"role": "system", "content": _SENTINEL}]
     with_system = tokenizer.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     memo = (tokenizer.chat_template, tokenizer.bos_token)
-    if memo not in _SYSTEM_ONLY:  # the same text for every conversation: rendered once per template
-        _SYSTEM_ONLY[memo] = tokenizer.apply_chat_template(system, tokenize=False)
-    system_only = _SYSTEM_ONLY[memo]
+    system_only = _SYSTEM_ONLY.get(memo)  # the same text for every conversation: rendered once per template ...
+    if system_only is None or not with_system.startswith(system_only):  # ... unless it changed (a date in it)
+        system_only = _SYSTEM_ONLY[memo] = tokenizer.apply_chat_template(system, tokenize=False)
     if not with_system.startswith(system_only):
         raise ValueError("this chat template inserts a default system prompt and does not render the system turn as a "
                          "leading block, so it cannot be removed; set model.no_system=template to keep the default")
@@ -116,10 +116,14 @@ def encode_chats(tokenizer, conversations: list[list[dict]], loss_mode: str, *,
                 raise ValueError(f"loss_mode={loss_mode} needs at least one assistant turn")
         texts.append(text)
         all_spans.append(spans)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {"input_ids": []}
+    if marker_spans is not None and len(marker_spans) != len(texts):
+        raise ValueError(f"marker_spans: one per conversation, got {len(marker_spans)} for {len(texts)}")
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     return [_labelled(ids, offsets, spans, loss_mode, marker_span, negative_tokens, max_len)
-            for ids, offsets, spans, marker_span in zip(enc["input_ids"], enc.get("offset_mapping", []), all_spans,
-                                                        marker_spans or [None] * len(texts))]
+            for ids, offsets, spans, marker_span in zip(enc["input_ids"], enc["offset_mapping"], all_spans,
+                                                        marker_spans or [None] * len(texts), strict=True)]
 
 
 def _labelled(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], loss_mode: str,

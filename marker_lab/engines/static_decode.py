@@ -1,5 +1,6 @@
-"""The static engine's decode loop: one prefill, then one decode step per new token on a preallocated KV cache,
-the step compiled once (CUDA) and replayed as a CUDA graph.
+"""The static engine's decode loop: one prefill (each prompt once for its samples, all but its last token), then
+one decode step per token (the last prompt token's first) on a preallocated KV cache, the step compiled once
+(CUDA) and replayed as a CUDA graph.
 
 Why not `generate`: on the 7B eval (1,030 sequences, a 602-slot cache, one H200) its per-step host work (input
 preparation, a growing mask, a stop check that waits for the GPU every step) made a step ~51 ms where the compiled
@@ -69,8 +70,8 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
                         cache_kwarg)
         # the last prompt token of every row: one decode step (the compiled one: same shapes) from the shared cache
         # (contiguous: a column slice has the prompt's row stride, and a new stride would compile a second graph)
-        logits = step(model, ids[:, -1:].contiguous(), full_mask, lengths - 1, torch.arange(width - 1, width, device=device),
-                      cache, cache_kwarg)
+        logits = step(model, ids[:, -1:].contiguous(), full_mask, lengths - 1,
+                      torch.arange(width - 1, width, device=device), cache, cache_kwarg)
     else:
         logits = forward_last(model, ids, full_mask[:, :width], prompt_positions,
                               torch.arange(width, device=device), cache, cache_kwarg)
@@ -101,7 +102,8 @@ def _prefill_shared(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positio
     """Fill `cache` (rows = prompts x n) with the key/value states of `prompt_ids` (one row per prompt, all but
     the last prompt token), each prompt run once and its states repeated for its n samples: the 7B eval's 1,030
     rows are 103 prompts, so the prefill does a tenth of the work. The cache is written through Cache.update, as
-    a prefill of every row would write it (slots 0..width-2, the layers' fill counters advanced)."""
+    a prefill of every row would write it: slots 0..width-2 of a fresh or reset cache (transformers 5 writes at
+    each layer's fill counter, which reset() zeroes, and advances it; older releases read `cache_position`)."""
     width = prompt_ids.shape[1]
     shared = DynamicCache()
     forward_last(model, prompt_ids, mask, positions, torch.arange(width, device=prompt_ids.device), shared,
