@@ -174,6 +174,10 @@ def test_varlen_in_fp32_is_refused_once_device_auto_resolves_to_cuda():
         check_train_device("second_stage.train", cfg.second_stage.train, "cuda", "float32")
     check_train_device("second_stage.train", cfg.second_stage.train, "cuda", "bfloat16")  # the weights are bf16
     check_train_device("second_stage.train", cfg.second_stage.train, "cpu", "float32")  # the per-example path
+    flex = to_dataclass(compose_cfg(["coupling.train.attention=flex_attention"]))
+    validate(flex)  # device=auto: a GPU would run it ...
+    with pytest.raises(ConfigError, match="coupling.train.attention=flex_attention with device=cpu"):
+        check_train_device("coupling.train", flex.coupling.train, "cpu", "float32")  # ... the CPU has no backward
 
 
 def test_cli_rejects_bad_input_before_loading_anything(tmp_path):

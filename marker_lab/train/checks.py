@@ -13,7 +13,7 @@ ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_atte
 
 def check_train(key: str, t: TrainConfig, device: str = "auto", weights: str = "float32") -> None:
     """A stage's training recipe (the TrainConfig at config key `key`) that this loop can run as written, on
-    `device` (cfg.device; "auto" is checked again by check_train_device once resolved) with `weights` (model.dtype)."""
+    `device` (cfg.device; "auto" is checked by check_train_device once resolved) with `weights` (model.dtype)."""
     if t.lora is None:
         raise ConfigError(f"{key}.lora: stages train LoRA adapters; set r/alpha/dropout/target_modules")
     for name in ("per_device_batch_size", "grad_accum", "max_seq_len"):
@@ -28,11 +28,8 @@ def check_train(key: str, t: TrainConfig, device: str = "auto", weights: str = "
     if t.attention == "varlen" and not t.pack:
         raise ConfigError(f"{key}.attention=varlen: attends within each example of a packed row; set {key}.pack=true "
                           f"(and {key}.micro_batch_tokens)")
-    if t.attention == "flex_attention" and device == "cpu":
-        raise ConfigError(f"{key}.attention=flex_attention with device=cpu: flex attention has no backward on CPU; "
-                          "use sdpa (null) there")
-    if device.startswith("cuda"):
-        check_train_device(key, t, "cuda", weights)
+    if device != "auto":  # an explicit device answers now; "auto" once resolved (run_cell)
+        check_train_device(key, t, device.split(":")[0], weights)
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"{key}.max_steps: must be >= 1 (or null to use epochs), got {t.max_steps}")
     if t.optimizer.lr <= 0:
@@ -50,6 +47,9 @@ def check_train(key: str, t: TrainConfig, device: str = "auto", weights: str = "
 def check_train_device(key: str, t: TrainConfig, device_type: str, weights: str) -> None:
     """The checks that need the device the cell runs on (cfg.device=auto is known only once torch looks), run before
     the model loads. `weights` is model.dtype."""
+    if t.attention == "flex_attention" and device_type == "cpu":
+        raise ConfigError(f"{key}.attention=flex_attention with device=cpu: flex attention has no backward on CPU; "
+                          "use sdpa (null) there")
     if t.attention == "varlen" and device_type == "cuda" and not t.bf16 and weights not in ("bfloat16", "float16"):
         raise ConfigError(f"{key}.attention=varlen on CUDA runs flash's varlen kernel, which takes bf16 or fp16: set "
                           f"{key}.bf16=true or model.dtype=bfloat16 (model.dtype is {weights}), or attention=null")
