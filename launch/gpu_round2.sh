@@ -52,7 +52,8 @@ timed_run() {  # $1: name; the rest: marker-lab run overrides. Wall time, then t
   local name=$1; shift
   local t0=$(date +%s.%N)
   # TORCH_LOGS=recompiles: each recompile (a new graph for a shape or grad mode already compiled) lands in the log
-  TORCH_LOGS=recompiles timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name \
+  # TLOGS="recompiles,torch._dynamo.utils": also torch.compile's time per phase (summed over the process) at exit
+  TORCH_LOGS=${TLOGS:-recompiles} timeout ${RUN_TIMEOUT:-450} python -m marker_lab.cli run "$@" hydra.run.dir=$OUT/$name \
     > "$OUT/$name.log" 2>&1
   local rc=$? t1=$(date +%s.%N)
   echo "$name: rc=$rc wall=$(python -c "print(round($t1 - $t0, 1))") s," \
@@ -65,6 +66,8 @@ if stamps:
     print(f" process start to first log line {stamps[0] - float(sys.argv[2]):.1f} s; "
           f"last log line to exit {float(sys.argv[3]) - stamps[-1]:.1f} s")
 PY
+  grep "_dynamo/utils.py.*\] [A-Za-z_.]*, [0-9.]*$" "$OUT/$name.log" | sed 's/.*\] //' | sort -t, -k2 -gr | head -${CT_LINES:-18} \
+    | tr '\n' ';' | sed 's/^./ compile times (s): &/;s/;$/\n/'
   grep -A2 "Recompiling function" "$OUT/$name.log" | grep -E "Recompiling|    - " | cut -c1-220 | head -12
   python - "$OUT/$name/run_result.json" <<'PY' || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
 import json, statistics, sys
