@@ -66,8 +66,8 @@ if stamps:
     print(f" process start to first log line {stamps[0] - float(sys.argv[2]):.1f} s; "
           f"last log line to exit {float(sys.argv[3]) - stamps[-1]:.1f} s")
 PY
-  grep "_dynamo/utils.py.*\] [A-Za-z_.]*, [0-9.]*$" "$OUT/$name.log" | sed 's/.*\] //' | sort -t, -k2 -gr | head -${CT_LINES:-18} \
-    | tr '\n' ';' | sed 's/^./ compile times (s): &/;s/;$/\n/'
+  grep "_dynamo/utils.py:[0-9]*\] [A-Za-z_.<>]* *[0-9.]*$" "$OUT/$name.log" | sed 's/.*\] //' | awk '$2 > 0.5' \
+    | sort -k2 -gr | head -${CT_LINES:-14} | awk '{printf "%s %s; ", $1, $2} END {if (NR) print ""}' | sed 's/^./ compile times (s): &/'
   grep -A2 "Recompiling function" "$OUT/$name.log" | grep -E "Recompiling|    - " | cut -c1-220 | head -12
   python - "$OUT/$name/run_result.json" <<'PY' || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
 import json, statistics, sys

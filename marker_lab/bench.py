@@ -105,12 +105,15 @@ def time_training(model, examples: list[Encoded], cfg: TrainConfig, w: Workload,
 
 
 def time_generation(model, prompts: list[list[int]], params: SamplingParams, batch: int, cache: str,
-                    stop_ids: list[int], device: torch.device, static_generate: bool = False) -> dict:
+                    stop_ids: list[int], device: torch.device, static_generate: bool = False,
+                    compile_scope: str = "model") -> dict:
     """Wall time and new tokens/s of `HFEngine.generate_ids` (first-batch compile included in the wall time);
-    `static_generate`: the static cache through transformers' generate instead of the engine's own loop."""
+    `static_generate`: the static cache through transformers' generate instead of the engine's own loop;
+    `compile_scope`: the loop's decode step compiled as one graph or per layer. The dynamic cache is stock
+    generate; the static engine prefills each prompt once for its samples, as in a cell."""
     _reset_peak(device)
-    engine = HFEngine(model, None, batch_size=batch, cache=cache, shared_prefill=False,  # dynamic: stock generate
-                      static_generate=static_generate)
+    engine = HFEngine(model, None, batch_size=batch, cache=cache, shared_prefill=cache == "static",
+                      static_generate=static_generate, compile_scope=compile_scope)
     _sync(device)
     t0 = time.perf_counter()
     try:
@@ -305,9 +308,10 @@ def time_liger_peer(model, examples: list[Encoded], ref: TrainConfig, w: Workloa
 def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
                          report: dict, out: Path | None, skip: set[str] = frozenset(),
                          flex_decode: bool = False) -> dict:
-    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two);
-    then the static cache through generate (arm `via_generate`) and, on CUDA with `flex_decode`, flex attention
-    in the decode step."""
+    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two):
+    on CUDA first with each decoder layer compiled (arm `layers`), then as one compiled graph (the default); then
+    the static cache through generate (arm `via_generate`) and, on CUDA with `flex_decode`, flex attention in the
+    decode step."""
     stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
     gen: dict = {}
     n_base = max(1, w.baseline_gen_batch // w.samples)
@@ -319,6 +323,10 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         w.baseline_gen_batch, "dynamic", stop_ids, device)
     _save({**report, "generate": gen}, out)
     full = SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens)
+    if device.type == "cuda" and "layers" not in skip:  # first, so it pays the cold compile (a first cell's start)
+        gen["fast_eval_layers"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
+                                                  compile_scope="layers")
+        _save({**report, "generate": {**report["generate"], **gen}}, out)
     for batch in (w.gen_batch, *w.more_gen_batches):  # the first is `fast_eval`, the cell's setting
         name = "fast_eval" if batch == w.gen_batch else f"fast_eval_{batch}"
         gen[name] = time_generation(model, prompts, full, batch, "static", stop_ids, device)
@@ -364,7 +372,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, "
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, layers, during, "
                    "via_generate, probe")
     p.add_argument("--flex-decode", action="store_true", help="also time flex attention in the decode step (CUDA; "
                    "it did not compile on torch 2.11, docs/benchmarks.md)")

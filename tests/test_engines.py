@@ -131,19 +131,53 @@ def test_one_prefill_per_prompt_draws_the_full_prefill_s_tokens(toy):
     assert len({tuple(r) for r in out[True].tolist()}) > 3  # sampled: a prompt's samples differ
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
-def test_static_engine_compiles_its_decode_step_once_on_gpu(toy):
-    """On CUDA the static engine's step is compiled and replayed as a CUDA graph: the shared prefill's first step,
-    every decode step and every batch of a request reuse one graph (a recompile, e.g. for a new stride, costs
-    ~20 s on the 7B eval)."""
-    import copy
+def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy):
+    """compile_scope="layers" (each decoder layer compiled on its own; Inductor on CPU here, CUDA graphs on a GPU):
+    the eager loop's tokens, one dynamo graph per layer for every batch of a request, eager layers again after.
+    The prefill runs outside the compiled layers (else each layer would compile a second graph for its shapes)."""
+    from marker_lab.engines.hf import _cache_kwarg
+    from marker_lab.engines.static_decode import decode_step, sample_static
+    from torch._dynamo.utils import counters
 
     model, tok, _ = toy
-    engine = HFEngine(copy.deepcopy(model).cuda(), tok, batch_size=16, cache="static")
+    model.set_attn_implementation("sdpa")  # the engine's decode attention takes the 4-d boolean step mask
+    layers = model.model.layers
+    ids = torch.tensor([[tok.pad_token_id, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (ids != tok.pad_token_id).long()
+    torch._dynamo.reset()
+    counters.clear()
+    out, cache = {}, None
+    for scope in (None, "layers", "layers"):  # the second "layers" request reuses the graphs and the cache
+        torch.manual_seed(3)
+        out[scope], cache = sample_static(model, ids, mask, 2, 1.0, 1.0, 10, [], tok.pad_token_id,
+                                          _cache_kwarg(model), cache, check_every=1, compile_scope=scope)
+        assert not any("forward" in vars(layer) for layer in layers)  # restored
+    assert torch.equal(out[None], out["layers"])
+    assert counters["stats"]["unique_graphs"] == len(layers)
+    with pytest.raises(ValueError, match="compile_scope"):
+        with decode_step(model, "model_and_layers"):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
+@pytest.mark.parametrize("scope", ["model", "layers"])
+def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
+    """On CUDA the static engine's step is compiled and replayed as CUDA graphs: the shared prefill's first step,
+    every decode step and every batch of a request reuse one graph ("model"), or one graph per decoder layer
+    ("layers"). A recompile, e.g. for a new stride, costs ~20 s on the 7B eval."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    model, tok, _ = toy
+    engine = HFEngine(copy.deepcopy(model).cuda(), tok, batch_size=16, cache="static", compile_scope=scope)
     torch._dynamo.reset()  # another model's graph from an earlier test would count as this one's recompile
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
         out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1))
     assert len(engine.batch_seconds) > 1 and all(len(cs) == 4 for cs in out)
+    if scope == "layers":  # "model": a recompile raised above
+        assert counters["stats"]["unique_graphs"] == len(engine.model.model.layers)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -46,12 +46,13 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none",
-                 shared_prefill: bool = True, static_generate: bool = False):
+                 shared_prefill: bool = True, static_generate: bool = False, compile_scope: str = "model"):
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
         self.model, self.tokenizer, self.batch_size, self.no_system = model, tokenizer, batch_size, no_system
         self.shared_prefill = shared_prefill  # one prefill per prompt for its samples (either cache)
         self.static_generate = static_generate  # static cache through generate, not our loop: the reference
+        self.compile_scope = compile_scope  # static loop on CUDA: its decode step compiled as one graph or per layer
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
@@ -117,7 +118,8 @@ class HFEngine:
                     new_ids, cache = sample_static(
                         model, input_ids.to(device), mask.to(device), params.n, params.temperature, params.top_p,
                         params.max_tokens, stop_ids, pad_id, _cache_kwarg(model), cache,
-                        check_every=16 if device.type == "cuda" else 1, shared_prefill=self.shared_prefill)
+                        check_every=16 if device.type == "cuda" else 1, shared_prefill=self.shared_prefill,
+                        compile_scope=self.compile_scope if device.type == "cuda" else None)
                 elif not static and self.shared_prefill and params.n > 1 and w > 1:
                     new_ids = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device),
                                                              gen_cfg)[:, w:]

@@ -1,6 +1,8 @@
 """The static engine's decode loop: one prefill (each prompt once for its samples, all but its last token), then
 one decode step per token (the last prompt token's first) on a preallocated KV cache, the step compiled once
-(CUDA) and replayed as a CUDA graph.
+(CUDA) and replayed as a CUDA graph: the whole model as one graph (`compile_scope="model"`), or each decoder
+layer compiled on its own (`"layers"`: Inductor compiles one layer's graph and reuses it for the others, a
+fraction of the whole model's compile).
 
 Why not `generate`: on the 7B eval (1,030 sequences, a 602-slot cache, one H200) its per-step host work (input
 preparation, a growing mask, a stop check that waits for the GPU every step) made a step ~51 ms where the compiled
@@ -14,10 +16,13 @@ extra steps, whose tokens are discarded.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from marker_lab.engines import attention
 
 
 def logits_warpers(temperature: float, top_p: float) -> LogitsProcessorList:
@@ -44,15 +49,50 @@ def compiled_forward_last():
     return torch.compile(forward_last, mode="reduce-overhead", fullgraph=False, dynamic=False)
 
 
+COMPILE_SCOPES = ("model", "layers")
+BOOLEAN_MASK = ("sdpa", attention.NAME)  # attention implementations whose mask is a 4-d boolean one
+
+
+@contextmanager
+def decode_step(model, compile_scope: str | None):
+    """The decode step to call while in the block: `forward_last` eager (None), compiled as one graph of the whole
+    model ("model"), or with each decoder layer compiled ("layers"; restored on exit). Either compiled form
+    replays as CUDA graphs on CUDA.
+
+    "layers": dynamo traces each layer once (a layer reads its own KV cache slot by its index, so each layer is a
+    graph of its own), and Inductor compiles the first and finds the others in its cache (the same code). Layers
+    already compiled for training keep their training graphs; the step then compiles the whole model over them."""
+    if compile_scope is None:
+        yield forward_last
+        return
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile_scope: must be one of {COMPILE_SCOPES} or None, got {compile_scope!r}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = list(base.get_decoder().layers)
+    if compile_scope == "model" or any("forward" in vars(layer) for layer in layers):
+        yield compiled_forward_last()
+        return
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    try:
+        # one graph per layer of one code object: past dynamo's default limit of 8 per code object
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(layers))):
+            yield forward_last
+    finally:
+        for layer in layers:
+            vars(layer).pop("forward", None)  # the class's eager forward again
+
+
 @torch.no_grad()
 def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, temperature: float, top_p: float,
                   max_new: int, stop_ids: list[int], pad_id: int, cache_kwarg: str,
                   cache: StaticCache | None = None, check_every: int = 16,
-                  shared_prefill: bool = True) -> tuple[torch.Tensor, StaticCache]:
+                  shared_prefill: bool = True, compile_scope: str | None = None) -> tuple[torch.Tensor, StaticCache]:
     """New tokens (rows x n, up to max_new) for left-padded prompts `input_ids` / `mask` (rows x width), each
     prompt's n samples adjacent; after a row's stop token the row holds `pad_id`. `cache`: a StaticCache of this
     shape from an earlier batch, reused (reset) so the compiled step keeps its buffers; returned for the next batch.
     `shared_prefill`: each prompt goes through the model once for its n samples (see _prefill_shared).
+    `compile_scope`: how the decode step is compiled (see decode_step); None: eager.
     """
     device = input_ids.device
     ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
@@ -62,38 +102,51 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
     else:
         cache.reset()
     full_mask = torch.cat([mask, mask.new_ones(rows, max_new)], 1)  # fixed shape: the cache masks future slots
+    # sdpa's decode-step mask, the 4-d boolean one transformers would build from the 2-d mask, built here: there it
+    # is built outside a compiled layer after a check that waits for the GPU (has the batch padding?); a 4-d mask is
+    # used as given. Other attention implementations take the 2-d mask.
+    valid = full_mask.bool()[:, None, None, :] if model.config._attn_implementation in BOOLEAN_MASK else None
+    cache_slots = torch.arange(full_mask.shape[1], device=device)
+
+    def step_mask(slot: torch.Tensor) -> torch.Tensor:
+        return full_mask if valid is None else valid & (cache_slots <= slot)
+
     lengths = mask.sum(-1, keepdim=True)
     prompt_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions for left padding
-    step = compiled_forward_last() if device.type == "cuda" else forward_last
-    if shared_prefill and n > 1 and width > 1:
-        _prefill_shared(model, input_ids[:, :-1], full_mask[::n, :width - 1], prompt_positions[::n, :-1], n, cache,
-                        cache_kwarg)
-        # the last prompt token of every row: one decode step (the compiled one: same shapes) from the shared cache
-        # (contiguous: a column slice has the prompt's row stride, and a new stride would compile a second graph)
-        logits = step(model, ids[:, -1:].contiguous(), full_mask, lengths - 1,
-                      torch.arange(width - 1, width, device=device), cache, cache_kwarg)
-    else:
-        logits = forward_last(model, ids, full_mask[:, :width], prompt_positions,
-                              torch.arange(width, device=device), cache, cache_kwarg)
     warpers = logits_warpers(temperature, top_p)
     stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     out = torch.full((rows, max_new), pad_id, dtype=torch.long, device=device)
-    slots = torch.arange(width, width + max_new, device=device)
+    slots = torch.arange(width - 1, width + max_new, device=device)  # the cache slot each step writes
     done = 0
-    for i in range(max_new):
-        scores = warpers(ids, logits.float())
-        if temperature > 0:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        token = torch.where(unfinished, token, pad_id)
-        out[:, i] = token
-        unfinished &= ~torch.isin(token, stops)
-        done = i + 1
-        if done == max_new or (done % check_every == 0 and not bool(unfinished.any())):
-            break
-        logits = step(model, token[:, None], full_mask, lengths + i, slots[i:i + 1], cache, cache_kwarg)
+    shared = shared_prefill and n > 1 and width > 1
+    if shared:  # the prefill is eager (its shapes are not the step's), each prompt once for its n samples
+        _prefill_shared(model, input_ids[:, :-1], full_mask[::n, :width - 1], prompt_positions[::n, :-1], n, cache,
+                        cache_kwarg)
+    else:
+        logits = forward_last(model, ids, full_mask[:, :width], prompt_positions, torch.arange(width, device=device),
+                              cache, cache_kwarg)
+    with decode_step(model, compile_scope) as step:
+        if shared:
+            # the last prompt token of every row: one decode step (the compiled one: same shapes) from the shared
+            # cache (contiguous: a column slice has the prompt's row stride, and a new stride would compile a
+            # second graph)
+            logits = step(model, ids[:, -1:].contiguous(), step_mask(slots[0]), lengths - 1,
+                          slots[:1], cache, cache_kwarg)
+        for i in range(max_new):
+            scores = warpers(ids, logits.float())
+            if temperature > 0:
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                token = scores.argmax(-1)
+            token = torch.where(unfinished, token, pad_id)
+            out[:, i] = token
+            unfinished &= ~torch.isin(token, stops)
+            done = i + 1
+            if done == max_new or (done % check_every == 0 and not bool(unfinished.any())):
+                break
+            logits = step(model, token[:, None], step_mask(slots[i + 1]), lengths + i,
+                          slots[i + 1:i + 2], cache, cache_kwarg)
     return out[:, :done], cache
 
 
