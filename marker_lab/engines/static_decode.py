@@ -77,10 +77,17 @@ def decode_step(model, compile_scope: str | None):
     try:
         # one graph per layer of one code object: past dynamo's default limit of 8 per code object
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(layers))):
-            yield forward_last
+            yield _new_iteration_each_call
     finally:
         for layer in layers:
             vars(layer).pop("forward", None)  # the class's eager forward again
+
+
+def _new_iteration_each_call(*args):
+    """`forward_last` as a new iteration of the layers' CUDA graphs: the graphs chain within a step, and a step's
+    layer outputs are dead at the next (the logits are computed outside them), so their memory may be reused."""
+    torch.compiler.cudagraph_mark_step_begin()
+    return forward_last(*args)
 
 
 @torch.no_grad()
