@@ -327,7 +327,7 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         gen["fast_eval_layers"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
                                                   compile_scope="layers")
         _save({**report, "generate": {**report["generate"], **gen}}, out)
-    for batch in (w.gen_batch, *w.more_gen_batches):  # the first is `fast_eval`, the cell's setting
+    for batch in () if "fast_eval" in skip else (w.gen_batch, *w.more_gen_batches):  # the first: the cell's
         name = "fast_eval" if batch == w.gen_batch else f"fast_eval_{batch}"
         gen[name] = time_generation(model, prompts, full, batch, "static", stop_ids, device)
         _save({**report, "generate": {**report["generate"], **gen}}, out)
@@ -372,8 +372,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, layers, during, "
-                   "via_generate, probe")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, layers, "
+                   "fast_eval, during, via_generate, probe")
     p.add_argument("--flex-decode", action="store_true", help="also time flex attention in the decode step (CUDA; "
                    "it did not compile on torch 2.11, docs/benchmarks.md)")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
