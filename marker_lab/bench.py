@@ -167,9 +167,10 @@ def environment(device: torch.device) -> dict:
 
 
 def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str], out: Path | None = None,
-              compile_cache: dict | None = None, flex_decode: bool = False) -> dict:
+              compile_cache: dict | None = None, extra: frozenset[str] = frozenset()) -> dict:
     """Every measurement of the report, in one process, on one device (saved to `out` after each phase);
-    `compile_cache`: where torch.compile's caches are and whether they held entries at the start."""
+    `compile_cache`: where torch.compile's caches are and whether they held entries at the start; `extra`: the
+    opt-in generation arms to time too (`flex_decode`, `decode_layers`)."""
     cfg = model_config(model_name)
     report: dict = {"model": model_name, "random_init": True, "workload": w.__dict__, "env": environment(device),
                     "compile_cache": compile_cache}
@@ -208,7 +209,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
     _sync(device)
     report["merge"] = {"seconds": round(time.perf_counter() - t0, 2)}
     if "generate" not in skip:
-        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip, flex_decode))
+        report["generate"].update(time_generation_arms(model, prompts, w, vocab, device, report, out, skip, extra))
     if "probe" not in skip:
         report["probe"] = time_probe_states(model, prompts, w, device)
     if "train" not in skip and "liger" not in skip:  # last: Liger patches the model's classes for good
@@ -307,11 +308,11 @@ def time_liger_peer(model, examples: list[Encoded], ref: TrainConfig, w: Workloa
 
 def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: int, device: torch.device,
                          report: dict, out: Path | None, skip: set[str] = frozenset(),
-                         flex_decode: bool = False) -> dict:
-    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two):
-    on CUDA first with each decoder layer compiled (arm `layers`), then as one compiled graph (the default); then
-    the static cache through generate (arm `via_generate`) and, on CUDA with `flex_decode`, flex attention in the
-    decode step."""
+                         extra: frozenset[str] = frozenset()) -> dict:
+    """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two);
+    then the static cache through generate (arm `via_generate`). Opt-in arms on CUDA (`extra`): `decode_layers`,
+    the decode step compiled per decoder layer (instead of the other fast arms: see below), and `flex_decode`,
+    flex attention in the decode step."""
     stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
     gen: dict = {}
     n_base = max(1, w.baseline_gen_batch // w.samples)
@@ -323,10 +324,13 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         w.baseline_gen_batch, "dynamic", stop_ids, device)
     _save({**report, "generate": gen}, out)
     full = SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens)
-    if device.type == "cuda" and "layers" not in skip:  # first, so it pays the cold compile (a first cell's start)
+    if device.type == "cuda" and "decode_layers" in extra:
+        # alone: it marks CUDA-graph iterations, which then start at marks only for every compiled function of the
+        # process (engines.static_decode), and first, so it pays the cold compile a first cell pays
         gen["fast_eval_layers"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
                                                   compile_scope="layers")
         _save({**report, "generate": {**report["generate"], **gen}}, out)
+        return gen
     for batch in () if "fast_eval" in skip else (w.gen_batch, *w.more_gen_batches):  # the first: the cell's
         name = "fast_eval" if batch == w.gen_batch else f"fast_eval_{batch}"
         gen[name] = time_generation(model, prompts, full, batch, "static", stop_ids, device)
@@ -335,7 +339,7 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         gen["fast_eval_via_generate"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
                                                         static_generate=True)
         _save({**report, "generate": {**report["generate"], **gen}}, out)
-    if device.type == "cuda" and flex_decode:
+    if device.type == "cuda" and "flex_decode" in extra:
         # the decode step under flex attention: its block mask skips the static cache's blocks past each step's
         # position (sdpa reads the whole cache every step) and it reads each key/value head once (GQA)
         from marker_lab.train.sft import attention_implementation
@@ -372,10 +376,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, layers, "
-                   "fast_eval, during, via_generate, probe")
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, fast_eval, "
+                   "during, via_generate, probe")
     p.add_argument("--flex-decode", action="store_true", help="also time flex attention in the decode step (CUDA; "
                    "it did not compile on torch 2.11, docs/benchmarks.md)")
+    p.add_argument("--decode-layers", action="store_true", help="time the decode step compiled per decoder layer "
+                   "instead of the other fast generation arms (CUDA; not yet run to the end on a GPU, "
+                   "docs/benchmarks.md)")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
                    "fast_eval)")
     p.add_argument("--compile-cache", help="torch.compile's on-disk caches in this directory: a second bench on the "
@@ -399,7 +406,7 @@ def main(argv: list[str]) -> None:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None
     report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out,
-                       compile_cache, args.flex_decode)
+                       compile_cache, frozenset(k for k in ("flex_decode", "decode_layers") if getattr(args, k)))
     print(format_report(report))
     if out:
         log.info("bench report: %s", out)

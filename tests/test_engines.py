@@ -173,8 +173,13 @@ def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
     engine = HFEngine(copy.deepcopy(model).cuda(), tok, batch_size=16, cache="static", compile_scope=scope)
     torch._dynamo.reset()  # another model's graph from an earlier test would count as this one's recompile
     counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
-        out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1))
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
+            out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1))
+    finally:  # "layers" marks CUDA-graph iterations for the whole process: unmark for the tests after this one
+        from torch._inductor.cudagraph_trees import MarkStepBox
+
+        MarkStepBox.mark_step_counter = 0
     assert len(engine.batch_seconds) > 1 and all(len(cs) == 4 for cs in out)
     if scope == "layers":  # "model": a recompile raised above
         assert counters["stats"]["unique_graphs"] == len(engine.model.model.layers)

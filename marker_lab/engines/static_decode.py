@@ -77,17 +77,24 @@ def decode_step(model, compile_scope: str | None):
     try:
         # one graph per layer of one code object: past dynamo's default limit of 8 per code object
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(layers))):
-            yield _new_iteration_each_call
+            yield _new_iteration_each_call(forward_last)
     finally:
         for layer in layers:
             vars(layer).pop("forward", None)  # the class's eager forward again
 
 
-def _new_iteration_each_call(*args):
-    """`forward_last` as a new iteration of the layers' CUDA graphs: the graphs chain within a step, and a step's
-    layer outputs are dead at the next (the logits are computed outside them), so their memory may be reused."""
-    torch.compiler.cudagraph_mark_step_begin()
-    return forward_last(*args)
+def _new_iteration_each_call(step):
+    """`step` with each call marked as a new iteration of the layers' CUDA graphs, whose memory may then be reused
+    (a step's logits are sampled before the next step). Unmarked, cudagraph trees take every entry into a compiled
+    function for a new iteration: each layer's entry would free the previous layer's output, its own input. Once
+    marked, a process's iterations start at marks only (torch.compiler.cudagraph_mark_step_begin), also for
+    other compiled functions with CUDA graphs: a process decodes with one scope."""
+
+    def each_call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(*args)
+
+    return each_call
 
 
 @torch.no_grad()
@@ -109,10 +116,12 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
     else:
         cache.reset()
     full_mask = torch.cat([mask, mask.new_ones(rows, max_new)], 1)  # fixed shape: the cache masks future slots
-    # sdpa's decode-step mask, the 4-d boolean one transformers would build from the 2-d mask, built here: there it
-    # is built outside a compiled layer after a check that waits for the GPU (has the batch padding?); a 4-d mask is
-    # used as given. Other attention implementations take the 2-d mask.
-    valid = full_mask.bool()[:, None, None, :] if model.config._attn_implementation in BOOLEAN_MASK else None
+    # per-layer graphs with sdpa: the step's 4-d boolean mask, the one transformers would build from the 2-d mask,
+    # built here; there it is built outside the compiled layers after a check that waits for the GPU (has the batch
+    # padding?), and a 4-d mask is used as given. A whole-model graph builds it inside; other attention
+    # implementations take the 2-d mask.
+    valid = (full_mask.bool()[:, None, None, :]
+             if compile_scope == "layers" and model.config._attn_implementation in BOOLEAN_MASK else None)
     cache_slots = torch.arange(full_mask.shape[1], device=device)
 
     def step_mask(slot: torch.Tensor) -> torch.Tensor:
