@@ -6,7 +6,8 @@
 #   MODE=gen    bash launch/gpu_round2.sh   # generation: stock vs the static engine at larger batches, one eval
 #                                           # during training on the LoRA model, then a second process on the
 #                                           # same compile cache (a later cell's warm start); GEN_FLAGS=--flex-decode
-#                                           # adds flex attention in the decode step (fails to compile on torch 2.11);
+#                                           # adds flex attention in the decode step (fails to compile on torch 2.11),
+#                                           # GEN_FLAGS=--decode-layers times the per-layer decode compile alone;
 #                                           # PROFILE=1: then launch/profile_decode.py; LATER=0: no second process;
 #                                           # GEN_SKIP, WARM_SKIP: the first and second process's --skip
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
