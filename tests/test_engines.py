@@ -136,11 +136,11 @@ def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy):
     the eager loop's tokens, one dynamo graph per layer for every batch of a request, eager layers again after.
     The prefill runs outside the compiled layers (else each layer would compile a second graph for its shapes)."""
     from marker_lab.engines.hf import _cache_kwarg
-    from marker_lab.engines.static_decode import decode_step, sample_static
+    from marker_lab.engines.static_decode import BOOLEAN_MASK, decode_step, sample_static
     from torch._dynamo.utils import counters
 
     model, tok, _ = toy
-    model.set_attn_implementation("sdpa")  # the engine's decode attention takes the 4-d boolean step mask
+    assert model.config._attn_implementation in BOOLEAN_MASK  # so the layers' steps take the loop's 4-d mask
     layers = model.model.layers
     ids = torch.tensor([[tok.pad_token_id, 5, 6, 7], [8, 9, 10, 11]])
     mask = (ids != tok.pad_token_id).long()
