@@ -161,6 +161,21 @@ def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy):
             pass
 
 
+def test_engine_config_picks_the_compile_scope(toy):
+    """`eval.engine.compile_scope` reaches the engine a cell builds; a value outside the two fails at composition."""
+    from conftest import composition_error, compose_cfg, to_dataclass
+
+    from marker_lab.models import LoadedModel
+
+    model, tok, _ = toy
+    cfg = to_dataclass(compose_cfg(["eval.engine.compile_scope=layers"]))
+    engine = HFEngine.from_config(LoadedModel(model, tok, "toy"), cfg.eval.engine)
+    assert engine.compile_scope == "layers"
+    assert HFEngine.from_config(LoadedModel(model, tok, "toy"), to_dataclass(compose_cfg([])).eval.engine) \
+        .compile_scope == "model"
+    assert "eval.engine.compile_scope" in composition_error(["eval.engine.compile_scope=everything"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
 @pytest.mark.parametrize("scope", ["model", "layers"])
 def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):

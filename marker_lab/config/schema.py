@@ -82,6 +82,11 @@ class KVCache(Choice):
     static = "static"  # preallocated cache, compiled decode
 
 
+class CompileScope(Choice):
+    model = "model"  # the whole model as one graph
+    layers = "layers"  # each decoder layer compiled; Inductor compiles one layer's code for all of them
+
+
 class Logits(Choice):
     labelled = "labelled"  # the LM head runs on labelled positions only (same loss)
     all = "all"  # every position (the reference)
@@ -330,6 +335,7 @@ class EngineConfig:
     name: EngineName = EngineName.hf  # hf (built in) | vllm (optional extra)
     batch_size: int = 256  # prompts x samples per forward batch (hf)
     cache: KVCache = KVCache.auto  # hf KV cache: static (compiled decode, CUDA graphs) | dynamic (stock) | auto (static on CUDA)
+    compile_scope: CompileScope = CompileScope.model  # hf static cache on CUDA: decode step compiled as one graph (model) | per decoder layer (layers)
     gpu_memory_utilization: float = 0.85  # vllm on a GPU: the device memory's share it may take (weights + KV cache)
     kv_cache_memory_bytes: Optional[int] = None  # vllm: the KV cache in bytes; null = 1 GiB on CPU, gpu_memory_utilization on a GPU
 

@@ -59,8 +59,10 @@ class HFEngine:
 
     @classmethod
     def from_config(cls, loaded, engine_cfg) -> "HFEngine":
-        """The engine on a loaded model (models.LoadedModel) as `eval.engine` configures it (batch size, KV cache)."""
-        return cls(loaded.model, loaded.tokenizer, engine_cfg.batch_size, str(engine_cfg.cache), loaded.no_system)
+        """The engine on a loaded model (models.LoadedModel) as `eval.engine` configures it (batch size, KV cache,
+        compile scope)."""
+        return cls(loaded.model, loaded.tokenizer, engine_cfg.batch_size, str(engine_cfg.cache), loaded.no_system,
+                   compile_scope=str(engine_cfg.compile_scope))
 
     def close(self) -> None:
         """Nothing to release: the engine runs on the model in hand."""
