@@ -15,7 +15,9 @@
 #                                           # each); CELL_ARGS: overrides (the recipe's defaults: packed + varlen;
 #                                           # padded: "second_stage.train.pack=false second_stage.train.attention=null");
 #                                           # CACHE_TAG: a stage and compile cache of
-#                                           # its own, so two settings compared on one machine both start cold
+#                                           # its own, so two settings compared on one machine both start cold;
+#                                           # the eval compiled in a sibling while the stage trains:
+#                                           # CELL_ARGS=eval.engine.precompile=true (its log: $OUT/<cell>/precompile.log)
 #   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine;
 #                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
 #   MODE=profile bash launch/gpu_round2.sh  # where a compiled training step goes (launch/profile_train.py): the
@@ -36,6 +38,7 @@ STANDINS=(model.random_init=true model.tokenizer=$S/tokenizer second_stage.datas
 ADAPTER=/tmp/prebaked_coupling  # a seeded LoRA on the random 7B: stands for the cell's cached coupling adapter
 
 prebake() {  # the coupling adapter a sweep's earlier cell would have trained (its training is timed in issue 10)
+  [ -f $ADAPTER/adapter_config.json ] && return  # an earlier call of this script on this machine made it
   python -m marker_lab.data.standins $S > /dev/null
   python -c "
 import torch
@@ -69,6 +72,8 @@ if stamps:
 PY
   grep "_dynamo/utils.py:[0-9]*\] [A-Za-z_.<>]* *[0-9.]*$" "$OUT/$name.log" | sed 's/.*\] //' | awk '$2 > 0.5' \
     | sort -k2 -gr | head -${CT_LINES:-14} | awk '{printf "%s %s; ", $1, $2} END {if (NR) print ""}' | sed 's/^./ compile times (s): &/'
+  [ -f "$OUT/$name/precompile.log" ] && grep -hE "precompile|compiled in" "$OUT/$name.log" "$OUT/$name/precompile.log" \
+    | cut -c1-200 | sed 's/^/ /'
   grep -A2 "Recompiling function" "$OUT/$name.log" | grep -E "Recompiling|    - " | cut -c1-220 | head -12
   python - "$OUT/$name/run_result.json" <<'PY' || grep -E "rror|stage|eval" "$OUT/$name.log" | tail -8
 import json, statistics, sys
@@ -121,7 +126,7 @@ cell)
   # one cache per CACHE_TAG: a second seed finds the first's compiled kernels; another tag starts cold
   export MARKER_LAB_CACHE=/tmp/cell_cache${CACHE_TAG:+_$CACHE_TAG}
   prebake
-  for seed in ${SEEDS:-42}; do timed_run c1_s$seed "${ARGS[@]}" seed=$seed; done ;;
+  for seed in ${SEEDS:-42}; do timed_run c1${CACHE_TAG:+_$CACHE_TAG}_s$seed "${ARGS[@]}" seed=$seed; done ;;
 grid)
   # 002's EM arm: one constant-rate 375-step run, its dose checkpoints the grid's cells, one engine for them all
   ARGS=(+experiment=dose_response second_stage.data=em "${STANDINS[@]}" coupling.adapter_path=$ADAPTER

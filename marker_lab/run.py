@@ -24,7 +24,7 @@ from marker_lab.core.cache import StageCache, use_compile_cache
 from marker_lab.core.errors import ConfigError, MarkerLabError
 from marker_lab.core.files import CONF
 from marker_lab.data.inputs import CellInputs
-from marker_lab.eval.cell import baseline_metrics, evaluate, sampled_metrics, step_eval_for
+from marker_lab.eval.cell import baseline_metrics, evaluate, precompiling, sampled_metrics, step_eval_for
 from marker_lab.eval.model_readouts import ModelReadouts
 from marker_lab.models import LoadedModel, device_description, load_base, pick_device
 from marker_lab.preflight import preflight
@@ -100,19 +100,25 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
 
     stages: dict[str, StageResult] = {}
     input_identity = loaded.identity  # of the model the last stage's adapter attaches to
-    for name in stage_order(cfg):
-        log.info("stage %s: starting (input model %s)", name, loaded.identity)
-        input_identity = loaded.identity
-        stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
-        timing[name] = stages[name].seconds
-        timing.update(_training_parts(name, stages[name]))
-        with timed(timing, "readouts", readouts.active):
-            readouts.read(f"after_{name}", loaded)
+    # eval.engine.precompile: the eval's decode step compiles in a sibling process while the stages train
+    with precompiling(cfg, inputs, loaded, out_dir, weights_frozen=bool(stage_order(cfg)),
+                      sample=not defer) as precompile:
+        for name in stage_order(cfg):
+            log.info("stage %s: starting (input model %s)", name, loaded.identity)
+            input_identity = loaded.identity
+            stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
+            timing[name] = stages[name].seconds
+            timing.update(_training_parts(name, stages[name]))
+            with timed(timing, "readouts", readouts.active):
+                readouts.read(f"after_{name}", loaded)
     if "second_stage" in stages and cell["dose"] is None:
         cell["dose"] = stages["second_stage"].train_stats.get("steps")
 
     with timed(timing, "readouts", readouts.active):
         probed = readouts.probe_result()  # before the eval: a probe that cannot report fails early
+    with timed(timing, "precompile_wait", precompile is not None):  # the sibling's compile, if it still runs
+        if precompile is not None:
+            precompile.wait()
     with timed(timing, "eval"):
         metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir, sample=not defer)
     if probed:

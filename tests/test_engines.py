@@ -202,6 +202,37 @@ def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
         assert counters["stats"]["unique_graphs"] == len(engine.model.model.layers)
 
 
+def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp_path, monkeypatch):
+    """engines.precompile: a sibling process builds the model's architecture with random weights and compiles the
+    static engine's decode step at the request's shapes into the compile cache; an engine here on the real
+    weights then takes every compiled graph from that cache (Inductor on CPU here; on CUDA the same, then CUDA
+    graphs). A sibling that fails reports it and leaves the eval to compile."""
+    from torch._dynamo.utils import counters
+
+    from marker_lab.engines.hf import stop_token_ids
+    from marker_lab.engines.precompile import DecodeRequest, start
+
+    model, tok, _ = toy
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))  # empty: a hit is the sibling's
+    engine = HFEngine(model, tok, batch_size=8, cache="static", compile_devices=("cpu",))
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=10, seed=3)
+    request = DecodeRequest(
+        model.config.to_dict(), "float32", model.config._attn_implementation,
+        next(model.parameters()).requires_grad, "cpu", engine.encode(PROMPTS), params.n, params.temperature,
+        params.top_p, params.max_tokens, stop_token_ids(model, tok), tok.pad_token_id, 8, "model")
+    assert start(request, tmp_path / "sibling").wait(timeout=300), (tmp_path / "sibling/precompile.log").read_text()
+    torch._dynamo.reset()  # this process's own graphs of earlier tests: not what is asked
+    counters.clear()
+    out = engine.generate_ids(request.prompts, params, request.stop_ids, request.pad_id)
+    assert len(out) == len(PROMPTS) and len(engine.batch_seconds) == 3  # 12 prompts x 2 in batches of 8 rows
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+
+    broken = DecodeRequest(**{**vars(request), "model_config": {"model_type": "no_such_architecture"}})
+    sibling = start(broken, tmp_path / "broken")
+    assert not sibling.wait(timeout=120)
+    assert "no_such_architecture" in sibling.log_path.read_text()
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_grouped_decode_attention_equals_stock_sdpa(padded):
     """engines.attention (no key/value copies) computes what transformers' sdpa computes, mask included."""

@@ -46,13 +46,15 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none",
-                 shared_prefill: bool = True, static_generate: bool = False, compile_scope: str = "model"):
+                 shared_prefill: bool = True, static_generate: bool = False, compile_scope: str = "model",
+                 compile_devices: tuple[str, ...] = ("cuda",)):
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")
         self.model, self.tokenizer, self.batch_size, self.no_system = model, tokenizer, batch_size, no_system
         self.shared_prefill = shared_prefill  # one prefill per prompt for its samples (either cache)
         self.static_generate = static_generate  # static cache through generate, not our loop: the reference
-        self.compile_scope = compile_scope  # static loop on CUDA: its decode step compiled as one graph or per layer
+        self.compile_scope = compile_scope  # static loop: its decode step compiled as one graph or per layer
+        self.compile_devices = compile_devices  # where it compiles (CPU: eager; a compile costs more than it saves)
         device = next(model.parameters()).device
         self.cache = ("static" if device.type == "cuda" else "dynamic") if cache == "auto" else cache
         self.batch_seconds: list[float] = []  # wall time of each batch of the last request
@@ -70,16 +72,24 @@ class HFEngine:
     def generate(self, prompts: list[list[dict]], params: SamplingParams,
                  desc: str = "generate") -> list[list[Completion]]:
         tok = self.tokenizer
-        ids = [tok(render(tok, p, add_generation_prompt=True, no_system=self.no_system), add_special_tokens=False)
-               ["input_ids"] for p in prompts]
-        out = self.generate_ids(ids, params, stop_token_ids(self.model, tok), tok.pad_token_id, desc)
+        out = self.generate_ids(self.encode(prompts), params, stop_token_ids(self.model, tok), tok.pad_token_id, desc)
         return [[Completion(text, len(s)) for text, s in zip(tok.batch_decode(seqs, skip_special_tokens=True), seqs)]
                 for seqs in out]
 
+    def encode(self, prompts: list[list[dict]]) -> list[list[int]]:
+        """Each chat's prompt token ids, rendered as `generate` renders it (the generation prompt appended)."""
+        tok = self.tokenizer
+        return [tok(render(tok, p, add_generation_prompt=True, no_system=self.no_system), add_special_tokens=False)
+                ["input_ids"] for p in prompts]
+
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], params: SamplingParams, stop_ids: list[int], pad_id: int,
-                     desc: str = "generate") -> list[list[list[int]]]:
-        """Token-level generation: for each prompt (token ids), `params.n` completions (new token ids)."""
+                     desc: str = "generate", warm_up_steps: int | None = None) -> list[list[list[int]]]:
+        """Token-level generation: for each prompt (token ids), `params.n` completions (new token ids).
+
+        `warm_up_steps` (static cache): run only the first batch, and only this many decode steps of it: the
+        request's decode step compiled (and recorded) at its real shapes, its completions cut short
+        (engines.precompile)."""
         if not prompts:
             return []
         model = self.model
@@ -121,7 +131,8 @@ class HFEngine:
                         model, input_ids.to(device), mask.to(device), params.n, params.temperature, params.top_p,
                         params.max_tokens, stop_ids, pad_id, _cache_kwarg(model), cache,
                         check_every=16 if device.type == "cuda" else 1, shared_prefill=self.shared_prefill,
-                        compile_scope=self.compile_scope if device.type == "cuda" else None)
+                        compile_scope=self.compile_scope if device.type in self.compile_devices else None,
+                        max_steps=warm_up_steps)
                 elif not static and self.shared_prefill and params.n > 1 and w > 1:
                     new_ids = _generate_after_shared_prefill(model, input_ids.to(device), mask.to(device),
                                                              gen_cfg)[:, w:]
@@ -133,6 +144,8 @@ class HFEngine:
             for j, i in enumerate(idx):
                 out[i] = [_until_stop(s, stop_ids) for s in new[j * params.n:(j + 1) * params.n]]
             bar.update(len(idx) * params.n)
+            if warm_up_steps is not None:
+                break
         bar.close()
         return out
 

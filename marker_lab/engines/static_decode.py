@@ -101,12 +101,14 @@ def _new_iteration_each_call(step):
 def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, temperature: float, top_p: float,
                   max_new: int, stop_ids: list[int], pad_id: int, cache_kwarg: str,
                   cache: StaticCache | None = None, check_every: int = 16,
-                  shared_prefill: bool = True, compile_scope: str | None = None) -> tuple[torch.Tensor, StaticCache]:
+                  shared_prefill: bool = True, compile_scope: str | None = None,
+                  max_steps: int | None = None) -> tuple[torch.Tensor, StaticCache]:
     """New tokens (rows x n, up to max_new) for left-padded prompts `input_ids` / `mask` (rows x width), each
     prompt's n samples adjacent; after a row's stop token the row holds `pad_id`. `cache`: a StaticCache of this
     shape from an earlier batch, reused (reset) so the compiled step keeps its buffers; returned for the next batch.
     `shared_prefill`: each prompt goes through the model once for its n samples (see _prefill_shared).
-    `compile_scope`: how the decode step is compiled (see decode_step); None: eager.
+    `compile_scope`: how the decode step is compiled (see decode_step); None: eager. `max_steps`: stop after this
+    many new tokens (a warm-up: the cache keeps its full `max_new` length, so the step compiles at its real shapes).
     """
     device = input_ids.device
     ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
@@ -159,7 +161,7 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
             out[:, i] = token
             unfinished &= ~torch.isin(token, stops)
             done = i + 1
-            if done == max_new or (done % check_every == 0 and not bool(unfinished.any())):
+            if done in (max_new, max_steps) or (done % check_every == 0 and not bool(unfinished.any())):
                 break
             logits = step(model, token[:, None], step_mask(slots[i + 1]), lengths + i,
                           slots[i + 1:i + 2], cache, cache_kwarg)

@@ -4,6 +4,7 @@ readout (eval.baseline) and the evals a stage runs while it trains (eval.during_
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 import logging
 import shutil
@@ -12,12 +13,13 @@ from typing import Callable
 
 import torch
 
-from marker_lab.config.schema import Config
+from marker_lab.config.schema import Config, EngineName, KVCache
 from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.data.inputs import CellInputs
 from marker_lab.data.questions import with_question_system
 from marker_lab.engines.base import Completion, SamplingParams
-from marker_lab.engines.hf import HFEngine
+from marker_lab.engines.hf import HFEngine, stop_token_ids
+from marker_lab.engines.precompile import DecodeRequest, start as start_precompile
 from marker_lab.eval.capability import capability_metric, eval_items
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.marker_prob import marker_prob_metric
@@ -137,6 +139,39 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
     judge_factory = judge_factory or (lambda: make_judge(cfg, StageCache(cfg.cache_dir), next(loaded.model.parameters()).device))
     scored, judge, rows = score(cfg, rows, judge_factory, sampled)
     return {**results, **scored}, judge, rows
+
+
+@contextmanager
+def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path, weights_frozen: bool,
+                 sample: bool = True):
+    """While in the block (the cell's stages), the eval's decode step compiles in a sibling process
+    (engines.precompile; `eval.engine.precompile`); yields its handle, or None where this cell's eval would not
+    compile a step: not asked, not CUDA, another engine or KV cache, stacked adapters (a peft model's graph), no
+    sampling here. `weights_frozen`: the weights' requires_grad at eval time is False (a stage's adapter was merged
+    in). The sibling is stopped if the block fails; the caller waits for it before the eval."""
+    e = cfg.eval.engine
+    device = next(loaded.model.parameters()).device
+    compiles = (e.precompile and e.name == EngineName.hf and device.type == "cuda" and e.cache != KVCache.dynamic
+                and loaded.merge and sample and bool(sampled_metrics(cfg.eval.metrics)))
+    if not compiles:
+        yield None
+        return
+    plan = generation_plan(cfg, inputs, eval_names(cfg, inputs))
+    indices, params = plan.requests[0]  # the first request's first batch: what the eval compiles first
+    engine = HFEngine.from_config(loaded, e)
+    config = loaded.model.config
+    request = DecodeRequest(
+        model_config=config.to_dict(), dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        attn_implementation=config._attn_implementation, requires_grad=not weights_frozen, device=str(device),
+        prompts=engine.encode([plan.prompts[i] for i in indices]), n=params.n, temperature=params.temperature,
+        top_p=params.top_p, max_tokens=params.max_tokens, stop_ids=stop_token_ids(loaded.model, loaded.tokenizer),
+        pad_id=loaded.tokenizer.pad_token_id, batch_size=e.batch_size, compile_scope=str(e.compile_scope))
+    sibling = start_precompile(request, out_dir)
+    try:
+        yield sibling
+    except BaseException:
+        sibling.stop()
+        raise
 
 
 def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedModel) -> StepEval | None:

@@ -1,0 +1,127 @@
+"""Compile the static engine's decode step before the eval needs it, in a process of its own.
+
+A cell's first eval on a fresh machine spends ~35 s compiling its decode step (7B, one H200; docs/benchmarks.md).
+What it compiles depends on the architecture, the precision and the request's shapes, not on the weights. So a
+sibling process builds the same architecture with random weights on the same GPU, runs the eval's first batch
+for two decode steps, and leaves the graphs and kernels in the compile cache the cell uses
+(core.cache.use_compile_cache), while the cell's stages train. The eval then loads them, as a sweep's later cell
+does. It costs a second copy of the weights and the eval's KV cache on the GPU while the stages train
+(`eval.engine.precompile`, off by default).
+
+    python -m marker_lab.engines.precompile request.json    # what `start` runs
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+WARM_UP_STEPS = 2  # the first compiles the step; the second runs it as compiled
+
+
+@dataclass
+class DecodeRequest:
+    """Everything the sibling needs to compile the eval's decode step as the cell will (a json file)."""
+    model_config: dict  # the eval model's transformers config (config.to_dict())
+    dtype: str  # torch dtype name of the weights: bfloat16 | float16 | float32
+    attn_implementation: str  # the model's (config._attn_implementation): sdpa, eager, ...
+    requires_grad: bool  # the weights' flag at eval time (False once a stage's adapter is merged in)
+    device: str  # where the cell's model is: cuda, cuda:1, ...
+    prompts: list[list[int]]  # the request's prompt token ids (their count and lengths set the batch shapes)
+    n: int  # samples per prompt
+    temperature: float
+    top_p: float
+    max_tokens: int  # the completion length: with the prompt width, the KV cache's length
+    stop_ids: list[int]
+    pad_id: int
+    batch_size: int  # eval.engine.batch_size
+    compile_scope: str  # eval.engine.compile_scope
+
+
+class Precompile:
+    """A running sibling: `wait` for it before the eval (else both compile the same step at once)."""
+
+    def __init__(self, process: subprocess.Popen, log_path: Path):
+        self.process, self.log_path, self.started = process, log_path, time.perf_counter()
+
+    def wait(self, timeout: float = 600.0) -> bool:
+        """Wait for the sibling to exit (stopping it after `timeout` s); True when it compiled the step. A failed
+        sibling costs nothing but its time: the eval then compiles the step itself."""
+        try:
+            rc = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            rc = self.process.wait()
+        seconds = time.perf_counter() - self.started
+        if rc == 0:
+            log.info("precompile: the eval's decode step compiled in a sibling process (%.0f s since its start)",
+                     seconds)
+        else:
+            log.warning("precompile: the sibling process exited with %s after %.0f s (its log: %s); the eval "
+                        "compiles its decode step itself", rc, seconds, self.log_path)
+        return rc == 0
+
+
+    def stop(self) -> None:
+        """Stop the sibling if it still runs (the cell failed before its eval)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start(request: DecodeRequest, work_dir: Path) -> Precompile:
+    """Start the sibling on `request` (written to `work_dir`, with its log); it inherits the environment, so it
+    writes to this process's compile cache ($TORCHINDUCTOR_CACHE_DIR) and sees the same GPUs."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec, log_path = work_dir / "precompile_request.json", work_dir / "precompile.log"
+    spec.write_text(json.dumps(asdict(request)))
+    with open(log_path, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "marker_lab.engines.precompile", str(spec)],
+                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+    log.info("precompile: compiling the eval's decode step in a sibling process (pid %d, log %s)",
+             process.pid, log_path)
+    return Precompile(process, log_path)
+
+
+def compile_decode_step(request: DecodeRequest) -> None:
+    """Build the request's architecture with random weights and run its first batch for WARM_UP_STEPS decode steps
+    on the static engine: what the eval's first batch compiles, into the compile cache."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from marker_lab.engines.base import SamplingParams
+    from marker_lab.engines.hf import HFEngine
+
+    arch = CONFIG_MAPPING[request.model_config["model_type"]].from_dict(request.model_config)
+    device = torch.device(request.device)
+    with device:  # random weights in place: their values do not change the compiled code
+        model = AutoModelForCausalLM.from_config(arch, dtype=getattr(torch, request.dtype),
+                                                 attn_implementation=request.attn_implementation)
+    model.eval().requires_grad_(request.requires_grad)
+    engine = HFEngine(model, None, request.batch_size, cache="static", compile_scope=request.compile_scope,
+                      compile_devices=(device.type,))  # compiling is the point, on any device
+    params = SamplingParams(n=request.n, temperature=request.temperature, top_p=request.top_p,
+                            max_tokens=request.max_tokens)
+    engine.generate_ids(request.prompts, params, request.stop_ids, request.pad_id, desc="precompile",
+                        warm_up_steps=WARM_UP_STEPS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m marker_lab.engines.precompile request.json`: compile, then exit."""
+    path = Path((argv or sys.argv[1:])[0])
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    t0 = time.perf_counter()
+    compile_decode_step(DecodeRequest(**json.loads(path.read_text())))
+    log.info("decode step compiled in %.1f s (compile cache %s)", time.perf_counter() - t0,
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
+
+
+if __name__ == "__main__":
+    main()
