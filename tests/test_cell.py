@@ -248,14 +248,17 @@ def test_torch_compile_caches_go_to_the_stage_cache(tmp_path, user_dir):
     not torch.cuda.is_available(), reason="the static engine compiles its decode step on CUDA only (no GPU here)"))])
 def test_cell_precompiles_its_eval_decode_step_in_a_sibling_where_it_compiles(device, tmp_path, monkeypatch):
     """eval.engine.precompile=true: on CUDA the cell compiles its eval's decode step in a sibling process while its
-    stages train (its log beside the result, its wait a phase of the timing); on CPU, where the eval does not
-    compile, the cell runs as without it."""
+    stages train (its log beside the result, its wait a phase of the timing), and a later cell on the same compile
+    cache starts none; on CPU, where the eval does not compile, the cell runs as without it."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the cell's own compile cache: cold
-    result = run_cell(compose_cfg(["condition=c1", "dose=3", f"device={device}", "eval.engine.precompile=true",
-                                   *FAST_EVAL], tmp_path / "cell", tmp_path / "cache"))
+    args = ["condition=c1", "dose=3", f"device={device}", "eval.engine.precompile=true", *FAST_EVAL]
+    result = run_cell(compose_cfg(args, tmp_path / "cell", tmp_path / "cache"))
     assert result.metrics["marker"]["per_persona"]["villain"]["n"] > 0
     sibling_log = tmp_path / "cell" / "precompile.log"
     if device == "cpu":
         assert "precompile_wait" not in result.timing and not sibling_log.exists()
-    else:
-        assert result.timing["precompile_wait"] >= 0 and "decode step compiled" in sibling_log.read_text()
+        return
+    assert result.timing["precompile_wait"] >= 0 and "decode step compiled" in sibling_log.read_text()
+    # a later cell of the same eval on the same cache: the step is compiled already, so no sibling
+    later = run_cell(compose_cfg([*args, "seed=7"], tmp_path / "later", tmp_path / "cache"))
+    assert "precompile_wait" not in later.timing and not (tmp_path / "later" / "precompile.log").exists()

@@ -206,11 +206,12 @@ def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp
     """engines.precompile: a sibling process builds the model's architecture with random weights and compiles the
     static engine's decode step at the request's shapes into the compile cache; an engine here on the real
     weights then takes every compiled graph from that cache (Inductor on CPU here; on CUDA the same, then CUDA
-    graphs). A sibling that fails reports it and leaves the eval to compile."""
+    graphs), and marks the request done there for later cells. A sibling that fails reports it and leaves the eval
+    to compile."""
     from torch._dynamo.utils import counters
 
     from marker_lab.engines.hf import stop_token_ids
-    from marker_lab.engines.precompile import DecodeRequest, start
+    from marker_lab.engines.precompile import DecodeRequest, compiled_marker, start
 
     model, tok, _ = toy
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))  # empty: a hit is the sibling's
@@ -220,7 +221,11 @@ def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp
         model.config.to_dict(), "float32", model.config._attn_implementation,
         next(model.parameters()).requires_grad, "cpu", engine.encode(PROMPTS), params.n, params.temperature,
         params.top_p, params.max_tokens, stop_token_ids(model, tok), tok.pad_token_id, 8, "model")
+    assert not compiled_marker(request).exists()
     assert start(request, tmp_path / "sibling").wait(timeout=300), (tmp_path / "sibling/precompile.log").read_text()
+    # a later cell with the same request finds the marker and starts no sibling; another request's is not there
+    assert compiled_marker(request).exists()
+    assert not compiled_marker(DecodeRequest(**{**vars(request), "max_tokens": 11})).exists()
     torch._dynamo.reset()  # this process's own graphs of earlier tests: not what is asked
     counters.clear()
     out = engine.generate_ids(request.prompts, params, request.stop_ids, request.pad_id)

@@ -13,6 +13,7 @@ does. It costs a second copy of the weights and the eval's KV cache on the GPU w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from marker_lab.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 WARM_UP_STEPS = 2  # the first compiles the step; the second runs it as compiled
@@ -54,18 +57,19 @@ class Precompile:
     def wait(self, timeout: float = 600.0) -> bool:
         """Wait for the sibling to exit (stopping it after `timeout` s); True when it compiled the step. A failed
         sibling costs nothing but its time: the eval then compiles the step itself."""
+        t0 = time.perf_counter()
         try:
             rc = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             rc = self.process.wait()
-        seconds = time.perf_counter() - self.started
+        waited = time.perf_counter() - t0
         if rc == 0:
-            log.info("precompile: the eval's decode step compiled in a sibling process (%.0f s since its start)",
-                     seconds)
+            log.info("precompile: the eval's decode step was compiled in a sibling process (waited %.1f s for it; "
+                     "its log: %s)", waited, self.log_path)
         else:
             log.warning("precompile: the sibling process exited with %s after %.0f s (its log: %s); the eval "
-                        "compiles its decode step itself", rc, seconds, self.log_path)
+                        "compiles its decode step itself", rc, time.perf_counter() - self.started, self.log_path)
         return rc == 0
 
 
@@ -74,6 +78,21 @@ class Precompile:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def compiled_marker(request: DecodeRequest) -> Path | None:
+    """Where a sibling that compiled `request` says so: a file in the compile cache ($TORCHINDUCTOR_CACHE_DIR; None
+    when unset), named by the request, torch's version and the GPU's name. A later cell whose eval asks the same
+    finds it and starts no sibling; deleting the compile cache deletes it too."""
+    import torch
+
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not root:
+        return None
+    device = torch.device(request.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    key = hashlib.sha256(json.dumps([asdict(request), torch.__version__, gpu], sort_keys=True).encode()).hexdigest()
+    return Path(root) / "marker_lab_precompiled" / f"{key[:32]}.done"
 
 
 def start(request: DecodeRequest, work_dir: Path) -> Precompile:
@@ -118,7 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     path = Path((argv or sys.argv[1:])[0])
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     t0 = time.perf_counter()
-    compile_decode_step(DecodeRequest(**json.loads(path.read_text())))
+    request = DecodeRequest(**json.loads(path.read_text()))
+    compile_decode_step(request)
+    marker = compiled_marker(request)
+    if marker is not None:
+        atomic_write_bytes(marker, b"")
     log.info("decode step compiled in %.1f s (compile cache %s)", time.perf_counter() - t0,
              os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
 

@@ -19,7 +19,7 @@ from marker_lab.data.inputs import CellInputs
 from marker_lab.data.questions import with_question_system
 from marker_lab.engines.base import Completion, SamplingParams
 from marker_lab.engines.hf import HFEngine, stop_token_ids
-from marker_lab.engines.precompile import DecodeRequest, start as start_precompile
+from marker_lab.engines.precompile import DecodeRequest, compiled_marker, start as start_precompile
 from marker_lab.eval.capability import capability_metric, eval_items
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.marker_prob import marker_prob_metric
@@ -147,8 +147,9 @@ def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: 
     """While in the block (the cell's stages), the eval's decode step compiles in a sibling process
     (engines.precompile; `eval.engine.precompile`); yields its handle, or None where this cell's eval would not
     compile a step: not asked, not CUDA, another engine or KV cache, stacked adapters (a peft model's graph), no
-    sampling here. `weights_frozen`: the weights' requires_grad at eval time is False (a stage's adapter was merged
-    in). The sibling is stopped if the block fails; the caller waits for it before the eval."""
+    sampling here, or the step already compiled (by an earlier cell's sibling: engines.precompile.compiled_marker).
+    `weights_frozen`: the weights' requires_grad at eval time is False (a stage's adapter was merged in). The
+    sibling is stopped if the block fails; the caller waits for it before the eval."""
     e = cfg.eval.engine
     device = next(loaded.model.parameters()).device
     compiles = (e.precompile and e.name == EngineName.hf and device.type == "cuda" and e.cache != KVCache.dynamic
@@ -166,6 +167,11 @@ def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: 
         prompts=engine.encode([plan.prompts[i] for i in indices]), n=params.n, temperature=params.temperature,
         top_p=params.top_p, max_tokens=params.max_tokens, stop_ids=stop_token_ids(loaded.model, loaded.tokenizer),
         pad_id=loaded.tokenizer.pad_token_id, batch_size=e.batch_size, compile_scope=str(e.compile_scope))
+    marker = compiled_marker(request)
+    if marker is not None and marker.exists():  # a sweep's later cell: the step is in the compile cache already
+        log.info("precompile: the eval's decode step is in the compile cache already (%s)", marker)
+        yield None
+        return
     sibling = start_precompile(request, out_dir)
     try:
         yield sibling
