@@ -72,7 +72,6 @@ class Precompile:
                         "compiles its decode step itself", rc, time.perf_counter() - self.started, self.log_path)
         return rc == 0
 
-
     def stop(self) -> None:
         """Stop the sibling if it still runs (the cell failed before its eval)."""
         if self.process.poll() is None:
@@ -142,8 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     marker = compiled_marker(request)
     if marker is not None:
         atomic_write_bytes(marker, b"")
-    log.info("decode step compiled in %.1f s (compile cache %s)", time.perf_counter() - t0,
-             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
+    log.info("decode step compiled in %.1f s (compile cache %s)%s", time.perf_counter() - t0,
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"), _peak_memory(request.device))
+
+
+def _peak_memory(device: str) -> str:
+    """What the sibling took on the GPU at most (its cost to the cell beside it); empty on CPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return ""
+    return f"; GPU memory allocated at peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
 if __name__ == "__main__":
