@@ -202,6 +202,7 @@ def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
         assert counters["stats"]["unique_graphs"] == len(engine.model.model.layers)
 
 
+@pytest.mark.slow  # two sibling processes, each importing torch and transformers; one compiles (about 35 s)
 def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp_path, monkeypatch):
     """engines.precompile: a sibling process builds the model's architecture with random weights and compiles the
     static engine's decode step at the request's shapes into the compile cache; an engine here on the real
