@@ -158,6 +158,9 @@ def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: 
         yield None
         return
     plan = generation_plan(cfg, inputs, eval_names(cfg, inputs))
+    if not plan.requests:
+        yield None
+        return
     indices, params = plan.requests[0]  # the first request's first batch: what the eval compiles first
     engine = HFEngine.from_config(loaded, e)
     config = loaded.model.config
