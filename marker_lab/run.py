@@ -100,9 +100,9 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
 
     stages: dict[str, StageResult] = {}
     input_identity = loaded.identity  # of the model the last stage's adapter attaches to
-    # eval.engine.precompile: the eval's decode step compiles in a sibling process while the stages train
-    with precompiling(cfg, inputs, loaded, out_dir, weights_frozen=bool(stage_order(cfg)),
-                      sample=not defer) as precompile:
+    # eval.engine.precompile: the eval's decode step compiles in a sibling process while the stages train (stopped
+    # if the cell fails before its eval)
+    with precompiling(cfg, inputs, loaded, out_dir, stage_order(cfg), sample=not defer) as precompile:
         for name in stage_order(cfg):
             log.info("stage %s: starting (input model %s)", name, loaded.identity)
             input_identity = loaded.identity
@@ -111,16 +111,17 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
             timing.update(_training_parts(name, stages[name]))
             with timed(timing, "readouts", readouts.active):
                 readouts.read(f"after_{name}", loaded)
-    if "second_stage" in stages and cell["dose"] is None:
-        cell["dose"] = stages["second_stage"].train_stats.get("steps")
-
-    with timed(timing, "readouts", readouts.active):
-        probed = readouts.probe_result()  # before the eval: a probe that cannot report fails early
-    with timed(timing, "precompile_wait", precompile is not None):  # the sibling's compile, if it still runs
-        if precompile is not None:
-            precompile.wait()
+        if "second_stage" in stages and cell["dose"] is None:
+            cell["dose"] = stages["second_stage"].train_stats.get("steps")
+        with timed(timing, "readouts", readouts.active):
+            probed = readouts.probe_result()  # before the eval: a probe that cannot report fails early
+        with timed(timing, "precompile_wait", precompile is not None):  # the sibling's compile, if it still runs
+            if precompile is not None:
+                precompile.wait()
     with timed(timing, "eval"):
         metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir, sample=not defer)
+    if precompile is not None:
+        precompile.log_cache_use()  # did the eval find the sibling's graphs
     if probed:
         metrics["probe"], timing["readouts.probe"] = probed
     with timed(timing, "write"):  # the completions and the provenance (checksums, versions); the result follows

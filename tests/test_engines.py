@@ -3,6 +3,9 @@ unpadded generation, n samples per prompt, max_tokens and stop at end of turn ar
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -237,6 +240,45 @@ def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp
     sibling = start(broken, tmp_path / "broken")
     assert not sibling.wait(timeout=120)
     assert "no_such_architecture" in sibling.log_path.read_text()
+
+
+@pytest.mark.slow  # a sibling process importing torch and transformers
+def test_precompile_sibling_ends_when_its_cell_is_killed(toy, tmp_path, monkeypatch):
+    """A cell killed with SIGKILL cannot stop its sibling: the sibling notices its parent is gone and exits, so it
+    does not hold GPU memory from the next cell; it leaves no marker saying the step compiled."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from marker_lab.engines.hf import stop_token_ids
+    from marker_lab.engines.precompile import DecodeRequest, compiled_marker
+
+    model, tok, _ = toy
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))
+    request = DecodeRequest(
+        model.config.to_dict(), "float32", model.config._attn_implementation, True, "cpu",
+        HFEngine(model, tok).encode(PROMPTS), 2, 1.0, 0.9, 10, stop_token_ids(model, tok), tok.pad_token_id, 8, "model")
+    spec = tmp_path / "request.json"
+    spec.write_text(json.dumps(vars(request)))
+    cell = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; p = subprocess.Popen("
+                             "[sys.executable, '-m', 'marker_lab.engines.precompile', sys.argv[1], str(os.getpid())]); "
+                             "print(p.pid, flush=True); time.sleep(600)", str(spec)], stdout=subprocess.PIPE, text=True)
+    sibling = int(cell.stdout.readline())
+    cell.send_signal(signal.SIGKILL)
+    cell.wait()
+
+    def running(pid: int) -> bool:  # a zombie nobody reaps has ended too
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while running(sibling) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not running(sibling)
+    assert not compiled_marker(request).exists()
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -87,9 +87,8 @@ class HFEngine:
                      desc: str = "generate", warm_up_steps: int | None = None) -> list[list[list[int]]]:
         """Token-level generation: for each prompt (token ids), `params.n` completions (new token ids).
 
-        `warm_up_steps` (static cache): run only the first batch, and only this many decode steps of it: the
-        request's decode step compiled (and recorded) at its real shapes, its completions cut short
-        (engines.precompile)."""
+        `warm_up_steps`: run only the first batch, and (static cache) only this many new tokens of it: the
+        request's decode step compiled at its real shapes, its completions cut short (engines.precompile)."""
         if not prompts:
             return []
         model = self.model

@@ -8,7 +8,7 @@ for two decode steps, and leaves the graphs and kernels in the compile cache the
 does. It costs a second copy of the weights and the eval's KV cache on the GPU while the stages train
 (`eval.engine.precompile`, off by default).
 
-    python -m marker_lab.engines.precompile request.json    # what `start` runs
+    python -m marker_lab.engines.precompile request.json [parent pid]    # what `start` runs
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 from marker_lab.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-WARM_UP_STEPS = 2  # the first compiles the step; the second runs it as compiled
+WARM_UP_STEPS = 2  # new tokens: the step compiles on its first call (what reaches the disk cache)
+DECODE_SOURCES = ("static_decode.py", "attention.py", "hf.py")  # our code in the compiled step: part of the marker
 
 
 @dataclass
@@ -53,11 +54,13 @@ class Precompile:
 
     def __init__(self, process: subprocess.Popen, log_path: Path):
         self.process, self.log_path, self.started = process, log_path, time.perf_counter()
+        self.cache_counts_at_wait: tuple[int, int] | None = None  # Inductor's FX graph cache (hits, misses)
 
     def wait(self, timeout: float = 600.0) -> bool:
         """Wait for the sibling to exit (stopping it after `timeout` s); True when it compiled the step. A failed
         sibling costs nothing but its time: the eval then compiles the step itself."""
         t0 = time.perf_counter()
+        self.cache_counts_at_wait = _fx_cache_counts()
         try:
             rc = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -72,6 +75,14 @@ class Precompile:
                         "compiles its decode step itself", rc, time.perf_counter() - self.started, self.log_path)
         return rc == 0
 
+    def log_cache_use(self) -> None:
+        """After the eval: how many compiled graphs it took from the cache and how many it compiled anew (a miss:
+        a graph the sibling did not make, such as a later request's)."""
+        if self.cache_counts_at_wait is None:
+            return
+        hits, misses = (now - then for now, then in zip(_fx_cache_counts(), self.cache_counts_at_wait))
+        log.info("precompile: the eval found %d compiled graphs in the cache and compiled %d anew", hits, misses)
+
     def stop(self) -> None:
         """Stop the sibling if it still runs (the cell failed before its eval)."""
         if self.process.poll() is None:
@@ -79,10 +90,18 @@ class Precompile:
             self.process.wait()
 
 
+def _fx_cache_counts() -> tuple[int, int]:
+    """This process's Inductor FX graph cache hits and misses so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
 def compiled_marker(request: DecodeRequest) -> Path | None:
     """Where a sibling that compiled `request` says so: a file in the compile cache ($TORCHINDUCTOR_CACHE_DIR; None
-    when unset), named by the request, torch's version and the GPU's name. A later cell whose eval asks the same
-    finds it and starts no sibling; deleting the compile cache deletes it too."""
+    when unset), named by the request, torch's and Triton's versions, the GPU's name, our decode code and
+    Inductor's settings from the environment. A later cell whose eval asks the same finds it and starts no
+    sibling; deleting the compile cache deletes it too."""
     import torch
 
     root = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -90,7 +109,16 @@ def compiled_marker(request: DecodeRequest) -> Path | None:
         return None
     device = torch.device(request.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = hashlib.sha256(json.dumps([asdict(request), torch.__version__, gpu], sort_keys=True).encode()).hexdigest()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # CPU builds of torch come without it
+        triton_version = None
+    here = Path(__file__).parent
+    code = {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in DECODE_SOURCES}
+    settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE_"))}
+    what = [asdict(request), torch.__version__, triton_version, gpu, code, settings]
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     return Path(root) / "marker_lab_precompiled" / f"{key[:32]}.done"
 
 
@@ -101,7 +129,7 @@ def start(request: DecodeRequest, work_dir: Path) -> Precompile:
     spec, log_path = work_dir / "precompile_request.json", work_dir / "precompile.log"
     spec.write_text(json.dumps(asdict(request)))
     with open(log_path, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "marker_lab.engines.precompile", str(spec)],
+        process = subprocess.Popen([sys.executable, "-m", "marker_lab.engines.precompile", str(spec), str(os.getpid())],
                                    stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
     log.info("precompile: compiling the eval's decode step in a sibling process (pid %d, log %s)",
              process.pid, log_path)
@@ -132,10 +160,13 @@ def compile_decode_step(request: DecodeRequest) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m marker_lab.engines.precompile request.json`: compile, then exit."""
-    path = Path((argv or sys.argv[1:])[0])
+    """`python -m marker_lab.engines.precompile request.json [parent pid]`: compile, then exit (at once when the
+    parent, the cell, is gone)."""
+    args = argv or sys.argv[1:]
+    path, parent = Path(args[0]), int(args[1]) if len(args) > 1 else os.getppid()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     t0 = time.perf_counter()
+    _exit_with_parent(parent)
     request = DecodeRequest(**json.loads(path.read_text()))
     compile_decode_step(request)
     marker = compiled_marker(request)
@@ -143,6 +174,19 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_bytes(marker, b"")
     log.info("decode step compiled in %.1f s (compile cache %s)%s", time.perf_counter() - t0,
              os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"), _peak_memory(request.device))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process as soon as the cell that started it (pid `parent`) is gone, killed with SIGKILL say, also
+    before this process got this far: a sibling left running would hold its share of the GPU from the next cell."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _peak_memory(device: str) -> str:

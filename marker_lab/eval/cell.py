@@ -142,18 +142,18 @@ def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path
 
 
 @contextmanager
-def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path, weights_frozen: bool,
+def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path, stages: list[str],
                  sample: bool = True):
-    """While in the block (the cell's stages), the eval's decode step compiles in a sibling process
-    (engines.precompile; `eval.engine.precompile`); yields its handle, or None where this cell's eval would not
-    compile a step: not asked, not CUDA, another engine or KV cache, stacked adapters (a peft model's graph), no
-    sampling here, or the step already compiled (by an earlier cell's sibling: engines.precompile.compiled_marker).
-    `weights_frozen`: the weights' requires_grad at eval time is False (a stage's adapter was merged in). The
-    sibling is stopped if the block fails; the caller waits for it before the eval."""
+    """While in the block (the cell's `stages`), the decode step of the eval's first request compiles in a sibling
+    process (engines.precompile; `eval.engine.precompile`); yields its handle, or None where that buys nothing: not
+    asked, not CUDA, another engine or KV cache, stacked adapters (a peft model's graph), no sampling here, no
+    stage to overlap with, or the step already compiled (by an earlier cell's sibling:
+    engines.precompile.compiled_marker). The sibling is stopped if the block fails; the caller waits for it in the
+    block, before the eval."""
     e = cfg.eval.engine
     device = next(loaded.model.parameters()).device
     compiles = (e.precompile and e.name == EngineName.hf and device.type == "cuda" and e.cache != KVCache.dynamic
-                and loaded.merge and sample and bool(sampled_metrics(cfg.eval.metrics)))
+                and loaded.merge and sample and bool(sampled_metrics(cfg.eval.metrics)) and bool(stages))
     if not compiles:
         yield None
         return
@@ -166,7 +166,8 @@ def precompiling(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: 
     config = loaded.model.config
     request = DecodeRequest(
         model_config=config.to_dict(), dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        attn_implementation=config._attn_implementation, requires_grad=not weights_frozen, device=str(device),
+        # requires_grad: False at the eval, as peft freezes the base weights and merging a stage's adapter keeps them so
+        attn_implementation=config._attn_implementation, requires_grad=False, device=str(device),
         prompts=engine.encode([plan.prompts[i] for i in indices]), n=params.n, temperature=params.temperature,
         top_p=params.top_p, max_tokens=params.max_tokens, stop_ids=stop_token_ids(loaded.model, loaded.tokenizer),
         pad_id=loaded.tokenizer.pad_token_id, batch_size=e.batch_size, compile_scope=str(e.compile_scope))
