@@ -13,7 +13,6 @@ does. It costs a second copy of the weights and the eval's KV cache on the GPU w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from marker_lab.core.files import atomic_write_bytes
+from marker_lab.core.files import atomic_write_bytes, sha256_file, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 WARM_UP_STEPS = 2  # new tokens: the step compiles on its first call (what reaches the disk cache)
@@ -115,10 +114,9 @@ def compiled_marker(request: DecodeRequest) -> Path | None:
     except ImportError:  # CPU builds of torch come without it
         triton_version = None
     here = Path(__file__).parent
-    code = {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in DECODE_SOURCES}
+    code = {name: sha256_file(here / name) for name in DECODE_SOURCES}
     settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE_"))}
-    what = [asdict(request), torch.__version__, triton_version, gpu, code, settings]
-    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    key = sha256_json([asdict(request), torch.__version__, triton_version, gpu, code, settings])
     return Path(root) / "marker_lab_precompiled" / f"{key[:32]}.done"
 
 
@@ -127,7 +125,7 @@ def start(request: DecodeRequest, work_dir: Path) -> Precompile:
     writes to this process's compile cache ($TORCHINDUCTOR_CACHE_DIR) and sees the same GPUs."""
     work_dir.mkdir(parents=True, exist_ok=True)
     spec, log_path = work_dir / "precompile_request.json", work_dir / "precompile.log"
-    spec.write_text(json.dumps(asdict(request)))
+    write_json_atomic(spec, asdict(request))
     with open(log_path, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "marker_lab.engines.precompile", str(spec), str(os.getpid())],
                                    stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
