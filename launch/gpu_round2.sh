@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issues 21-22 on one GPU machine without network (device tool; .device_wheels/ carried: hydra, omegaconf, antlr4,
 # submitit, hydra-submitit-launcher, liger-kernel). One mode per call; each fits in 10 minutes:
-#   MODE=bench  bash launch/gpu_round2.sh   # marker-lab bench's training arms: packed, compiled, flex, Liger peer
+#   MODE=bench  bash launch/gpu_round2.sh   # marker-lab bench's training arms: packed, compiled, flex, FP8 base, Liger peer
+#                                           # (SKIP=generate,probe,kl,flex BENCH_FLAGS="--budgets 6144": the short set)
 #   MODE=shared bash launch/gpu_round2.sh   # one engine per shared base vs per-cell eval, 7B random init (hf)
 #   MODE=gen    bash launch/gpu_round2.sh   # generation: stock vs the static engine at larger batches, one eval
 #                                           # during training on the LoRA model, then a second process on the
@@ -104,7 +105,7 @@ dry_check() {  # the start-up checks of a mode's cell on any machine (CPU), on t
 
 case "${MODE:-bench}" in
 bench)
-  timeout ${BENCH_TIMEOUT:-540} python -m marker_lab.cli bench --out "$OUT/bench.json" --skip ${SKIP:-generate,probe,kl} \
+  timeout ${BENCH_TIMEOUT:-540} python -m marker_lab.cli bench --out "$OUT/bench.json" --skip ${SKIP:-generate,probe,kl} ${BENCH_FLAGS:-} \
     2>&1 | grep -v "it/s]$" > "$OUT/bench.log"; echo "bench rc=$?"
   grep -E "^  (train|summary|load)" "$OUT/bench.log" || tail -30 "$OUT/bench.log" ;;
 gen)

@@ -256,10 +256,17 @@ def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: T
                 for b in w.pack_budgets:
                     train_rep[f"fast_compiled_packed_varlen_mix_{b}"] = time_training(
                         model, mixed, replace(varlen, compile=True, micro_batch_tokens=b), w, device)
-                if device.type == "cuda":  # flex attention has no backward on CPU
+                if device.type == "cuda" and "flex" not in skip:  # flex attention has no backward on CPU
                     # train.attention: block-sparse document masks instead of sdpa's dense mask
                     train_rep["fast_compiled_packed_flex_mix"] = time_training(
                         model, mixed, replace(packed, compile=True, attention="flex_attention"), w, device)
+        if "fp8" not in skip:  # train.fp8_base: the frozen base's matrix multiplies in FP8 (summarised apart)
+            compiled = device.type == "cuda" and "compile" not in skip
+            name = "fast_compiled_fp8_fixed" if compiled else f"fast_fp8_fixed_{budget}"  # its bf16 twin minus _fp8
+            train_rep[name] = time_training(model, fixed, replace(fast, compile=compiled, fp8_base=True), w, device)
+            if compiled and "pack" not in skip:
+                train_rep["fast_compiled_packed_varlen_fp8_mix"] = time_training(
+                    model, mixed, replace(fast, compile=True, pack=True, attention="varlen", fp8_base=True), w, device)
     train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
     return train_rep
 
@@ -376,7 +383,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--model", default="qwen2.5-7b-instruct", help="a conf/model option (random init)")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--quick", action="store_true", help="tiny workload: checks every code path, numbers mean nothing")
-    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, liger, generate, during, "
+    p.add_argument("--skip", default="", help="comma list: train, kl, compile, pack, flex, fp8, liger, generate, during, "
                    "via_generate, probe")
     p.add_argument("--flex-decode", action="store_true", help="also time flex attention in the decode step (CUDA; "
                    "it did not compile on torch 2.11, docs/benchmarks.md)")

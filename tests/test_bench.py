@@ -39,6 +39,10 @@ def test_bench_cli_reports_every_measurement(tmp_path):
     assert r["compile_cache"] == {"dir": str(tmp_path / "cache"), "warm": False}
     # the KL arm trains the same data at weight 1: its loss carries the KL term, which is 0 at LoRA init
     assert r["train"]["kl_fixed"]["losses"][0] == pytest.approx(r["train"]["fast_fixed_256"]["losses"][0], rel=1e-5)
+    # train.fp8_base beside its bf16 twin, summarised apart from the bf16 recipe's arms
+    assert r["summary"]["fastest_fixed"] == "fast_fixed_256" and r["summary"]["fast_fp8_fixed_256_step_s"] > 0
+    assert 0 < r["summary"]["fast_fp8_fixed_256_max_rel_loss_diff_vs_baseline"] < 1e-2
+    assert "fast_fp8_fixed_256_speedup_vs_bf16" in r["summary"]
     assert r["probe"]["prompts"] == 6 and r["probe"]["seconds"] > 0
     assert r["env"]["torch"] == torch.__version__
 

@@ -262,6 +262,9 @@ class TrainConfig:
     micro_batch_tokens: Optional[int] = None  # split each step by padded tokens (length-sorted), not by count
     pack: bool = False  # with micro_batch_tokens: each micro-batch is one row of whole examples, no padding (same loss)
     compile: bool = False  # torch.compile each decoder layer while training (CUDA; pays a one-off compile)
+    # the LoRA-wrapped projections' frozen base weights multiply in FP8 (e4m3, row-wise scales; train/fp8.py): about
+    # 2x bf16's matmul rate on Hopper/Ada, but not the bf16 recipe (the adapter learns against an FP8-rounded base)
+    fp8_base: bool = False
     # attention while training, then the model's again (model.attn_implementation); flex_attention (CUDA) keeps
     # packed examples apart with block-sparse document masks instead of sdpa's dense mask; varlen (with pack) by
     # the examples' offsets, no mask (flash's varlen kernel on CUDA, train/packed_attention.py); null = the model's

@@ -6,7 +6,9 @@ from __future__ import annotations
 def summarise(r: dict, w) -> dict:
     """Ratios fast/baseline and the projected cell: load + stage + merge + eval."""
     t, g, s = r["train"], r["generate"], {}
-    fixed = {k: v for k, v in t.items() if k.startswith("fast") and "fixed" in k and "step_s" in v}
+    # the bf16 recipe's arms; the FP8-base arms (train.fp8_base, other numerics) are summarised apart below
+    bf16 = {k: v for k, v in t.items() if "fp8" not in k}
+    fixed = {k: v for k, v in bf16.items() if k.startswith("fast") and "fixed" in k and "step_s" in v}
     best = min(fixed, key=lambda k: fixed[k]["step_s"]) if fixed else None
     s["fastest_fixed"] = best
     ref_losses = t.get("baseline_fixed", {}).get("losses")
@@ -18,7 +20,7 @@ def summarise(r: dict, w) -> dict:
         s["train_baseline_minutes"] = round(w.steps * t["baseline_fixed"]["step_s"] / 60, 2)
         # the first step's extra time (compilation, allocator warmup) is paid once per stage
         s["train_fast_minutes"] = round((w.steps * t[best]["step_s"] + t[best]["first_step_s"] - t[best]["step_s"]) / 60, 2)
-    mix = [v["step_s"] for k, v in t.items() if k.startswith("fast") and k.endswith("mix") and "step_s" in v]
+    mix = [v["step_s"] for k, v in bf16.items() if k.startswith("fast") and k.endswith("mix") and "step_s" in v]
     if mix and "step_s" in t.get("baseline_mix", {}):
         s["train_speedup_mix"] = round(t["baseline_mix"]["step_s"] / min(mix), 2)
     fast = {k: v for k, v in g.items() if k.startswith("fast_eval") and "tokens_per_s" in v}
@@ -43,16 +45,27 @@ def summarise(r: dict, w) -> dict:
     peer = t.get("peer_liger_fixed", {})
     if "step_s" in peer and best:  # the best known peer, measured in the same process
         s["train_speedup_vs_liger_fixed"] = round(peer["step_s"] / t[best]["step_s"], 2)
-    packed = [v["step_s"] for k, v in t.items() if "packed" in k and "step_s" in v]
-    unpacked = [v["step_s"] for k, v in t.items() if k.startswith("fast") and k.endswith("mix") and "packed" not in k
+    packed = [v["step_s"] for k, v in bf16.items() if "packed" in k and "step_s" in v]
+    unpacked = [v["step_s"] for k, v in bf16.items() if k.startswith("fast") and k.endswith("mix") and "packed" not in k
                 and "step_s" in v]
     if packed and unpacked:
         s["packing_speedup_mix"] = round(min(unpacked) / min(packed), 2)
     mix_ref = t.get("baseline_mix", {}).get("losses")
     if mix_ref and packed:  # same data, seed and init as the stock run on the mix: the same losses
         s["max_rel_loss_diff_packed_vs_baseline_mix"] = max(
-            abs(a - b) / abs(b) for k, v in t.items() if "packed" in k and "losses" in v
+            abs(a - b) / abs(b) for k, v in bf16.items() if "packed" in k and "losses" in v
             for a, b in zip(v["losses"], mix_ref))
+    fp8 = {k: v for k, v in t.items() if "fp8" in k and "step_s" in v}
+    for k, v in fp8.items():  # train.fp8_base against the same arm in bf16 (its name without "_fp8"), and the peer
+        s[f"{k}_step_s"] = v["step_s"]
+        same = t.get(k.replace("_fp8", ""), {})
+        if "step_s" in same:
+            s[f"{k}_speedup_vs_bf16"] = round(same["step_s"] / v["step_s"], 2)
+        ref = t.get("baseline_mix" if k.endswith("mix") else "baseline_fixed", {}).get("losses")
+        if ref:  # the same data, seed and init as the stock run: how far FP8 moved the losses
+            s[f"{k}_max_rel_loss_diff_vs_baseline"] = max(abs(a - b) / abs(b) for a, b in zip(v["losses"], ref))
+        if "step_s" in peer and k.endswith("fixed"):
+            s[f"{k}_speedup_vs_liger"] = round(peer["step_s"] / v["step_s"], 2)
     if "step_s" in t.get("kl_fixed", {}) and t.get("best_fast") in t:  # same settings as best_fast, plus the KL
         s["kl_step_overhead"] = round(t["kl_fixed"]["step_s"] / t[t["best_fast"]]["step_s"], 2)
     if "train_fast_minutes" in s and "eval_fast_minutes" in s:

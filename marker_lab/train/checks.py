@@ -50,6 +50,12 @@ def check_train_device(key: str, t: TrainConfig, device_type: str, weights: str)
     if t.attention == "flex_attention" and device_type == "cpu":
         raise ConfigError(f"{key}.attention=flex_attention with device=cpu: flex attention has no backward on CPU; "
                           "use sdpa (null) there")
+    if t.fp8_base and device_type == "cuda":
+        import torch  # here only: the device is resolved, so torch is loaded already
+
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+            raise ConfigError(f"{key}.fp8_base: FP8 matrix multiplies need compute capability 8.9 or newer (Ada, "
+                              f"Hopper); this GPU has {torch.cuda.get_device_capability()}")
     if t.attention == "varlen" and device_type == "cuda" and not t.bf16 and weights not in ("bfloat16", "float16"):
         raise ConfigError(f"{key}.attention=varlen on CUDA runs flash's varlen kernel, which takes bf16 or fp16: set "
                           f"{key}.bf16=true or model.dtype=bfloat16 (model.dtype is {weights}), or attention=null")

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 from marker_lab.config.schema import LoraConfig, Schedule, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
 from marker_lab.train import packed_attention
+from marker_lab.train.fp8 import fp8_base
 
 # peft 0.21.2 (the newest) reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__: a warning
 # per adapter, every run; no call of ours reads it. Only that message is ignored; remove once peft stops reading it.
@@ -333,8 +334,8 @@ def step_order(n_examples: int, steps: int, per_step: int, seed: int) -> list[li
 
 @contextmanager
 def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
-    """The model as the steps need it (gradient checkpointing, the first layer's input requiring grad, compiled
-    layers, the training attention, train mode), and as it was afterwards, also when a step raises."""
+    """The model as the steps need it (gradient checkpointing, the first layer's input requiring grad, an FP8 base,
+    compiled layers, the training attention, train mode), and as it was afterwards, also when a step raises."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # transformers (5.24 at least) adds its own input-grad hook, active in any grad mode: ours below replaces it
@@ -345,10 +346,12 @@ def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
     # (norm, q/k/v) and a gradient held on the embedding output, all unused
     hook = (model.get_input_embeddings().register_forward_hook(_input_requires_grad)
             if cfg.gradient_checkpointing or cfg.compile else None)
-    if cfg.compile:
-        compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
     try:
-        with attention_implementation(model, cfg.attention) if cfg.attention else nullcontext():
+        # the FP8 base goes in before the layers compile (they trace it), and comes out before they merge or save
+        with fp8_base(model) if cfg.fp8_base else nullcontext(), \
+                attention_implementation(model, cfg.attention) if cfg.attention else nullcontext():
+            if cfg.compile:
+                compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
             model.train()
             yield
     finally:

@@ -1,0 +1,106 @@
+"""`train.fp8_base`: the frozen base's FP8 matrix multiplies (train/fp8.py), on the CPU's `torch._scaled_mm` and, where
+there is one, a GPU's FP8 tensor cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from marker_lab.config.schema import OptimizerConfig, TrainConfig
+from marker_lab.data.chat import encode_chat
+from marker_lab.toy import world
+from marker_lab.train.fp8 import Fp8FrozenLinear, fp8_able, fp8_base, quantize_rows
+from marker_lab.train.sft import train
+from tests.test_sft import _tiny_lora_model
+
+FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def _dequantized(t: torch.Tensor) -> torch.Tensor:
+    q, s = quantize_rows(t)
+    return q.float() * s
+
+
+def test_rows_quantize_to_e4m3_with_a_scale_each():
+    t = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]  # rows of very different sizes
+    q, s = quantize_rows(t)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 1)
+    assert q.float().abs().amax(dim=1)[:4].tolist() == [448.0] * 4  # each row's largest value maps to e4m3's max
+    err = (q.float() * s - t).abs() / t.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    assert err.max() <= 2 ** -4  # e4m3 keeps 3 mantissa bits: half a step of the largest binade at worst
+    assert (q.float()[4] == 0).all()  # an all-zero row stays zero (no division by a zero scale)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not FP8_GPU, reason="FP8 tensor cores: a CUDA GPU of compute capability 8.9+"))])
+def test_fp8_linear_is_the_product_of_the_quantized_operands_forward_and_backward(device):
+    """y = q(x) q(W)^T + b and dx = q(dy) q(W) (W quantized along each product's outer dim), as `torch._scaled_mm`
+    computes them; and both within FP8's rounding of the exact product."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lin = nn.Linear(64, 48, bias=True).to(device, dtype).requires_grad_(False)
+    fp8 = Fp8FrozenLinear(lin)
+    x = torch.randn(3, 13, 64, device=device, dtype=dtype, requires_grad=True)  # 39 rows: not a multiple of 16
+    y = fp8(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = lin.weight.float()
+    ref_y = _dequantized(x.detach().reshape(-1, 64).float()) @ _dequantized(w).t() + lin.bias.float()
+    ref_dx = _dequantized(dy.reshape(-1, 48).float()) @ _dequantized(w.t().contiguous()).t()
+    tol = 1e-5 if device == "cpu" else 1e-2  # bf16 output rounding on the GPU
+    assert y.shape == (3, 13, 48) and y.dtype == dtype and x.grad.dtype == dtype
+    assert torch.allclose(y.reshape(-1, 48).float(), ref_y, rtol=tol, atol=tol)
+    assert torch.allclose(x.grad.reshape(-1, 64).float(), ref_dx, rtol=tol, atol=tol)
+    exact_y = x.detach().float() @ w.t() + lin.bias.float()
+    rel = (y.float() - exact_y).norm() / exact_y.norm()
+    assert 1e-4 < rel < 0.06  # FP8 moved it, but only by its rounding
+    assert lin.weight.grad is None  # a frozen base gets no gradient
+
+
+def test_only_frozen_linears_with_dims_of_16_go_to_fp8():
+    assert fp8_able(nn.Linear(32, 64).requires_grad_(False))
+    assert not fp8_able(nn.Linear(24, 64).requires_grad_(False))  # _scaled_mm needs multiples of 16
+    assert not fp8_able(nn.Linear(32, 64))  # trained: FP8 here would need a weight gradient
+    with pytest.raises(ValueError, match="train.fp8_base"):
+        with fp8_base(nn.Sequential(nn.Linear(32, 32))):
+            pass
+
+
+def test_fp8_base_trains_like_the_reference_and_gives_the_bf16_layers_back(toy_tokenizer):
+    """The toy LoRA model trained with its base in FP8: losses within FP8's rounding of the reference's, the adapter
+    moves the same way, and afterwards every LoRA layer holds its original base layer again. (Compiled: the GPU test
+    below; Inductor's CPU compile of it takes a minute.)"""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
+    runs = []
+    for fp8 in (False, True):
+        model = _tiny_lora_model(len(toy_tokenizer), real_b=True)
+        bases = {n: m for n, m in model.named_modules() if n.endswith("base_layer")}
+        init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=2,
+                          bf16=False, gradient_checkpointing=False, micro_batch_tokens=400,
+                          fp8_base=fp8)
+        stats = train(model, examples, cfg, steps=3, seed=0, pad_id=toy_tokenizer.pad_token_id)
+        assert {n: m for n, m in model.named_modules() if n.endswith("base_layer")} == bases  # the same objects
+        assert not any(isinstance(m, Fp8FrozenLinear) for m in model.modules())
+        runs.append((stats.losses, {n: p.detach() - init[n] for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_losses, ref_upd), (losses, upd) = runs
+    assert losses != ref_losses  # FP8 did run
+    assert losses == pytest.approx(ref_losses, rel=1e-3)  # measured: 5e-5 (random toy init, loss about 7.1)
+    cos = torch.nn.functional.cosine_similarity(torch.cat([u.flatten() for u in upd.values()]),
+                                                torch.cat([u.flatten() for u in ref_upd.values()]), dim=0)
+    assert cos > 0.9, cos
+
+
+@pytest.mark.skipif(not FP8_GPU, reason="FP8 tensor cores: a CUDA GPU of compute capability 8.9+")
+def test_fp8_base_trains_compiled_in_bf16_like_the_reference_on_gpu(toy_tokenizer):
+    """The GPU path: bf16 autocast, compiled layers, packed varlen rows (token counts not multiples of 16)."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
+    losses = []
+    for fp8 in (False, True):
+        model = _tiny_lora_model(len(toy_tokenizer), real_b=True).to("cuda", torch.bfloat16)
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
+                          bf16=True, gradient_checkpointing=False, micro_batch_tokens=300, pack=True,
+                          attention="varlen", compile=True, fp8_base=fp8)
+        losses.append(train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
+    assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], rel=3e-2)
