@@ -37,7 +37,10 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _scaled_mm(q_a: torch.Tensor, scale_a: torch.Tensor, q_b_t: torch.Tensor, scale_b_t: torch.Tensor,
                out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
     """(q_a * scale_a) @ (q_b_t * scale_b_t).T: `q_b_t` is the right operand stored transposed (contiguous), the
-    column-major layout FP8 tensor cores read; `scale_b_t` has one scale per row of it."""
+    column-major layout FP8 tensor cores read; `scale_b_t` has one scale per row of it. Off CUDA, the same product
+    of the dequantized operands in float32 (torch 2.11's CPU `_scaled_mm` takes one scale per tensor only)."""
+    if q_a.device.type != "cuda":
+        return ((q_a.float() * scale_a) @ (q_b_t.float() * scale_b_t).t()).to(out_dtype)
     return torch._scaled_mm(q_a, q_b_t.t(), scale_a=scale_a, scale_b=scale_b_t.t(), out_dtype=out_dtype,
                             use_fast_accum=fast_accum)
 
