@@ -24,7 +24,8 @@
 #   MODE=grid   bash launch/gpu_round2.sh   # 002-style EM dose grid: dose checkpoints of one run, one engine;
 #                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
 #   MODE=profile bash launch/gpu_round2.sh  # where a compiled training step goes (launch/profile_train.py): the
-#                                           # 384-token examples, then the length mix (PROFILE_DATA: which)
+#                                           # 384-token examples, then the length mix (PROFILE_DATA: which);
+#                                           # FP8=1: with the frozen base in FP8 (train.fp8_base)
 #   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

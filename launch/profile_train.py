@@ -1,7 +1,8 @@
 """Training-step profile of the 7B shape on one GPU: where a compiled LoRA step's time goes.
 
     PYTHONPATH=. python launch/profile_train.py                 # 384-token examples; DATA=mix: the length mix,
-                                                                # DATA=packed: the mix packed (train.pack)
+                                                                # DATA=packed: the mix packed (train.pack);
+                                                                # FP8=1: the frozen base in FP8 (train.fp8_base)
     MODEL=toy DEVICE=cpu PYTHONPATH=. python launch/profile_train.py   # a smoke run of the script on any machine
 
 The bench's fast compiled arm (train.sft.train: LoRA r=32 on all 7 projections, 16 examples per optimizer step,
@@ -54,7 +55,7 @@ if not cuda:  # the smoke run: short examples
 examples = synthetic_examples(lengths, vocab, w.prompt_share, seed=1)
 cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=w.lora_dropout), per_device_batch_size=4,
                   grad_accum=w.examples_per_step // 4, bf16=True, gradient_checkpointing=False, logits="labelled",
-                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed")
+                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed", fp8_base=os.environ.get("FP8") == "1")
 peft_model = apply_lora(model, cfg.lora, seed=0)
 prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 stamps: list[float] = []
@@ -74,7 +75,7 @@ stats = train(peft_model, examples, cfg, steps=WARM + PROFILED, seed=0, pad_id=0
               on_step=on_step)
 wall = (stamps[-1] - stamps[WARM - 1]) / PROFILED
 print(f"{model_name}, {data} ({sum(lengths) / len(lengths):.0f} tokens per example on average), "
-      f"{w.examples_per_step} per step, compiled={cfg.compile}")
+      f"{w.examples_per_step} per step, compiled={cfg.compile}, fp8_base={cfg.fp8_base}")
 print("step seconds:", [round(s, 3) for s in stats.step_seconds])
 events = prof.key_averages()
 on = DeviceType.CUDA if cuda else DeviceType.CPU
