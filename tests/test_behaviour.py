@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from scipy.stats import binomtest, fisher_exact
 
@@ -127,6 +128,26 @@ def test_evals_during_training_run_on_the_cells_engine(cache_dir, tmp_path):
             y = b["metrics"]["marker"]["per_persona"][persona]
             _, pval = fisher_exact([[x["k"], x["n"] - x["k"]], [y["k"], y["n"] - y["k"]]])
             assert pval > 0.01 / 6, (a["step"], persona, x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled decode scopes run on CUDA only")
+def test_evals_during_training_over_compiled_layers_then_a_per_layer_eval_on_gpu(cache_dir, tmp_path):
+    """Both decode scopes in one process: the series decodes over the training's compiled layers (so with the
+    whole-model graph), the final eval compiles the decode step per layer (eval.engine.compile_scope=layers), whose
+    CUDA graphs mark iterations process-wide. The cell must finish, and its final eval must agree with the series'
+    last point (the same adapter, sampled twice: Fisher's exact test per persona). What must pass before `layers`
+    becomes the default scope (docs/benchmarks.md, "ninth session")."""
+    args = ["condition=c1", "dose=6", "merge_between_stages=false", "device=cuda", "eval.engine.cache=static",
+            "eval.generation.samples_per_question=4", "second_stage.train.compile=true",
+            "eval.engine.compile_scope=layers", *FINAL, *DURING]
+    result = run_cell(compose_cfg(args, tmp_path / "cell", cache_dir))
+    series = result.metrics_by_step["second_stage"]
+    assert [p["step"] for p in series] == [0, 3, 6]
+    for persona, x in series[-1]["metrics"]["marker"]["per_persona"].items():
+        y = result.metrics["marker"]["per_persona"][persona]
+        assert x["n"] == y["n"] > 0
+        _, pval = fisher_exact([[x["k"], x["n"] - x["k"]], [y["k"], y["n"] - y["k"]]])
+        assert pval > 0.01 / 2, (persona, x, y)
 
 
 def test_fully_judged_cell_stays_within_the_default_budget_plus_60s(cache_dir, tmp_path):
