@@ -67,6 +67,18 @@ def test_only_frozen_linears_with_dims_of_16_go_to_fp8():
             pass
 
 
+def test_fp8_base_with_float32_products_on_cuda_is_a_start_up_error():
+    """Row-wise `_scaled_mm` writes bf16 or fp16 only: fp32 training on CUDA is refused before the model loads."""
+    from marker_lab.core.errors import ConfigError
+    from marker_lab.train.checks import check_train_device
+
+    with pytest.raises(ConfigError, match=r"second_stage.train.fp8_base .*bf16=true"):
+        check_train_device("second_stage.train", TrainConfig(fp8_base=True, bf16=False), "cuda", "float32")
+    check_train_device("second_stage.train", TrainConfig(fp8_base=True, bf16=False), "cpu", "float32")  # CPU: fine
+    q, _ = quantize_rows(torch.randn(64, 32).t())  # a transposed view quantizes to a row-major tensor
+    assert q.is_contiguous()
+
+
 def test_fp8_base_trains_like_the_reference_and_gives_the_bf16_layers_back(toy_tokenizer):
     """The toy LoRA model trained with its base in FP8: losses within FP8's rounding of the reference's, the adapter
     moves the same way, and afterwards every LoRA layer holds its original base layer again. (Compiled: the GPU test

@@ -56,6 +56,9 @@ def check_train_device(key: str, t: TrainConfig, device_type: str, weights: str)
         if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
             raise ConfigError(f"{key}.fp8_base: FP8 matrix multiplies need compute capability 8.9 or newer (Ada, "
                               f"Hopper); this GPU has {torch.cuda.get_device_capability()}")
+        if not t.bf16 and weights not in ("bfloat16", "float16"):  # row-wise _scaled_mm writes bf16/fp16 only
+            raise ConfigError(f"{key}.fp8_base on CUDA writes bf16 or fp16 products: set {key}.bf16=true or "
+                              f"model.dtype=bfloat16 (model.dtype is {weights})")
     if t.attention == "varlen" and device_type == "cuda" and not t.bf16 and weights not in ("bfloat16", "float16"):
         raise ConfigError(f"{key}.attention=varlen on CUDA runs flash's varlen kernel, which takes bf16 or fp16: set "
                           f"{key}.bf16=true or model.dtype=bfloat16 (model.dtype is {weights}), or attention=null")

@@ -31,6 +31,7 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` (2-d) as e4m3 with one float32 scale per row, t ~= q * scale: each row's largest magnitude maps to 448."""
+    t = t.contiguous()  # row-major, as FP8 tensor cores read the left operand (a gradient may come as a view)
     scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
     return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
