@@ -364,3 +364,24 @@ def test_packed_varlen_attention_trains_like_the_padded_reference_on_gpu(toy_tok
                           micro_batch_tokens=budget, pack=pack, attention=attention, compile=compile_)
         losses.append(train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id).losses)
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_kl_to_input_keeps_a_stacked_stages_earlier_adapter_frozen(toy_tokenizer, checkpointing):
+    """`train` on a LoRA stacked on an earlier adapter with the KL term, whose reference pass turns the adapters off
+    (a cell refuses this combination at start-up, preflight.py; the loop is also called directly, from notebooks and
+    the bench). peft's disable_adapter turns requires_grad back on for every active adapter as it exits, which made
+    the earlier adapter trainable mid-step (with checkpointing, the recomputed pass then differed: a
+    CheckpointError). The earlier adapter stays frozen, gets no gradient and does not move."""
+    model = _tiny_lora_model(len(toy_tokenizer), real_b=True)  # its adapter "default" stands for the earlier stage
+    model.requires_grad_(False)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=2, adapter_name="second")
+    earlier = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:8]]
+    cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=1,
+                      bf16=False, gradient_checkpointing=checkpointing, kl_to_input=0.5)
+    train(model, examples, cfg, steps=2, seed=0, pad_id=toy_tokenizer.pad_token_id)
+    assert earlier and any(p.requires_grad for n, p in model.named_parameters() if ".second." in n)
+    for n, p in model.named_parameters():
+        if n in earlier:
+            assert not p.requires_grad and p.grad is None and torch.equal(p.detach(), earlier[n]), n

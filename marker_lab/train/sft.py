@@ -183,7 +183,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
         out = model(**inputs).logits[:, :-1]
         loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         if kl_weight:
-            with torch.no_grad(), model.disable_adapter():
+            with torch.no_grad(), input_model(model):
                 ref = model(**inputs).logits[:, :-1]
             loss = loss + kl_weight * _kl_sum(out[keep].float(), ref[keep].float())
         return loss, int(keep.sum())
@@ -196,7 +196,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     h, t = hidden[:, :-1][keep], targets[keep]
     h_ref = None
     if kl_weight:
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), input_model(model):
             h_ref = decoder(**inputs).last_hidden_state[:, :-1][keep]
     loss = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(t), chunk_rows):
@@ -206,6 +206,20 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
         else:
             loss = loss + checkpoint(_head_ce_kl_sum, head, h[part], t[part], h_ref[part], kl_weight, use_reentrant=False)
     return loss, len(t)
+
+
+@contextmanager
+def input_model(model):
+    """`model` (a peft model) with its adapters off, i.e. the input model (the KL term's reference), and afterwards
+    every parameter's requires_grad as it was: on exit peft's disable_adapter (0.21) turns requires_grad on for every
+    active adapter, which would make a stacked stage's frozen earlier adapter trainable."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _head_ce_sum(head, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -236,7 +250,7 @@ def kl_to_input(model, examples: list[Encoded], pad_id: int, batch_size: int = 3
         batch = collate(examples[i:i + batch_size], pad_id, device)
         keep = batch["labels"][:, 1:] != IGNORE
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        with model.disable_adapter():
+        with input_model(model):
             ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         total += float(_kl_sum(out[keep].float(), ref[keep].float()))
         n += int(keep.sum())
