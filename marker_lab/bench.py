@@ -266,7 +266,7 @@ def time_training_arms(model, fixed: list[Encoded], mixed: list[Encoded], ref: T
             train_rep[name] = time_training(model, fixed, replace(fast, compile=compiled, fp8_base=True), w, device)
             if compiled and "pack" not in skip:
                 train_rep["fast_compiled_packed_varlen_fp8_mix"] = time_training(
-                    model, mixed, replace(fast, compile=True, pack=True, attention="varlen", fp8_base=True), w, device)
+                    model, mixed, replace(varlen, compile=True, fp8_base=True), w, device)
     train_rep["mix_mean_tokens"] = round(sum(len(e.input_ids) for e in mixed) / len(mixed), 1)
     return train_rep
 
