@@ -171,11 +171,11 @@ def test_engine_config_picks_the_compile_scope(toy):
     from marker_lab.models import LoadedModel
 
     model, tok, _ = toy
-    cfg = to_dataclass(compose_cfg(["eval.engine.compile_scope=layers"]))
+    cfg = to_dataclass(compose_cfg(["eval.engine.compile_scope=model"]))
     engine = HFEngine.from_config(LoadedModel(model, tok, "toy"), cfg.eval.engine)
-    assert engine.compile_scope == "layers"
+    assert engine.compile_scope == "model"
     assert HFEngine.from_config(LoadedModel(model, tok, "toy"), to_dataclass(compose_cfg([])).eval.engine) \
-        .compile_scope == "model"
+        .compile_scope == "layers"  # the default since the tenth session of issue 22 (docs/benchmarks.md)
     assert "eval.engine.compile_scope" in composition_error(["eval.engine.compile_scope=everything"])
 
 
@@ -205,6 +205,32 @@ def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
         assert counters["stats"]["unique_graphs"] == len(engine.model.model.layers)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
+def test_one_process_decodes_with_both_scopes_in_either_order_on_gpu(toy):
+    """Both decode scopes follow each other in one process (a sweep's cells in one process: a cell's final eval per
+    layer, then the next cell's evals during training over its compiled training layers, which take the
+    whole-model step): every request completes and greedy tokens agree across the scopes and repeats. (Why the
+    whole-model step marks each call: see engines.static_decode.decode_step. This toy run passed on an H200 with
+    and without that mark; what the mark avoids is a CUDA graph recorded per step, not a wrong token.)"""
+    import copy
+
+    from torch._inductor.cudagraph_trees import MarkStepBox
+
+    model, tok, _ = toy
+    cuda_model = copy.deepcopy(model).cuda()
+    torch._dynamo.reset()
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=16, seed=1)
+    outs = []
+    try:
+        for scope in ("layers", "model", "layers", "model"):
+            engine = HFEngine(cuda_model, tok, batch_size=16, cache="static", compile_scope=scope)
+            outs.append(engine.generate(PROMPTS, greedy))
+    finally:
+        MarkStepBox.mark_step_counter = 0  # unmark for the tests after this one
+    assert all(len(cs) == 1 for cs in outs[0]) and any(c for cs in outs[0] for c in cs)
+    assert all(out == outs[0] for out in outs[1:])
+
+
 @pytest.mark.slow  # two sibling processes, each importing torch and transformers; one compiles (about 35 s)
 def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp_path, monkeypatch):
     """engines.precompile: a sibling process builds the model's architecture with random weights and compiles the
@@ -219,7 +245,7 @@ def test_precompile_sibling_leaves_the_decode_step_in_the_compile_cache(toy, tmp
 
     model, tok, _ = toy
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile"))  # empty: a hit is the sibling's
-    engine = HFEngine(model, tok, batch_size=8, cache="static", compile_devices=("cpu",))
+    engine = HFEngine(model, tok, batch_size=8, cache="static", compile_devices=("cpu",), compile_scope="model")
     params = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=10, seed=3)
     request = DecodeRequest(
         model.config.to_dict(), "float32", model.config._attn_implementation,

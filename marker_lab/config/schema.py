@@ -338,7 +338,7 @@ class EngineConfig:
     name: EngineName = EngineName.hf  # hf (built in) | vllm (optional extra)
     batch_size: int = 256  # prompts x samples per forward batch (hf)
     cache: KVCache = KVCache.auto  # hf KV cache: static (compiled decode, CUDA graphs) | dynamic (stock) | auto (static on CUDA)
-    compile_scope: CompileScope = CompileScope.model  # hf static cache on CUDA: decode step compiled as one graph (model) | per decoder layer (layers)
+    compile_scope: CompileScope = CompileScope.layers  # hf static cache on CUDA: decode step compiled per decoder layer (layers: the shorter cold compile) | as one graph (model)
     precompile: bool = False  # hf static cache on CUDA: compile the eval's decode step in a sibling process while the stages train (a 2nd copy of the weights + KV cache on the GPU)
     gpu_memory_utilization: float = 0.85  # vllm on a GPU: the device memory's share it may take (weights + KV cache)
     kv_cache_memory_bytes: Optional[int] = None  # vllm: the KV cache in bytes; null = 1 GiB on CPU, gpu_memory_utilization on a GPU

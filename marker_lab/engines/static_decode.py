@@ -61,7 +61,15 @@ def decode_step(model, compile_scope: str | None):
 
     "layers": dynamo traces each layer once (a layer reads its own KV cache slot by its index, so each layer is a
     graph of its own), and Inductor compiles the first and finds the others in its cache (the same code). Layers
-    already compiled for training keep their training graphs; the step then compiles the whole model over them."""
+    already compiled for training keep their training graphs; the step then compiles the whole model over them.
+
+    Each call of either compiled step starts a new iteration of its CUDA graphs (_new_iteration_each_call): the
+    per-layer step must mark them, and once one step has marked, a process's CUDA-graph iterations start at marks
+    only (cudagraph_trees' get_curr_generation reads the mark counter instead of dynamo's frame count). Unmarked,
+    the whole-model step would then run every decode step in one iteration while the previous step's logits are
+    alive, and record a new CUDA graph per step; so it marks too, and a process may decode with both scopes in
+    either order (a cell's final eval per layer, then a sweep's next cell in the same process, whose evals during
+    training take the whole-model step over its compiled training layers)."""
     if compile_scope is None:
         yield forward_last
         return
@@ -70,7 +78,7 @@ def decode_step(model, compile_scope: str | None):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = list(base.get_decoder().layers)
     if compile_scope == "model" or any("forward" in vars(layer) for layer in layers):
-        yield compiled_forward_last()
+        yield _new_iteration_each_call(compiled_forward_last())
         return
     for layer in layers:
         layer.forward = torch.compile(layer.forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
@@ -84,11 +92,11 @@ def decode_step(model, compile_scope: str | None):
 
 
 def _new_iteration_each_call(step):
-    """`step` with each call marked as a new iteration of the layers' CUDA graphs, whose memory may then be reused
-    (a step's logits are sampled before the next step). Unmarked, cudagraph trees take every entry into a compiled
-    function for a new iteration: each layer's entry would free the previous layer's output, its own input. Once
-    marked, a process's iterations start at marks only (torch.compiler.cudagraph_mark_step_begin), also for
-    other compiled functions with CUDA graphs: a process decodes with one scope."""
+    """`step` with each call marked as a new iteration of its CUDA graphs, whose memory may then be reused (a step's
+    logits are sampled before the next step). Unmarked, cudagraph trees take every entry into a compiled function
+    for a new iteration: with per-layer graphs each layer's entry would free the previous layer's output, its own
+    input. Once marked, a process's iterations start at marks only (torch.compiler.cudagraph_mark_step_begin),
+    also for other compiled functions with CUDA graphs, hence both scopes mark."""
 
     def each_call(*args):
         torch.compiler.cudagraph_mark_step_begin()
