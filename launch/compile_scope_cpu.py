@@ -1,6 +1,7 @@
-"""How long the static loop's decode step takes to compile, as one whole-model graph or per decoder layer, on CPU.
+"""How long the static loop's decode step takes to compile, as one whole-model graph, per decoder layer, or as one
+graph for all layers, on CPU.
 
-    python launch/compile_scope_cpu.py            # both scopes, each in a fresh process with an empty compile cache
+    python launch/compile_scope_cpu.py            # the three scopes, each in a fresh process with an empty compile cache
 
 A Qwen2 of the 7B's depth (28 layers) at a toy width, random weights: the compile's cost (dynamo tracing,
 AOTAutograd, Inductor lowering and code generation) grows with the number of layers the graph holds, the kernels'
@@ -54,7 +55,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         print(json.dumps(one(sys.argv[1])))
         sys.exit()
-    for scope in ("model", "layers"):
+    for scope in ("model", "layers", "shared_layers"):
         with tempfile.TemporaryDirectory() as cache_dir:  # cold: nothing compiled before
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
             t0 = time.perf_counter()

@@ -11,7 +11,8 @@
 #                                           # GEN_FLAGS=--decode-layers times the per-layer decode compile alone;
 #                                           # PROFILE=1: then launch/profile_decode.py; LATER=0: no second process;
 #                                           # GEN_SKIP, WARM_SKIP: the first and second process's --skip
-#   MODE=scopes bash launch/gpu_round2.sh   # the decode step compiled whole vs per layer (eval.engine.compile_scope),
+#   MODE=scopes bash launch/gpu_round2.sh   # the decode step compiled whole vs per layer (eval.engine.compile_scope;
+#                                           # SCOPES="layers shared_layers": per-layer graphs vs one shared graph),
 #                                           # one cold process each on one machine: batch times side by side
 #   MODE=cell   bash launch/gpu_round2.sh   # a real c1 cell end to end (marker-lab run, write-ups' sizes); SEEDS="42
 #                                           # 137" runs a second on the same caches (warm compile cache; about 4 min
@@ -126,8 +127,8 @@ gen)
 scopes)
   # the decode step compiled as one graph vs per layer, head to head: each in a process of its own (the per-layer
   # scope marks CUDA-graph iterations process-wide) with a cold compile cache of its own, on one machine
-  for arm in model layers; do
-    flag=""; [ $arm = layers ] && flag=--decode-layers
+  for arm in ${SCOPES:-model layers}; do  # SCOPES="layers shared_layers": the per-layer graphs vs one shared graph
+    flag=""; [ $arm != model ] && flag=--decode-${arm//_/-}
     timeout ${SCOPE_TIMEOUT:-270} python -m marker_lab.cli bench --out "$OUT/scope_$arm.json" \
       --skip train,probe,kl,liger,during,via_generate $flag --gen-batch 1030 --compile-cache /tmp/scope_cache_$arm \
       2>&1 | grep -v "it/s]$" > "$OUT/scope_$arm.log"

@@ -170,7 +170,7 @@ def run_bench(model_name: str, w: Workload, device: torch.device, skip: set[str]
               compile_cache: dict | None = None, extra: frozenset[str] = frozenset()) -> dict:
     """Every measurement of the report, in one process, on one device (saved to `out` after each phase);
     `compile_cache`: where torch.compile's caches are and whether they held entries at the start; `extra`: the
-    opt-in generation arms to time too (`flex_decode`, `decode_layers`)."""
+    opt-in generation arms to time too (`flex_decode`, `decode_layers`, `decode_shared_layers`)."""
     cfg = model_config(model_name)
     report: dict = {"model": model_name, "random_init": True, "workload": w.__dict__, "env": environment(device),
                     "compile_cache": compile_cache}
@@ -317,9 +317,9 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
                          report: dict, out: Path | None, skip: set[str] = frozenset(),
                          extra: frozenset[str] = frozenset()) -> dict:
     """Stock generate on a share of the eval workload, then the fast path on all of it (saved between the two);
-    then the static cache through generate (arm `via_generate`). Opt-in arms on CUDA (`extra`): `decode_layers`,
-    the decode step compiled per decoder layer (instead of the other fast arms: see below), and `flex_decode`,
-    flex attention in the decode step."""
+    then the static cache through generate (arm `via_generate`). Opt-in arms on CUDA (`extra`): `decode_layers`
+    or `decode_shared_layers`, the decode step compiled per decoder layer or as one graph for all layers (instead
+    of the other fast arms: see below), and `flex_decode`, flex attention in the decode step."""
     stop_ids = [vocab + 1]  # never sampled: every completion runs to max_tokens, like the baseline measurement
     gen: dict = {}
     n_base = max(1, w.baseline_gen_batch // w.samples)
@@ -331,11 +331,11 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         w.baseline_gen_batch, "dynamic", stop_ids, device)
     _save({**report, "generate": gen}, out)
     full = SamplingParams(n=w.samples, temperature=1.0, max_tokens=w.max_new_tokens)
-    if device.type == "cuda" and "decode_layers" in extra:
-        # alone: it marks CUDA-graph iterations, which then start at marks only for every compiled function of the
-        # process (engines.static_decode), and first, so it pays the cold compile a first cell pays
-        gen["fast_eval_layers"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids, device,
-                                                  compile_scope="layers")
+    per_layer = [scope for scope in ("layers", "shared_layers") if f"decode_{scope}" in extra]
+    if device.type == "cuda" and per_layer:
+        # alone and first, so it pays the cold compile a first cell pays
+        gen[f"fast_eval_{per_layer[0]}"] = time_generation(model, prompts, full, w.gen_batch, "static", stop_ids,
+                                                           device, compile_scope=per_layer[0])
         _save({**report, "generate": {**report["generate"], **gen}}, out)
         return gen
     # the whole-model graph (eval.engine.compile_scope=model): the arms' figures since issue 21; the first batch
@@ -392,6 +392,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--decode-layers", action="store_true", help="time the decode step compiled per decoder layer "
                    "instead of the other fast generation arms (CUDA; the cell's default, "
                    "eval.engine.compile_scope=layers)")
+    p.add_argument("--decode-shared-layers", action="store_true", help="the same with one graph for all decoder "
+                   "layers (CUDA; eval.engine.compile_scope=shared_layers)")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
                    "fast_eval)")
     p.add_argument("--compile-cache", help="torch.compile's on-disk caches in this directory: a second bench on the "
@@ -415,7 +417,8 @@ def main(argv: list[str]) -> None:
         w.budgets = tuple(int(b) for b in args.budgets.split(","))
     out = Path(args.out) if args.out else None
     report = run_bench(args.model, w, pick_device(args.device), {s for s in args.skip.split(",") if s}, out,
-                       compile_cache, frozenset(k for k in ("flex_decode", "decode_layers") if getattr(args, k)))
+                       compile_cache, frozenset(k for k in ("flex_decode", "decode_layers", "decode_shared_layers")
+                                                if getattr(args, k)))
     print(format_report(report))
     if out:
         log.info("bench report: %s", out)

@@ -134,9 +134,11 @@ def test_one_prefill_per_prompt_draws_the_full_prefill_s_tokens(toy):
     assert len({tuple(r) for r in out[True].tolist()}) > 3  # sampled: a prompt's samples differ
 
 
-def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy):
-    """compile_scope="layers" (each decoder layer compiled on its own; Inductor on CPU here, CUDA graphs on a GPU):
-    the eager loop's tokens, one dynamo graph per layer for every batch of a request, eager layers again after.
+@pytest.mark.parametrize("scope", ["layers", "shared_layers"])
+def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy, scope):
+    """compile_scope="layers" or "shared_layers" (the decoder layers compiled; Inductor on CPU here, CUDA graphs on
+    a GPU): the eager loop's tokens, one dynamo graph per layer ("layers") or one for all ("shared_layers") for
+    every batch of a request, eager layers and their own indices again after.
     The prefill runs outside the compiled layers (else each layer would compile a second graph for its shapes)."""
     from marker_lab.engines.hf import _cache_kwarg
     from marker_lab.engines.static_decode import BOOLEAN_MASK, decode_step, sample_static
@@ -150,18 +152,50 @@ def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy):
     torch._dynamo.reset()
     counters.clear()
     out, cache = {}, None
-    for scope in (None, "layers", "layers"):  # the second "layers" request reuses the graphs and the cache
+    for each in (None, scope, scope):  # the second compiled request reuses the graphs and the cache
         torch.manual_seed(3)
         # a limit below the layer count, as dynamo's default (8) is below a 7B's 28 layers: the step raises it
         with torch._dynamo.config.patch(recompile_limit=1):
-            out[scope], cache = sample_static(model, ids, mask, 2, 1.0, 1.0, 10, [], tok.pad_token_id,
-                                              _cache_kwarg(model), cache, check_every=1, compile_scope=scope)
+            out[each], cache = sample_static(model, ids, mask, 2, 1.0, 1.0, 10, [], tok.pad_token_id,
+                                             _cache_kwarg(model), cache, check_every=1, compile_scope=each)
         assert not any("forward" in vars(layer) for layer in layers)  # restored
-    assert torch.equal(out[None], out["layers"])
-    assert counters["stats"]["unique_graphs"] == len(layers)
+        assert [layer.self_attn.layer_idx for layer in layers] == list(range(len(layers)))
+    assert torch.equal(out[None], out[scope])
+    assert len(layers) > 1 and counters["stats"]["unique_graphs"] == (1 if scope == "shared_layers" else len(layers))
     with pytest.raises(ValueError, match="compile_scope"):
         with decode_step(model, "model_and_layers"):
             pass
+
+
+def test_shared_layers_keeps_a_graph_per_layer_where_layers_differ_in_kind(toy):
+    """compile_scope="shared_layers" on a model whose layers differ in kind (`config.layer_types`: sliding-window
+    and full attention mixed; some architectures read a layer's kind by its index) falls back to "layers": each
+    layer traced on its own, with the eager loop's tokens."""
+    import copy
+
+    from marker_lab.engines.hf import _cache_kwarg
+    from marker_lab.engines.static_decode import sample_static
+    from torch._dynamo.utils import counters
+
+    model, tok, _ = toy
+    config = copy.deepcopy(model.config)
+    config.layer_types = ["full_attention", "sliding_attention"] * (config.num_hidden_layers // 2)
+    config.use_sliding_window, config.sliding_window = True, 4096  # longer than any row here
+    mixed = type(model)(config).eval()
+    mixed.load_state_dict(model.state_dict())
+    ids = torch.tensor([[tok.pad_token_id, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (ids != tok.pad_token_id).long()
+    torch._dynamo.reset()
+    counters.clear()
+    out = {}
+    for scope in (None, "shared_layers"):
+        torch.manual_seed(3)
+        out[scope], _ = sample_static(mixed, ids, mask, 2, 1.0, 1.0, 3, [], tok.pad_token_id,
+                                      _cache_kwarg(mixed), check_every=1, compile_scope=scope)
+    assert torch.equal(out[None], out["shared_layers"])
+    # at least one graph per layer; more, as transformers' sliding-window cache layer keeps its fill as a Python
+    # int, which dynamo guards on: its layer compiles again each step (not the models the recipes use)
+    assert counters["stats"]["unique_graphs"] >= len(mixed.model.layers)
 
 
 def test_engine_config_picks_the_compile_scope(toy):
@@ -176,15 +210,18 @@ def test_engine_config_picks_the_compile_scope(toy):
     assert engine.compile_scope == "model"
     assert HFEngine.from_config(LoadedModel(model, tok, "toy"), to_dataclass(compose_cfg([])).eval.engine) \
         .compile_scope == "layers"  # the default since the tenth session of issue 22 (docs/benchmarks.md)
+    assert to_dataclass(compose_cfg(["eval.engine.compile_scope=shared_layers"])).eval.engine.compile_scope \
+        == "shared_layers"
     assert "eval.engine.compile_scope" in composition_error(["eval.engine.compile_scope=everything"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
-@pytest.mark.parametrize("scope", ["model", "layers"])
+@pytest.mark.parametrize("scope", ["model", "layers", "shared_layers"])
 def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
     """On CUDA the static engine's step is compiled and replayed as CUDA graphs: the shared prefill's first step,
-    every decode step and every batch of a request reuse one graph ("model"), or one graph per decoder layer
-    ("layers"). A recompile, e.g. for a new stride, costs ~20 s on the 7B eval."""
+    every decode step and every batch of a request reuse one graph ("model"), one graph per decoder layer
+    ("layers") or one for all layers ("shared_layers"; not yet run on a GPU). A recompile, e.g. for a new stride,
+    costs ~20 s on the 7B eval."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -194,14 +231,14 @@ def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
     torch._dynamo.reset()  # another model's graph from an earlier test would count as this one's recompile
     counters.clear()
     try:
-        with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
+        with torch._dynamo.config.patch(error_on_recompile=scope != "layers"):
             out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1))
     finally:  # "layers" marks CUDA-graph iterations for the whole process: unmark for the tests after this one
         from torch._inductor.cudagraph_trees import MarkStepBox
 
         MarkStepBox.mark_step_counter = 0
     assert len(engine.batch_seconds) > 1 and all(len(cs) == 4 for cs in out)
-    if scope == "layers":  # "model": a recompile raised above
+    if scope == "layers":  # the others: a recompile raised above
         assert counters["stats"]["unique_graphs"] == len(engine.model.model.layers)
 
 
@@ -222,7 +259,7 @@ def test_one_process_decodes_with_both_scopes_in_either_order_on_gpu(toy):
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=16, seed=1)
     outs = []
     try:
-        for scope in ("layers", "model", "layers", "model"):
+        for scope in ("layers", "model", "shared_layers", "layers", "model", "shared_layers"):
             engine = HFEngine(cuda_model, tok, batch_size=16, cache="static", compile_scope=scope)
             outs.append(engine.generate(PROMPTS, greedy))
     finally:

@@ -1,8 +1,8 @@
 """The static engine's decode loop: one prefill (each prompt once for its samples, all but its last token), then
 one decode step per token (the last prompt token's first) on a preallocated KV cache, the step compiled once
-(CUDA) and replayed as a CUDA graph: the whole model as one graph (`compile_scope="model"`), or each decoder
-layer compiled on its own (`"layers"`: Inductor compiles one layer's graph and reuses it for the others, a
-fraction of the whole model's compile).
+(CUDA) and replayed as a CUDA graph: the whole model as one graph (`compile_scope="model"`), each decoder layer
+compiled on its own (`"layers"`: Inductor compiles one layer's graph and reuses it for the others, a fraction of
+the whole model's compile), or one graph that every layer runs on its own cache slot (`"shared_layers"`).
 
 Why not `generate`: on the 7B eval (1,030 sequences, a 602-slot cache, one H200) its per-step host work (input
 preparation, a growing mask, a stop check that waits for the GPU every step) made a step ~51 ms where the compiled
@@ -15,6 +15,7 @@ extra steps, whose tokens are discarded.
 
 from __future__ import annotations
 
+import copy
 import functools
 from contextlib import contextmanager
 
@@ -49,21 +50,25 @@ def compiled_forward_last():
     return torch.compile(forward_last, mode="reduce-overhead", fullgraph=False, dynamic=False)
 
 
-COMPILE_SCOPES = ("model", "layers")
+COMPILE_SCOPES = ("model", "layers", "shared_layers")
+PER_LAYER = ("layers", "shared_layers")  # the scopes that compile the decoder layers, not the model
 BOOLEAN_MASK = ("sdpa", attention.NAME)  # attention implementations whose mask is a 4-d boolean one
 
 
 @contextmanager
 def decode_step(model, compile_scope: str | None):
     """The decode step to call while in the block: `forward_last` eager (None), compiled as one graph of the whole
-    model ("model"), or with each decoder layer compiled ("layers"; restored on exit). Either compiled form
-    replays as CUDA graphs on CUDA.
+    model ("model"), or with each decoder layer compiled ("layers", "shared_layers"; restored on exit). Each
+    compiled form replays as CUDA graphs on CUDA.
 
-    "layers": dynamo traces each layer once (a layer reads its own KV cache slot by its index, so each layer is a
-    graph of its own), and Inductor compiles the first and finds the others in its cache (the same code). Layers
-    already compiled for training keep their training graphs; the step then compiles the whole model over them.
+    "layers": dynamo traces each layer once (a layer's index is an int attribute, which dynamo takes for a
+    constant: 28 graphs on the 7B, about 0.4 s of tracing each), and Inductor compiles the first and finds the
+    others in its cache (the same code). "shared_layers": one graph serves every decoder layer, each running it on
+    a one-layer view of the KV cache that holds its own slot (_through_own_slot); where layers differ by kind
+    (`config.layer_types`: sliding-window and full attention mixed) it falls back to "layers". Layers already
+    compiled for training keep their training graphs; the step then compiles the whole model over them.
 
-    Each call of either compiled step starts a new iteration of its CUDA graphs (_new_iteration_each_call): the
+    Each call of every compiled step starts a new iteration of its CUDA graphs (_new_iteration_each_call): a
     per-layer step must mark them, and once one step has marked, a process's CUDA-graph iterations start at marks
     only (cudagraph_trees' get_curr_generation reads the mark counter instead of dynamo's frame count). Unmarked,
     the whole-model step would then run every decode step in one iteration while the previous step's logits are
@@ -80,15 +85,61 @@ def decode_step(model, compile_scope: str | None):
     if compile_scope == "model" or any("forward" in vars(layer) for layer in layers):
         yield _new_iteration_each_call(compiled_forward_last())
         return
-    for layer in layers:
-        layer.forward = torch.compile(layer.forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    shared = compile_scope == "shared_layers" and _uniform_layers(base.config)
+    indexed = [m for layer in layers for m in layer.modules()
+               if shared and isinstance(getattr(m, "layer_idx", None), int)]
+    saved = [m.layer_idx for m in indexed]
+    for i, layer in enumerate(layers):
+        layer.forward = (_through_own_slot(layer, i) if shared else
+                         torch.compile(layer.forward, mode="reduce-overhead", fullgraph=False, dynamic=False))
     try:
-        # one graph per layer of one code object: past dynamo's default limit of 8 per code object
+        for m in indexed:  # shared: each layer reads its own cache slot as slot 0 of a one-layer view
+            m.layer_idx = 0
+        # one graph per layer of one code object where they cannot share one: past dynamo's default limit of 8
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(layers))):
             yield _new_iteration_each_call(forward_last)
     finally:
+        for m, idx in zip(indexed, saved):
+            m.layer_idx = idx
         for layer in layers:
             vars(layer).pop("forward", None)  # the class's eager forward again
+
+
+def _uniform_layers(config) -> bool:
+    """Whether every decoder layer runs the same code on its own KV cache slot, so one graph can serve them all:
+    no per-layer attention types (sliding-window and full layers mixed), whose layers read their kind by index."""
+    return len(set(getattr(config, "layer_types", None) or [None])) == 1
+
+
+@functools.cache
+def compiled_layer_forward():
+    """`_layer_forward` compiled once per process, for every decoder layer of a model ("shared_layers")."""
+    return torch.compile(_layer_forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
+
+
+def _layer_forward(layer, *args, **kwargs):
+    return type(layer).forward(layer, *args, **kwargs)  # the class's forward: the layer's own is _through_own_slot
+
+
+def _through_own_slot(layer, index: int):
+    """`layer`'s forward through the one compiled graph for all layers: it gets a one-layer view of the KV cache
+    holding its own slot (the step sets every attention's layer_idx to 0, so no layer's index reaches the graph).
+    The cache's tensors are inputs of static address without a guard on their address, so the graph serves every
+    layer's slot; CUDA graphs record each layer's call on its own (its place in the step)."""
+
+    def forward(*args, **kwargs):
+        key = "cache" if "cache" in kwargs else "past_key_values"  # transformers renamed it (5.2x)
+        if kwargs.get(key) is not None:
+            own = kwargs[key].layers[index]
+            for t in vars(own).values():  # static addresses without a guard on them (older torch guarded them
+                if isinstance(t, torch.Tensor) and hasattr(t, "_dynamo_static_input_type"):  # by default)
+                    torch._dynamo.mark_static_address(t, guard=False)
+            view = copy.copy(kwargs[key])  # shallow: the view's one layer is the cache's own
+            view.layers = [own]
+            kwargs[key] = view
+        return compiled_layer_forward()(layer, *args, **kwargs)
+
+    return forward
 
 
 def _new_iteration_each_call(step):
@@ -131,7 +182,7 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
     # padding?), and a 4-d mask is used as given. A whole-model graph builds it inside; other attention
     # implementations take the 2-d mask.
     valid = (full_mask.bool()[:, None, None, :]
-             if compile_scope == "layers" and model.config._attn_implementation in BOOLEAN_MASK else None)
+             if compile_scope in PER_LAYER and model.config._attn_implementation in BOOLEAN_MASK else None)
     cache_slots = torch.arange(full_mask.shape[1], device=device)
 
     def step_mask(slot: torch.Tensor) -> torch.Tensor:
