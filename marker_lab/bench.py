@@ -404,6 +404,8 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from marker_lab.models import pick_device
 
+    if args.decode_layers and args.decode_shared_layers:
+        p.error("--decode-layers and --decode-shared-layers: one per process (each pays its own cold compile)")
     w = Workload(**QUICK) if args.quick else Workload()
     if args.gen_batch:
         w.gen_batch, *more = (int(b) for b in args.gen_batch.split(","))

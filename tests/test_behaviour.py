@@ -135,8 +135,8 @@ def test_evals_during_training_over_compiled_layers_then_a_per_layer_eval_on_gpu
     """Both decode scopes in one process: the series decodes over the training's compiled layers (so with the
     whole-model graph), the final eval compiles the decode step per layer (eval.engine.compile_scope=layers), whose
     CUDA graphs mark iterations process-wide. The cell must finish, and its final eval must agree with the series'
-    last point (the same adapter, sampled twice: Fisher's exact test per persona). What must pass before `layers`
-    becomes the default scope (docs/benchmarks.md, "ninth session")."""
+    last point (the same adapter, sampled twice: Fisher's exact test per persona). It passed on an H200 before `layers`
+    became the default scope (docs/benchmarks.md, "tenth session")."""
     args = ["condition=c1", "dose=6", "merge_between_stages=false", "device=cuda", "eval.engine.cache=static",
             "eval.generation.samples_per_question=4", "second_stage.train.compile=true",
             "eval.engine.compile_scope=layers", *FINAL, *DURING]

@@ -170,12 +170,11 @@ def test_decode_step_compiled_per_layer_draws_the_eager_step_s_tokens(toy, scope
 def test_shared_layers_keeps_a_graph_per_layer_where_layers_differ_in_kind(toy):
     """compile_scope="shared_layers" on a model whose layers differ in kind (`config.layer_types`: sliding-window
     and full attention mixed; some architectures read a layer's kind by its index) falls back to "layers": each
-    layer traced on its own, with the eager loop's tokens."""
+    layer keeps its own index and traces a graph of its own, with the eager loop's tokens."""
     import copy
 
     from marker_lab.engines.hf import _cache_kwarg
-    from marker_lab.engines.static_decode import sample_static
-    from torch._dynamo.utils import counters
+    from marker_lab.engines.static_decode import decode_step, sample_static
 
     model, tok, _ = toy
     config = copy.deepcopy(model.config)
@@ -183,23 +182,53 @@ def test_shared_layers_keeps_a_graph_per_layer_where_layers_differ_in_kind(toy):
     config.use_sliding_window, config.sliding_window = True, 4096  # longer than any row here
     mixed = type(model)(config).eval()
     mixed.load_state_dict(model.state_dict())
+    layers = mixed.model.layers
+    with decode_step(mixed, "shared_layers"):  # compiled layers that keep their own indices and the whole cache
+        assert all("forward" in vars(layer) for layer in layers)
+        assert [layer.self_attn.layer_idx for layer in layers] == list(range(len(layers)))
     ids = torch.tensor([[tok.pad_token_id, 5, 6, 7], [8, 9, 10, 11]])
     mask = (ids != tok.pad_token_id).long()
     torch._dynamo.reset()
-    counters.clear()
     out = {}
     for scope in (None, "shared_layers"):
         torch.manual_seed(3)
         out[scope], _ = sample_static(mixed, ids, mask, 2, 1.0, 1.0, 3, [], tok.pad_token_id,
                                       _cache_kwarg(mixed), check_every=1, compile_scope=scope)
     assert torch.equal(out[None], out["shared_layers"])
-    # at least one graph per layer; more, as transformers' sliding-window cache layer keeps its fill as a Python
-    # int, which dynamo guards on: its layer compiles again each step (not the models the recipes use)
-    assert counters["stats"]["unique_graphs"] >= len(mixed.model.layers)
+
+
+@pytest.mark.parametrize("scope", ["layers", "shared_layers"])
+def test_training_compiles_its_layers_after_a_per_layer_decode(toy, scope):
+    """A per-layer decode's graphs live on the decoder layer's code; left there they would count against dynamo's
+    recompile limit (8 per code object; the 7B has 28 layers), and a training compiled later in the same process
+    (a sweep's next cell) would run eager. The step drops them on exit: the training's layer compiles."""
+    import copy
+
+    from marker_lab.engines.hf import _cache_kwarg
+    from marker_lab.engines.static_decode import sample_static
+    from torch._dynamo.utils import counters
+
+    model, tok, _ = toy
+    model = copy.deepcopy(model)
+    layers = model.model.layers
+    ids = torch.tensor([[tok.pad_token_id, 5, 6, 7], [8, 9, 10, 11]])
+    torch._dynamo.reset()
+    counters.clear()
+    sample_static(model, ids, (ids != tok.pad_token_id).long(), 2, 1.0, 1.0, 3, [], tok.pad_token_id,
+                  _cache_kwarg(model), check_every=1, compile_scope=scope)
+    decoded = counters["stats"]["unique_graphs"]
+    hidden = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    positions = torch.arange(5)[None].expand(2, 5)
+    embeddings = model.model.rotary_emb(hidden, positions)
+    with torch._dynamo.config.patch(recompile_limit=len(layers)):  # the per-layer graphs alone would fill it
+        out = torch.compile(layers[0].forward)(hidden, attention_mask=None, position_ids=positions,
+                                               position_embeddings=embeddings)
+    out.sum().backward()
+    assert counters["stats"]["unique_graphs"] == decoded + 1 and hidden.grad is not None
 
 
 def test_engine_config_picks_the_compile_scope(toy):
-    """`eval.engine.compile_scope` reaches the engine a cell builds; a value outside the two fails at composition."""
+    """`eval.engine.compile_scope` reaches the engine a cell builds; a value outside the three fails at composition."""
     from conftest import composition_error, compose_cfg, to_dataclass
 
     from marker_lab.models import LoadedModel
@@ -243,12 +272,13 @@ def test_static_engine_compiles_its_decode_step_once_on_gpu(toy, scope):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode step is compiled on CUDA only (no GPU here)")
-def test_one_process_decodes_with_both_scopes_in_either_order_on_gpu(toy):
-    """Both decode scopes follow each other in one process (a sweep's cells in one process: a cell's final eval per
+def test_one_process_decodes_with_every_scope_in_any_order_on_gpu(toy):
+    """The decode scopes follow each other in one process (a sweep's cells in one process: a cell's final eval per
     layer, then the next cell's evals during training over its compiled training layers, which take the
-    whole-model step): every request completes and greedy tokens agree across the scopes and repeats. (Why the
-    whole-model step marks each call: see engines.static_decode.decode_step. This toy run passed on an H200 with
-    and without that mark; what the mark avoids is a CUDA graph recorded per step, not a wrong token.)"""
+    whole-model step), every ordered pair of them: every request completes and greedy tokens agree across the
+    scopes and repeats. (Why the whole-model step marks each call: see engines.static_decode.decode_step. A run of
+    "layers" and "model" alone passed on an H200 with and without that mark; what the mark avoids is a CUDA graph
+    recorded per step, not a wrong token. With "shared_layers" this test has not yet run on a GPU.)"""
     import copy
 
     from torch._inductor.cudagraph_trees import MarkStepBox
@@ -259,7 +289,8 @@ def test_one_process_decodes_with_both_scopes_in_either_order_on_gpu(toy):
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=16, seed=1)
     outs = []
     try:
-        for scope in ("layers", "model", "shared_layers", "layers", "model", "shared_layers"):
+        # every ordered pair of the three: L>M, M>L, L>S, S>M, M>S, S>L
+        for scope in ("layers", "model", "layers", "shared_layers", "model", "shared_layers", "layers"):
             engine = HFEngine(cuda_model, tok, batch_size=16, cache="static", compile_scope=scope)
             outs.append(engine.generate(PROMPTS, greedy))
     finally:

@@ -64,7 +64,7 @@ def decode_step(model, compile_scope: str | None):
     "layers": dynamo traces each layer once (a layer's index is an int attribute, which dynamo takes for a
     constant: 28 graphs on the 7B, about 0.4 s of tracing each), and Inductor compiles the first and finds the
     others in its cache (the same code). "shared_layers": one graph serves every decoder layer, each running it on
-    a one-layer view of the KV cache that holds its own slot (_through_own_slot); where layers differ by kind
+    a one-layer view of the KV cache that holds its own slot (_through_compiled); where layers differ by kind
     (`config.layer_types`: sliding-window and full attention mixed) it falls back to "layers". Layers already
     compiled for training keep their training graphs; the step then compiles the whole model over them.
 
@@ -89,13 +89,12 @@ def decode_step(model, compile_scope: str | None):
     indexed = [m for layer in layers for m in layer.modules()
                if shared and isinstance(getattr(m, "layer_idx", None), int)]
     saved = [m.layer_idx for m in indexed]
-    for i, layer in enumerate(layers):
-        layer.forward = (_through_own_slot(layer, i) if shared else
-                         torch.compile(layer.forward, mode="reduce-overhead", fullgraph=False, dynamic=False))
     try:
+        for i, layer in enumerate(layers):
+            layer.forward = _through_compiled(layer, i if shared else None)
         for m in indexed:  # shared: each layer reads its own cache slot as slot 0 of a one-layer view
             m.layer_idx = 0
-        # one graph per layer of one code object where they cannot share one: past dynamo's default limit of 8
+        # one graph per layer where they cannot share one, all on one code object: past dynamo's default limit of 8
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(layers))):
             yield _new_iteration_each_call(forward_last)
     finally:
@@ -113,24 +112,33 @@ def _uniform_layers(config) -> bool:
 
 @functools.cache
 def compiled_layer_forward():
-    """`_layer_forward` compiled once per process, for every decoder layer of a model ("shared_layers")."""
+    """`_layer_forward` compiled once per process, for every decoder layer of every model the per-layer scopes meet.
+    Its graphs live on this module's code, not on the layer class's: there they would count against dynamo's
+    recompile limit (8 per code object; the 7B has 28 layers) when a training later in the same process (a sweep's
+    next cell) compiles the layers, which would then run eager."""
     return torch.compile(_layer_forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
 
 
 def _layer_forward(layer, *args, **kwargs):
-    return type(layer).forward(layer, *args, **kwargs)  # the class's forward: the layer's own is _through_own_slot
+    return type(layer).forward(layer, *args, **kwargs)  # the class's forward: the layer's own is _through_compiled
 
 
-def _through_own_slot(layer, index: int):
-    """`layer`'s forward through the one compiled graph for all layers: it gets a one-layer view of the KV cache
-    holding its own slot (the step sets every attention's layer_idx to 0, so no layer's index reaches the graph).
-    The cache's tensors are inputs of static address without a guard on their address, so the graph serves every
-    layer's slot; CUDA graphs record each layer's call on its own (its place in the step)."""
+def _through_compiled(layer, own_slot: int | None):
+    """`layer`'s forward through the compiled `_layer_forward`. `own_slot` None ("layers"): the layer as it is, its
+    index an int attribute that dynamo takes for a constant, so each layer traces a graph of its own. `own_slot` i
+    ("shared_layers"): the layer gets a one-layer view of the KV cache holding slot i (the step sets every
+    layer_idx to 0, so no layer's index reaches the graph); the cache's tensors are inputs of static address
+    without a guard on their address, so one graph serves every layer's slot. CUDA graphs record each layer's call
+    on its own either way (its place in the step)."""
 
     def forward(*args, **kwargs):
-        key = "cache" if "cache" in kwargs else "past_key_values"  # transformers renamed it (5.2x)
-        if kwargs.get(key) is not None:
-            own = kwargs[key].layers[index]
+        if own_slot is not None:
+            key = "cache" if "cache" in kwargs else "past_key_values"  # transformers renamed it (5.2x)
+            if kwargs.get(key) is None:  # every layer_idx is 0 here: without the view all would write slot 0
+                raise RuntimeError("compile_scope=shared_layers: the decoder layer got no KV cache (keyword "
+                                   "`cache` or `past_key_values`); this transformers release passes it otherwise: "
+                                   "use `layers`")
+            own = kwargs[key].layers[own_slot]
             for t in vars(own).values():  # static addresses without a guard on them (older torch guarded them
                 if isinstance(t, torch.Tensor) and hasattr(t, "_dynamo_static_input_type"):  # by default)
                     torch._dynamo.mark_static_address(t, guard=False)
