@@ -339,7 +339,7 @@ def time_generation_arms(model, prompts: list[list[int]], w: Workload, vocab: in
         _save({**report, "generate": {**report["generate"], **gen}}, out)
         return gen
     # the whole-model graph (eval.engine.compile_scope=model): the arms' figures since issue 21; the first batch
-    # size is `fast_eval`; the cell's default scope, per layer, is the opt-in arm above
+    # size is `fast_eval`; the per-layer scopes (the cell's default: shared_layers) are the opt-in arms above
     for batch in (w.gen_batch, *w.more_gen_batches):
         name = "fast_eval" if batch == w.gen_batch else f"fast_eval_{batch}"
         gen[name] = time_generation(model, prompts, full, batch, "static", stop_ids, device)
@@ -390,10 +390,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--flex-decode", action="store_true", help="also time flex attention in the decode step (CUDA; "
                    "it did not compile on torch 2.11, docs/benchmarks.md)")
     p.add_argument("--decode-layers", action="store_true", help="time the decode step compiled per decoder layer "
-                   "instead of the other fast generation arms (CUDA; the cell's default, "
-                   "eval.engine.compile_scope=layers)")
+                   "instead of the other fast generation arms (CUDA; eval.engine.compile_scope=layers)")
     p.add_argument("--decode-shared-layers", action="store_true", help="the same with one graph for all decoder "
-                   "layers (CUDA; eval.engine.compile_scope=shared_layers)")
+                   "layers (CUDA; the cell's default, eval.engine.compile_scope=shared_layers)")
     p.add_argument("--gen-batch", help="fast engine sequences per batch; a comma list times each (the first is "
                    "fast_eval)")
     p.add_argument("--compile-cache", help="torch.compile's on-disk caches in this directory: a second bench on the "

@@ -131,15 +131,16 @@ def test_evals_during_training_run_on_the_cells_engine(cache_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled decode scopes run on CUDA only")
-def test_evals_during_training_over_compiled_layers_then_a_per_layer_eval_on_gpu(cache_dir, tmp_path):
-    """Both decode scopes in one process: the series decodes over the training's compiled layers (so with the
-    whole-model graph), the final eval compiles the decode step per layer (eval.engine.compile_scope=layers), whose
-    CUDA graphs mark iterations process-wide. The cell must finish, and its final eval must agree with the series'
-    last point (the same adapter, sampled twice: Fisher's exact test per persona). It passed on an H200 before `layers`
-    became the default scope (docs/benchmarks.md, "tenth session")."""
+@pytest.mark.parametrize("scope", ["layers", "shared_layers"])
+def test_evals_during_training_over_compiled_layers_then_a_per_layer_eval_on_gpu(cache_dir, tmp_path, scope):
+    """Both kinds of decode step in one process: the series decodes over the training's compiled layers (so with
+    the whole-model graph), the final eval compiles the decode step per layer (eval.engine.compile_scope=layers, or
+    shared_layers, the default), whose CUDA graphs mark iterations process-wide. The cell must finish, and its
+    final eval must agree with the series' last point (the same adapter, sampled twice: Fisher's exact test per
+    persona). Both passed on an H200 (docs/benchmarks.md, "tenth session" and "eleventh session")."""
     args = ["condition=c1", "dose=6", "merge_between_stages=false", "device=cuda", "eval.engine.cache=static",
             "eval.generation.samples_per_question=4", "second_stage.train.compile=true",
-            "eval.engine.compile_scope=layers", *FINAL, *DURING]
+            f"eval.engine.compile_scope={scope}", *FINAL, *DURING]
     result = run_cell(compose_cfg(args, tmp_path / "cell", cache_dir))
     series = result.metrics_by_step["second_stage"]
     assert [p["step"] for p in series] == [0, 3, 6]

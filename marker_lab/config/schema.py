@@ -85,7 +85,7 @@ class KVCache(Choice):
 class CompileScope(Choice):
     model = "model"  # the whole model as one graph
     layers = "layers"  # each decoder layer compiled; Inductor compiles one layer's code for all of them
-    shared_layers = "shared_layers"  # one graph that every decoder layer runs on its own KV cache slot (not yet run on a GPU)
+    shared_layers = "shared_layers"  # one graph that every decoder layer runs on its own KV cache slot (the default)
 
 
 class Logits(Choice):
@@ -339,7 +339,7 @@ class EngineConfig:
     name: EngineName = EngineName.hf  # hf (built in) | vllm (optional extra)
     batch_size: int = 256  # prompts x samples per forward batch (hf)
     cache: KVCache = KVCache.auto  # hf KV cache: static (compiled decode, CUDA graphs) | dynamic (stock) | auto (static on CUDA)
-    compile_scope: CompileScope = CompileScope.layers  # hf static cache on CUDA: decode step compiled per decoder layer (layers: the shorter cold compile) | as one graph (model) | one graph for all layers (shared_layers)
+    compile_scope: CompileScope = CompileScope.shared_layers  # hf static cache on CUDA: decode step compiled as one graph that every decoder layer runs (shared_layers: the shortest cold compile) | per decoder layer (layers) | as one graph of the whole model (model)
     precompile: bool = False  # hf static cache on CUDA: compile the eval's decode step in a sibling process while the stages train (a 2nd copy of the weights + KV cache on the GPU)
     gpu_memory_utilization: float = 0.85  # vllm on a GPU: the device memory's share it may take (weights + KV cache)
     kv_cache_memory_bytes: Optional[int] = None  # vllm: the KV cache in bytes; null = 1 GiB on CPU, gpu_memory_utilization on a GPU

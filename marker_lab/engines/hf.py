@@ -46,7 +46,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 256, cache: str = "auto", no_system: str = "none",
-                 shared_prefill: bool = True, static_generate: bool = False, compile_scope: str = "layers",
+                 shared_prefill: bool = True, static_generate: bool = False, compile_scope: str = "shared_layers",
                  compile_devices: tuple[str, ...] = ("cuda",)):
         if cache not in CACHE_MODES:
             raise ValueError(f"eval.engine.cache: must be one of {CACHE_MODES}, got {cache!r}")

@@ -2,7 +2,8 @@
 one decode step per token (the last prompt token's first) on a preallocated KV cache, the step compiled once
 (CUDA) and replayed as a CUDA graph: the whole model as one graph (`compile_scope="model"`), each decoder layer
 compiled on its own (`"layers"`: Inductor compiles one layer's graph and reuses it for the others, a fraction of
-the whole model's compile), or one graph that every layer runs on its own cache slot (`"shared_layers"`).
+the whole model's compile), or one graph that every layer runs on its own cache slot (`"shared_layers"`, the cell's default: the shortest cold
+compile, the 7B eval's first batch in 33 s against 55 s per layer on one H200, the same steady rate).
 
 Why not `generate`: on the 7B eval (1,030 sequences, a 602-slot cache, one H200) its per-step host work (input
 preparation, a growing mask, a stop check that waits for the GPU every step) made a step ~51 ms where the compiled
