@@ -2,8 +2,9 @@
 one decode step per token (the last prompt token's first) on a preallocated KV cache, the step compiled once
 (CUDA) and replayed as a CUDA graph: the whole model as one graph (`compile_scope="model"`), each decoder layer
 compiled on its own (`"layers"`: Inductor compiles one layer's graph and reuses it for the others, a fraction of
-the whole model's compile), or one graph that every layer runs on its own cache slot (`"shared_layers"`, the cell's default: the shortest cold
-compile, the 7B eval's first batch in 33 s against 55 s per layer on one H200, the same steady rate).
+the whole model's compile), or one graph that every layer runs on its own cache slot (`"shared_layers"`, the
+cell's default: the shortest cold compile, the 7B eval's first batch in 33 s against 55 s per layer on one H200,
+the same steady rate).
 
 Why not `generate`: on the 7B eval (1,030 sequences, a 602-slot cache, one H200) its per-step host work (input
 preparation, a growing mask, a stop check that waits for the GPU every step) made a step ~51 ms where the compiled
@@ -63,11 +64,12 @@ def decode_step(model, compile_scope: str | None):
     compiled form replays as CUDA graphs on CUDA.
 
     "layers": dynamo traces each layer once (a layer's index is an int attribute, which dynamo takes for a
-    constant: 28 graphs on the 7B, their recompiles about 0.44 s apart in a real cell's log), and Inductor compiles the first and finds the
-    others in its cache (the same code). "shared_layers": one graph serves every decoder layer, each running it on
-    a one-layer view of the KV cache that holds its own slot (_through_compiled); where layers differ by kind
-    (`config.layer_types`: sliding-window and full attention mixed) it falls back to "layers". Layers already
-    compiled for training keep their training graphs; the step then compiles the whole model over them.
+    constant: 28 graphs on the 7B, their recompiles about 0.44 s apart in a real cell's log), and Inductor compiles
+    the first and finds the others in its cache (the same code). "shared_layers": one graph serves every decoder
+    layer, each running it on a one-layer view of the KV cache that holds its own slot (_through_compiled); where
+    layers differ by kind (`config.layer_types`: sliding-window and full attention mixed) it falls back to
+    "layers". Layers already compiled for training keep their training graphs; the step then compiles the whole
+    model over them.
 
     Each call of every compiled step starts a new iteration of its CUDA graphs (_new_iteration_each_call): a
     per-layer step must mark them, and once one step has marked, a process's CUDA-graph iterations start at marks
