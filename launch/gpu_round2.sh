@@ -26,7 +26,8 @@
 #                                           # DOSES (default 1,10,100,375: fits one call) picks the cells
 #   MODE=profile bash launch/gpu_round2.sh  # where a compiled training step goes (launch/profile_train.py): the
 #                                           # 384-token examples, then the length mix (PROFILE_DATA: which);
-#                                           # FP8=1: with the frozen base in FP8 (train.fp8_base)
+#                                           # FP8=1: with the frozen base in FP8 (train.fp8_base); KNOBS: Inductor
+#                                           # settings and the LoRA dropout per arm (see the mode below)
 #   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -157,9 +158,16 @@ grid)
   python -m marker_lab.cli status $OUT/grid | head -5
   grep -E "shared eval|cells evaluated|done on GPU|failed" "$OUT/grid.log" "$OUT/grid/shared_eval.log" 2>/dev/null | tail -25 ;;
 profile)
+  # KNOBS: one process per arm, each "tag:Inductor flags joined by +:LoRA dropout" (empty: the defaults), e.g.
+  # KNOBS="default:: tuned:max_autotune: nodrop::0"; the full logs (kernel tables) in $OUT/profile_train_*.log
   for data in ${PROFILE_DATA:-fixed mix}; do
-    DATA=$data timeout ${PROFILE_TIMEOUT:-240} python launch/profile_train.py > "$OUT/profile_train_$data.log" 2>&1
-    echo "profile $data rc=$?"; grep -v "it/s\]\|step/s\]\|^\s*$" "$OUT/profile_train_$data.log" | grep -v Warning | head -40
+    for knob in ${KNOBS:-default::}; do
+      IFS=: read -r tag flags drop <<< "$knob"
+      log="$OUT/profile_train_${data}_${tag}.log"
+      env ${drop:+DROPOUT=$drop} INDUCTOR="$flags" DATA=$data timeout ${PROFILE_TIMEOUT:-240} \
+        python launch/profile_train.py > "$log" 2>&1
+      echo "profile $data $tag rc=$?"; grep -v "it/s\]\|step/s\]\|^\s*$" "$log" | grep -v Warning | head -${PROFILE_LINES:-40}
+    done
   done ;;
 shared)
   export MARKER_LAB_CACHE=/tmp/mse_cache

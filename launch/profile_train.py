@@ -4,6 +4,9 @@
                                                                 # DATA=packed: the mix packed (train.pack);
                                                                 # FP8=1: the frozen base in FP8 (train.fp8_base)
     MODEL=toy DEVICE=cpu PYTHONPATH=. python launch/profile_train.py   # a smoke run of the script on any machine
+    INDUCTOR=max_autotune+coordinate_descent_tuning DROPOUT=0 ...      # Inductor settings for the compiled layers
+                                                                       # (torch._inductor.config flags set True),
+                                                                       # the LoRA dropout (default: the bench's 0.05)
 
 The bench's fast compiled arm (train.sft.train: LoRA r=32 on all 7 projections, 16 examples per optimizer step,
 6,144-token micro-batches, labelled logits, compiled layers) on random weights: the step times (the first compiles),
@@ -16,6 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch._inductor.config
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -45,6 +49,10 @@ dev = torch.device(os.environ.get("DEVICE", "cuda"))
 data = os.environ.get("DATA", "fixed")
 WARM, PROFILED = max(1, int(os.environ.get("WARM", 3))), int(os.environ.get("PROFILED", 3))  # step 1 compiles
 cuda = dev.type == "cuda"
+inductor_flags = [f for f in os.environ.get("INDUCTOR", "").split("+") if f]
+# set for the whole process, before anything compiles: the layers' graphs are built with these
+torch._inductor.config.patch(dict.fromkeys(inductor_flags, True)).__enter__()
+dropout = float(os.environ.get("DROPOUT", w.lora_dropout))
 
 model = build_model(model_config(model_name), dev)
 vocab = model.config.vocab_size
@@ -53,7 +61,7 @@ lengths = [w.seq_len] * n_ex if data == "fixed" else length_mix(n_ex, w.mix_medi
 if not cuda:  # the smoke run: short examples
     lengths = [max(8, n // 16) for n in lengths]
 examples = synthetic_examples(lengths, vocab, w.prompt_share, seed=1)
-cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=w.lora_dropout), per_device_batch_size=4,
+cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=dropout), per_device_batch_size=4,
                   grad_accum=w.examples_per_step // 4, bf16=True, gradient_checkpointing=False, logits="labelled",
                   micro_batch_tokens=6144, compile=cuda, pack=data == "packed", fp8_base=os.environ.get("FP8") == "1")
 peft_model = apply_lora(model, cfg.lora, seed=0)
@@ -75,7 +83,8 @@ stats = train(peft_model, examples, cfg, steps=WARM + PROFILED, seed=0, pad_id=0
               on_step=on_step)
 wall = (stamps[-1] - stamps[WARM - 1]) / PROFILED
 print(f"{model_name}, {data} ({sum(lengths) / len(lengths):.0f} tokens per example on average), "
-      f"{w.examples_per_step} per step, compiled={cfg.compile}, fp8_base={cfg.fp8_base}")
+      f"{w.examples_per_step} per step, compiled={cfg.compile}, fp8_base={cfg.fp8_base}, "
+      f"inductor={'+'.join(inductor_flags) or 'defaults'}, lora dropout={dropout}")
 print("step seconds:", [round(s, 3) for s in stats.step_seconds])
 events = prof.key_averages()
 on = DeviceType.CUDA if cuda else DeviceType.CPU
