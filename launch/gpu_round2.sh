@@ -164,7 +164,7 @@ profile)
     for knob in ${KNOBS:-default::}; do
       IFS=: read -r tag flags drop <<< "$knob"
       log="$OUT/profile_train_${data}_${tag}.log"
-      env ${drop:+DROPOUT=$drop} INDUCTOR="$flags" DATA=$data timeout ${PROFILE_TIMEOUT:-240} \
+      env ${drop:+DROPOUT=$drop} ${SKIP_GUARDS:+SKIP_GUARDS=$SKIP_GUARDS} ATTENTION=${PROFILE_ATTENTION:-} INDUCTOR="$flags" DATA=$data timeout ${PROFILE_TIMEOUT:-240} \
         python launch/profile_train.py > "$log" 2>&1
       echo "profile $data $tag rc=$?"; grep -v "it/s\]\|step/s\]\|^\s*$" "$log" | grep -v Warning | head -${PROFILE_LINES:-40}
     done

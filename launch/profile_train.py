@@ -1,12 +1,17 @@
 """Training-step profile of the 7B shape on one GPU: where a compiled LoRA step's time goes.
 
     PYTHONPATH=. python launch/profile_train.py                 # 384-token examples; DATA=mix: the length mix,
-                                                                # DATA=packed: the mix packed (train.pack);
+                                                                # DATA=packed: the mix packed (train.pack;
+                                                                # ATTENTION=varlen: the recipes' attention);
                                                                 # FP8=1: the frozen base in FP8 (train.fp8_base)
     MODEL=toy DEVICE=cpu PYTHONPATH=. python launch/profile_train.py   # a smoke run of the script on any machine
     INDUCTOR=max_autotune+coordinate_descent_tuning DROPOUT=0 ...      # Inductor settings for the compiled layers
                                                                        # (torch._inductor.config flags set True),
                                                                        # the LoRA dropout (default: the bench's 0.05)
+    SYNC_DEBUG=1 ...                    # also: each distinct host sync in the profiled steps, with where it comes
+                                        # from, the GPU's idle gaps with the host op running at each, and the
+                                        # host's busiest ops; SKIP_GUARDS=1: dynamo's guards skipped after the
+                                        # warm-up (torch.compiler.set_stance(skip_guard_eval_unsafe=True))
 
 The bench's fast compiled arm (train.sft.train: LoRA r=32 on all 7 projections, 16 examples per optimizer step,
 6,144-token micro-batches, labelled logits, compiled layers) on random weights: the step times (the first compiles),
@@ -16,7 +21,10 @@ the gap. One-off measurement behind docs/benchmarks.md; not part of the package.
 """
 import os
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 import torch._inductor.config
@@ -63,8 +71,20 @@ if not cuda:  # the smoke run: short examples
 examples = synthetic_examples(lengths, vocab, w.prompt_share, seed=1)
 cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=dropout), per_device_batch_size=4,
                   grad_accum=w.examples_per_step // 4, bf16=True, gradient_checkpointing=False, logits="labelled",
-                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed", fp8_base=os.environ.get("FP8") == "1")
+                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed", attention=os.environ.get("ATTENTION") or None, fp8_base=os.environ.get("FP8") == "1")
 peft_model = apply_lora(model, cfg.lora, seed=0)
+sync_debug = cuda and os.environ.get("SYNC_DEBUG") == "1"
+syncs: Counter = Counter()  # where each host sync of the profiled steps came from -> how many
+
+
+def record_sync(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning while CUDA's sync debug mode warns: count each distinct call site (its last frames in
+    marker_lab, transformers, peft or torch.nn), instead of printing every warning."""
+    frames = [f for f in traceback.extract_stack()[:-1]
+              if any(k in f.filename for k in ("marker_lab", "transformers", "peft", "torch/nn", "torch/autograd"))]
+    syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+
 prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 stamps: list[float] = []
 
@@ -74,8 +94,16 @@ def on_step(step: int) -> None:
         torch.cuda.synchronize()
     stamps.append(time.perf_counter())
     if step == WARM:
+        if os.environ.get("SKIP_GUARDS") == "1":
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         prof.start()
+        if sync_debug:
+            warnings.showwarning = record_sync
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
     elif step == WARM + PROFILED:
+        if sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
         prof.stop()
 
 
@@ -101,3 +129,20 @@ sort = "self_device_time_total" if cuda else "self_cpu_time_total"
 print(events.table(sort_by=sort, row_limit=25, max_name_column_width=70))
 if cuda:
     print("peak GB", round(torch.cuda.max_memory_allocated() / 2**30, 1))
+if sync_debug:
+    print(f"host syncs in the {PROFILED} profiled steps (the step's own loss.item() among them), by call site:")
+    for where, n in syncs.most_common(12):
+        print(f"  {n:5d}  {where}")
+    # the GPU's idle gaps: the union of kernel intervals over the profiled window, and the host op open at each gap
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    host = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    gaps, end = [], kernels[0][1] if kernels else 0
+    for start, stop in kernels[1:]:
+        if start - end > 50:  # microseconds
+            gaps.append((start - end, end))
+        end = max(end, stop)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
+    print(f"GPU idle gaps over 50 us: {len(gaps)}, {sum(g for g, _ in gaps) / 1000 / PROFILED:.1f} ms/step")
+    for gap, at in sorted(gaps, reverse=True)[:12]:
+        op = next((e.name for e in host if e.time_range.start <= at <= e.time_range.end), "?")
+        print(f"  {gap / 1000:7.2f} ms from {(at - kernels[0][0]) / 1000:8.1f} ms, host in: {op[:90]}")
