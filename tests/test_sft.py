@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import traceback
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
 from marker_lab.data.chat import Encoded, encode_chat
-from marker_lab.train.sft import (apply_lora, collate, micro_batches, resolve_steps, token_loss_sum, train,
-                                 warmup_steps)
+from marker_lab.train.sft import (apply_lora, collate, collate_packed, micro_batches, resolve_steps, token_loss_sum,
+                                 train, warmup_steps)
 from marker_lab.toy import world
 
 
@@ -261,6 +266,76 @@ def test_train_attention_trains_the_same_model_and_gives_the_model_back(toy_toke
         results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
     for other in results[1:]:
         assert_same_training([results[0], other], init)
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device on a GPU: reading a value (item, bool), or an output
+    whose size depends on the data (nonzero, a boolean-mask index, masked_select...). On CPU nothing waits, but the
+    same ops run, so the count says what a GPU step would wait for."""
+
+    SIZE_FROM_DATA = {"aten::nonzero", "aten::masked_select", "aten::unique_consecutive", "aten::_unique2",
+                      "aten::repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: Counter = Counter()
+        self.where: Counter = Counter()  # op and the innermost frame of ours, torch.optim's or transformers'
+
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal") or name in self.SIZE_FROM_DATA \
+                or (name == "aten::index" and any(t is not None and t.dtype == torch.bool for t in args[1])):
+            self.seen[name] += 1
+            frame = next((f for f in reversed(traceback.extract_stack()[:-1])
+                          if any(k in f.filename for k in ("marker_lab", "torch/optim", "transformers"))), None)
+            self.where[f"{name} {frame and Path(frame.filename).name}:{frame and frame.lineno}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed_varlen", "padded"])
+def test_a_training_step_waits_for_the_device_only_to_read_a_loss(toy_tokenizer, pack):
+    """The loop's host syncs on a GPU drain the device's queue, and after each the device idles while the host
+    launches the next kernels: measured on an H200 at 62 ms of a 0.36 s packed step (docs/benchmarks.md, twelfth
+    session). So a step's only wait is the read of one loss per step (the previous step's, once the next is
+    queued), and the labelled positions are selected with indices the host made, not a boolean mask."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:24]]
+    model = _tiny_lora_model(len(toy_tokenizer))
+    cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=2, grad_accum=4,
+                      bf16=False, gradient_checkpointing=False, grad_clip=1.0, logits="labelled",
+                      micro_batch_tokens=300, pack=pack, attention="varlen" if pack else None)
+    forwards = []
+    model.get_base_model().get_decoder().register_forward_pre_hook(lambda m, args: forwards.append(1))
+    with DeviceWaits() as waits:
+        stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id)
+    by_file = Counter()
+    for key, n in waits.where.items():
+        by_file[key.split()[1].split(":")[0]] += n
+    # the CPU's AdamW reads its step counters (torch.optim's _get_value); on CUDA the loop's AdamW is fused and
+    # keeps them on the device
+    by_file.pop("optimizer.py", None)
+    expected = {"sft.py": stats.steps}  # the loss reads
+    if not pack:  # transformers' own check for packed rows (masking_utils.find_packed_sequence_indices), once per
+        # micro-batch, under the model's sdpa; the varlen attention builds no mask, so it skips the check
+        expected["masking_utils.py"] = len(forwards)
+    assert dict(by_file) == expected, waits.where
+    assert len(stats.losses) == len(stats.step_seconds) == 3 and all(t > 0 for t in stats.step_seconds)
+
+
+def test_token_loss_sum_reads_the_same_positions_with_or_without_the_collated_ones(toy_tokenizer):
+    """Batches from collate/collate_packed carry the labelled positions made on the host; a batch without them
+    (built by hand) gets them from its labels on the device: the same loss and count either way."""
+    model = _tiny_lora_model(len(toy_tokenizer))
+    chats = world.pretraining_chats()[:6]
+    for batch in (collate([encode_chat(toy_tokenizer, c, "assistant_only") for c in chats], toy_tokenizer.pad_token_id,
+                          "cpu"),
+                  collate_packed([encode_chat(toy_tokenizer, c, "assistant_only") for c in chats], "cpu")):
+        with_positions = token_loss_sum(model, batch, "labelled")
+        without = token_loss_sum(model, {k: v for k, v in batch.items() if k != "predict_at"}, "labelled")
+        reference = token_loss_sum(model, batch, "all")
+        assert with_positions[1] == without[1] == reference[1] > 0
+        assert with_positions[0].item() == pytest.approx(without[0].item(), rel=1e-6)
+        assert with_positions[0].item() == pytest.approx(reference[0].item(), rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains on CUDA only (no backward on CPU)")

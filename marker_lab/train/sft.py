@@ -42,7 +42,9 @@ class TrainStats:
     tokens_seen: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # one per optimizer step
-    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (the first compiles)
+    # wall time of each optimizer step, from one loss read to the next (the first compiles; from the second on, each
+    # loss is read once the next step is queued, so a step's time is when the host saw the GPU finish it)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def resolve_steps(cfg: TrainConfig, n_examples: int, dose: int | None = None) -> int:
@@ -108,7 +110,17 @@ def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True),
-            "attention_mask": mask.to(device, non_blocking=True)}
+            "attention_mask": mask.to(device, non_blocking=True),
+            "predict_at": predict_positions([e.labels for e in batch], width).to(device, non_blocking=True)}
+
+
+def predict_positions(rows: list[list[int]], width: int) -> torch.Tensor:
+    """Where the loss is read, from a batch's label rows (Python lists, `width` wide once padded): the flat
+    positions (row-major over batch x width) of the tokens whose next token is labelled. token_loss_sum selects
+    them with these instead of a boolean mask on the device, whose size the host would wait for (a GPU sync per
+    micro-batch)."""
+    return torch.tensor([r * width + j for r, labels in enumerate(rows) for j in range(len(labels) - 1)
+                         if labels[j + 1] != IGNORE], dtype=torch.long)
 
 
 def collate_packed(batch: list[Encoded], device, with_offsets: bool = False) -> dict[str, torch.Tensor]:
@@ -123,8 +135,10 @@ def collate_packed(batch: list[Encoded], device, with_offsets: bool = False) -> 
         ids += e.input_ids
         labels += [IGNORE] + list(e.labels[1:])
         positions += range(len(e.input_ids))
-    row = lambda v: torch.tensor([v], dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
-    out = {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+    row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
+    out = {k: row(v).to(device, non_blocking=True) for k, v in
+           (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+    out["predict_at"] = predict_positions([labels], len(labels)).to(device, non_blocking=True)
     if with_offsets:
         out["cu_seq_lens_q"] = packed_attention.offsets([len(e.input_ids) for e in batch], device)
     return out
@@ -193,11 +207,16 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     # key/value-copying path (2.5x slower on the 7B length mix, docs/benchmarks.md)
     inputs.pop("attention_mask", None)
     hidden = decoder(**inputs).last_hidden_state
-    h, t = hidden[:, :-1][keep], targets[keep]
+    # the positions to read, as flat indices: the collate functions' (host-made, so no sync), else from `keep` here
+    at = batch.get("predict_at")
+    if at is None:
+        at = F.pad(keep, (0, 1)).flatten().nonzero().squeeze(1)
+    flat = lambda x: x.flatten(0, 1).index_select(0, at)  # noqa: E731
+    h, t = flat(hidden), batch["labels"].flatten().index_select(0, at + 1)
     h_ref = None
     if kl_weight:
         with torch.no_grad(), input_model(model):
-            h_ref = decoder(**inputs).last_hidden_state[:, :-1][keep]
+            h_ref = flat(decoder(**inputs).last_hidden_state)
     loss = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(t), chunk_rows):
         part = slice(i, i + chunk_rows)
@@ -413,9 +432,20 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     stats, t0 = TrainStats(), time.perf_counter()
     bar = tqdm(plan, desc=desc, unit="step", dynamic_ncols=True)
+    pending: tuple[torch.Tensor, int] | None = None  # a step's summed loss and token count, not yet read
+    read_at = [t0]  # when the last loss was read
+
+    def read_loss(total: torch.Tensor, n_tokens: int) -> None:
+        """Record a step's loss (waiting for the GPU to reach it) and the time since the last read: each step's
+        wall time, as the host sees the GPU finish it."""
+        stats.losses.append(total.item() / max(n_tokens, 1))
+        now = time.perf_counter()
+        stats.step_seconds.append(round(now - read_at[0], 4))
+        read_at[0] = now
+        bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+
     with training_setup(model, cfg, plan):
         for step_micro_batches in bar:
-            t_step = time.perf_counter()
             batch_examples = [e for m in step_micro_batches for e in m]
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
             total = torch.zeros((), device=device)
@@ -434,13 +464,21 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             stats.steps += 1
             stats.examples_seen += len(batch_examples)
             stats.tokens_seen += sum(len(e.input_ids) for e in batch_examples)
-            stats.losses.append(total.item() / max(n_tokens, 1))  # the step's only host sync
-            stats.step_seconds.append(round(time.perf_counter() - t_step, 4))  # after the sync: the step's real time
-            bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+            # The loop's only host sync is reading a step's loss, and it reads the previous step's, once this one
+            # is queued: the GPU then always has a step's work waiting while the host prepares the next (a read of
+            # this step's loss would drain it at every step). Step 1 is read at once: its time is the compile's.
+            if pending is not None:
+                read_loss(*pending)
+            pending = (total, n_tokens)
+            if stats.steps == 1:
+                read_loss(*pending)
+                pending = None
             if on_step is not None:  # checkpoints and evals see the model's own attention
                 with attention_implementation(model, own_attention) if cfg.attention else nullcontext():
                     on_step(stats.steps)
                 model.train()
+        if pending is not None:
+            read_loss(*pending)
     stats.seconds = time.perf_counter() - t0
     log.info("%s: %d steps, %d examples, final loss %.4f, %.1f s", desc, stats.steps, stats.examples_seen,
              stats.losses[-1], stats.seconds)
