@@ -26,11 +26,14 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import peft
 import torch
 import torch._inductor.config
+import transformers
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+import marker_lab
 from marker_lab.bench import build_model, model_config
 from marker_lab.bench_workload import Workload, length_mix, synthetic_examples
 from marker_lab.config.schema import LoraConfig, TrainConfig
@@ -75,13 +78,14 @@ cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=dropou
 peft_model = apply_lora(model, cfg.lora, seed=0)
 sync_debug = cuda and os.environ.get("SYNC_DEBUG") == "1"
 syncs: Counter = Counter()  # where each host sync of the profiled steps came from -> how many
+# the packages a sync is attributed to, by install directory (a path fragment would also match a venv's own path)
+SOURCES = tuple(Path(m.__file__).parent for m in (marker_lab, transformers, peft, torch.nn, torch.autograd))
 
 
 def record_sync(message, category, filename, lineno, file=None, line=None) -> None:
     """warnings.showwarning while CUDA's sync debug mode warns: count each distinct call site (its last frames in
     marker_lab, transformers, peft or torch.nn), instead of printing every warning."""
-    frames = [f for f in traceback.extract_stack()[:-1]
-              if any(k in f.filename for k in ("marker_lab", "transformers", "peft", "torch/nn", "torch/autograd"))]
+    frames = [f for f in traceback.extract_stack()[:-1] if any(Path(f.filename).is_relative_to(d) for d in SOURCES)]
     syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 
+import marker_lab
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
 from marker_lab.data.chat import Encoded, encode_chat
 from marker_lab.train.sft import (apply_lora, collate, collate_packed, micro_batches, resolve_steps, token_loss_sum,
@@ -276,6 +278,10 @@ class DeviceWaits(TorchDispatchMode):
     SIZE_FROM_DATA = {"aten::nonzero", "aten::masked_select", "aten::unique_consecutive", "aten::_unique2",
                       "aten::repeat_interleave"}
 
+    # where a wait is attributed: the innermost frame in these packages (by their install directories: a path
+    # fragment would also match a virtual environment whose own path says "marker_lab")
+    SOURCES = tuple(Path(m.__file__).parent for m in (marker_lab, torch.optim, transformers))
+
     def __init__(self):
         super().__init__()
         self.seen: Counter = Counter()
@@ -288,7 +294,7 @@ class DeviceWaits(TorchDispatchMode):
                 or (name == "aten::index" and any(t is not None and t.dtype == torch.bool for t in args[1])):
             self.seen[name] += 1
             frame = next((f for f in reversed(traceback.extract_stack()[:-1])
-                          if any(k in f.filename for k in ("marker_lab", "torch/optim", "transformers"))), None)
+                          if any(Path(f.filename).is_relative_to(d) for d in self.SOURCES)), None)
             self.where[f"{name} {frame and Path(frame.filename).name}:{frame and frame.lineno}"] += 1
         return func(*args, **(kwargs or {}))
 
