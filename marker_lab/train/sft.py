@@ -123,24 +123,35 @@ def predict_positions(rows: list[list[int]], width: int) -> torch.Tensor:
                          if labels[j + 1] != IGNORE], dtype=torch.long)
 
 
-def collate_packed(batch: list[Encoded], device, with_offsets: bool = False) -> dict[str, torch.Tensor]:
+def collate_packed(batch: list[Encoded], device, with_offsets: bool = False, multiple: int = 1,
+                   pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pack a micro-batch into one row, examples back to back: no padding. Position ids restart at each example,
     which is how transformers tells packed examples apart (with no attention mask it keeps each token's attention
     within its own example: a block-diagonal causal mask, or varlen kernels). Each example's first label is
     dropped: its target would be read from the previous example's last token (unpacked, position 0 is never a
     target either), so the loss is the same sum over the same tokens. `with_offsets`: also where each example starts
-    (`cu_seq_lens_q`, for the varlen attention of packed_attention.py)."""
-    ids, labels, positions = [], [], []
+    (`cu_seq_lens_q`, for the varlen attention of packed_attention.py).
+
+    `multiple` > 1: the row is filled up to a multiple of that many tokens with `pad_id`s, as one more example of
+    its own with no labels (train.pack_multiple). It attends only within itself and carries no loss, so loss and
+    gradients are the same; what it buys is fewer distinct row lengths, i.e. matrix shapes, each of whose first use
+    costs cuBLAS host time (docs/benchmarks.md)."""
+    ids, labels, positions, lengths = [], [], [], [len(e.input_ids) for e in batch]
     for e in batch:
         ids += e.input_ids
         labels += [IGNORE] + list(e.labels[1:])
         positions += range(len(e.input_ids))
+    if fill := -len(ids) % multiple:
+        ids += [pad_id] * fill
+        labels += [IGNORE] * fill
+        positions += range(fill)
+        lengths.append(fill)
     row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
     out = {k: row(v).to(device, non_blocking=True) for k, v in
            (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
     out["predict_at"] = predict_positions([labels], len(labels)).to(device, non_blocking=True)
     if with_offsets:
-        out["cu_seq_lens_q"] = packed_attention.offsets([len(e.input_ids) for e in batch], device)
+        out["cu_seq_lens_q"] = packed_attention.offsets(lengths, device)
     return out
 
 
@@ -432,12 +443,25 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     stats, t0 = TrainStats(), time.perf_counter()
     bar = tqdm(plan, desc=desc, unit="step", dynamic_ncols=True)
-    pending: tuple[torch.Tensor, int] | None = None  # a step's summed loss and token count, not yet read
+    pending: tuple[torch.Tensor, torch.cuda.Event | None, int] | None = None  # a step's loss, not yet read
     read_at = [t0]  # when the last loss was read
 
-    def read_loss(total: torch.Tensor, n_tokens: int) -> None:
+    def queue_loss(total: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.cuda.Event | None, int]:
+        """A step's summed loss on its way to the host: on CUDA a copy queued behind the step's work (into pinned
+        memory) and an event marking it. Reading it then waits for this step only; a plain `.item()` would queue its
+        copy at the stream's end and wait for every step queued since."""
+        if total.device.type != "cuda":
+            return total, None, n_tokens
+        host = total.to("cpu", non_blocking=True)  # non-blocking copies to the host land in pinned memory
+        done = torch.cuda.Event()
+        done.record()
+        return host, done, n_tokens
+
+    def read_loss(total: torch.Tensor, done: torch.cuda.Event | None, n_tokens: int) -> None:
         """Record a step's loss (waiting for the GPU to reach it) and the time since the last read: each step's
         wall time, as the host sees the GPU finish it."""
+        if done is not None:
+            done.synchronize()
         stats.losses.append(total.item() / max(n_tokens, 1))
         now = time.perf_counter()
         stats.step_seconds.append(round(now - read_at[0], 4))
@@ -450,7 +474,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
             total = torch.zeros((), device=device)
             for micro_examples in step_micro_batches:
-                micro = (collate_packed(micro_examples, device, cfg.attention == packed_attention.NAME) if cfg.pack
+                micro = (collate_packed(micro_examples, device, cfg.attention == packed_attention.NAME,
+                                        cfg.pack_multiple, pad_id) if cfg.pack
                          else collate(micro_examples, pad_id, device))
                 with autocast:
                     loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
@@ -465,11 +490,12 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             stats.examples_seen += len(batch_examples)
             stats.tokens_seen += sum(len(e.input_ids) for e in batch_examples)
             # The loop's only host sync is reading a step's loss, and it reads the previous step's, once this one
-            # is queued: the GPU then always has a step's work waiting while the host prepares the next (a read of
-            # this step's loss would drain it at every step). Step 1 is read at once: its time is the compile's.
+            # is queued, from its own copy (queue_loss): the GPU then still has this step's work waiting while the
+            # host prepares the next (a read of this step's loss, or an `.item()` queued behind it, would drain the
+            # queue at every step). Step 1 is read at once: its time is the compile's.
             if pending is not None:
                 read_loss(*pending)
-            pending = (total, n_tokens)
+            pending = queue_loss(total, n_tokens)
             if stats.steps == 1:
                 read_loss(*pending)
                 pending = None
