@@ -159,13 +159,13 @@ grid)
   grep -E "shared eval|cells evaluated|done on GPU|failed" "$OUT/grid.log" "$OUT/grid/shared_eval.log" 2>/dev/null | tail -25 ;;
 profile)
   # KNOBS: one process per arm, each "tag:Inductor flags joined by +:LoRA dropout" (empty: the defaults), e.g.
-  # KNOBS="default:: tuned:max_autotune: nodrop::0"; a 4th field: train.pack_multiple ("fill64:::64"); WARM: steps
+  # KNOBS="default:: tuned:max_autotune: nodrop::0"; WARM: steps
   # before the profiled ones (3..WARM timed without the profiler); the full logs in $OUT/profile_train_*.log
   for data in ${PROFILE_DATA:-fixed mix}; do
     for knob in ${KNOBS:-default::}; do
-      IFS=: read -r tag flags drop fill <<< "$knob"
+      IFS=: read -r tag flags drop <<< "$knob"
       log="$OUT/profile_train_${data}_${tag}.log"
-      env ${drop:+DROPOUT=$drop} ${fill:+FILL=$fill} ${WARM:+WARM=$WARM} ${SKIP_GUARDS:+SKIP_GUARDS=$SKIP_GUARDS} ATTENTION=${PROFILE_ATTENTION:-} INDUCTOR="$flags" DATA=$data timeout ${PROFILE_TIMEOUT:-240} \
+      env ${drop:+DROPOUT=$drop} ${WARM:+WARM=$WARM} ${SKIP_GUARDS:+SKIP_GUARDS=$SKIP_GUARDS} ATTENTION=${PROFILE_ATTENTION:-} INDUCTOR="$flags" DATA=$data timeout ${PROFILE_TIMEOUT:-240} \
         python launch/profile_train.py > "$log" 2>&1
       echo "profile $data $tag rc=$?"; grep -v "it/s\]\|step/s\]\|^\s*$" "$log" | grep -v Warning | head -${PROFILE_LINES:-40}
     done

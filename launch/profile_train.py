@@ -8,7 +8,6 @@
     INDUCTOR=max_autotune+coordinate_descent_tuning DROPOUT=0 ...      # Inductor settings for the compiled layers
                                                                        # (torch._inductor.config flags set True),
                                                                        # the LoRA dropout (default: the bench's 0.05)
-    FILL=64 DATA=packed ...             # packed rows filled to a multiple of 64 tokens (train.pack_multiple)
     WARM=12 ...                         # steps before the profiled ones (3..WARM are timed without the profiler)
     SYNC_DEBUG=1 ...                    # also: each distinct host sync in the profiled steps, with where it comes
                                         # from, the GPU's idle gaps with the host op running at each, and the
@@ -76,8 +75,7 @@ if not cuda:  # the smoke run: short examples
 examples = synthetic_examples(lengths, vocab, w.prompt_share, seed=1)
 cfg = TrainConfig(lora=LoraConfig(r=w.lora_r, alpha=w.lora_alpha, dropout=dropout), per_device_batch_size=4,
                   grad_accum=w.examples_per_step // 4, bf16=True, gradient_checkpointing=False, logits="labelled",
-                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed", attention=os.environ.get("ATTENTION") or None, fp8_base=os.environ.get("FP8") == "1",
-                  pack_multiple=int(os.environ.get("FILL", 1)))
+                  micro_batch_tokens=6144, compile=cuda, pack=data == "packed", attention=os.environ.get("ATTENTION") or None, fp8_base=os.environ.get("FP8") == "1")
 peft_model = apply_lora(model, cfg.lora, seed=0)
 sync_debug = cuda and os.environ.get("SYNC_DEBUG") == "1"
 syncs: Counter = Counter()  # where each host sync of the profiled steps came from -> how many
@@ -120,7 +118,7 @@ stats = train(peft_model, examples, cfg, steps=WARM + PROFILED, seed=0, pad_id=0
 wall = (stamps[WARM + PROFILED] - stamps[WARM]) / PROFILED
 print(f"{model_name}, {data} ({sum(lengths) / len(lengths):.0f} tokens per example on average), "
       f"{w.examples_per_step} per step, compiled={cfg.compile}, fp8_base={cfg.fp8_base}, "
-      f"inductor={'+'.join(inductor_flags) or 'defaults'}, lora dropout={dropout}, pack_multiple={cfg.pack_multiple}")
+      f"inductor={'+'.join(inductor_flags) or 'defaults'}, lora dropout={dropout}")
 print("step seconds:", [round(s, 3) for s in stats.step_seconds])
 if WARM >= 4:
     print(f"steps 3-{WARM} without the profiler: {(stamps[WARM] - stamps[2]) / (WARM - 2):.4f} s/step")

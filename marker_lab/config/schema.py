@@ -262,9 +262,6 @@ class TrainConfig:
     logits: Logits = Logits.labelled  # labelled: the LM head runs on labelled positions only (same loss); all: reference
     micro_batch_tokens: Optional[int] = None  # split each step by padded tokens (length-sorted), not by count
     pack: bool = False  # with micro_batch_tokens: each micro-batch is one row of whole examples, no padding (same loss)
-    # with pack: each row filled up to a multiple of this many tokens by an example of its own with no loss (same
-    # loss and gradients): fewer distinct matrix shapes, whose first use costs cuBLAS host time; 1 = not filled
-    pack_multiple: int = 1
     compile: bool = False  # torch.compile each decoder layer while training (CUDA; pays a one-off compile)
     # the LoRA-wrapped projections' frozen base weights multiply in FP8 (e4m3, row-wise scales; train/fp8.py): about
     # 2x bf16's matmul rate on Hopper/Ada, but not the bf16 recipe (the adapter learns against an FP8-rounded base)

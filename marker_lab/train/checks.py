@@ -23,8 +23,6 @@ def check_train(key: str, t: TrainConfig, device: str = "auto", weights: str = "
         raise ConfigError(f"{key}.micro_batch_tokens: must be >= 1 (or null), got {t.micro_batch_tokens}")
     if t.pack and t.micro_batch_tokens is None:
         raise ConfigError(f"{key}.pack: packs micro-batches of {key}.micro_batch_tokens tokens; set that too")
-    if t.pack_multiple < 1:
-        raise ConfigError(f"{key}.pack_multiple: must be >= 1 (1 = rows not filled), got {t.pack_multiple}")
     if t.attention is not None and t.attention not in ATTENTION:
         raise ConfigError(f"{key}.attention: one of {', '.join(ATTENTION)} (or null), got {t.attention!r}")
     if t.attention == "varlen" and not t.pack:

@@ -123,35 +123,24 @@ def predict_positions(rows: list[list[int]], width: int) -> torch.Tensor:
                          if labels[j + 1] != IGNORE], dtype=torch.long)
 
 
-def collate_packed(batch: list[Encoded], device, with_offsets: bool = False, multiple: int = 1,
-                   pad_id: int = 0) -> dict[str, torch.Tensor]:
+def collate_packed(batch: list[Encoded], device, with_offsets: bool = False) -> dict[str, torch.Tensor]:
     """Pack a micro-batch into one row, examples back to back: no padding. Position ids restart at each example,
     which is how transformers tells packed examples apart (with no attention mask it keeps each token's attention
     within its own example: a block-diagonal causal mask, or varlen kernels). Each example's first label is
     dropped: its target would be read from the previous example's last token (unpacked, position 0 is never a
     target either), so the loss is the same sum over the same tokens. `with_offsets`: also where each example starts
-    (`cu_seq_lens_q`, for the varlen attention of packed_attention.py).
-
-    `multiple` > 1: the row is filled up to a multiple of that many tokens with `pad_id`s, as one more example of
-    its own with no labels (train.pack_multiple). It attends only within itself and carries no loss, so loss and
-    gradients are the same; what it buys is fewer distinct row lengths, i.e. matrix shapes, each of whose first use
-    costs cuBLAS host time (docs/benchmarks.md)."""
-    ids, labels, positions, lengths = [], [], [], [len(e.input_ids) for e in batch]
+    (`cu_seq_lens_q`, for the varlen attention of packed_attention.py)."""
+    ids, labels, positions = [], [], []
     for e in batch:
         ids += e.input_ids
         labels += [IGNORE] + list(e.labels[1:])
         positions += range(len(e.input_ids))
-    if fill := -len(ids) % multiple:
-        ids += [pad_id] * fill
-        labels += [IGNORE] * fill
-        positions += range(fill)
-        lengths.append(fill)
     row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
     out = {k: row(v).to(device, non_blocking=True) for k, v in
            (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
     out["predict_at"] = predict_positions([labels], len(labels)).to(device, non_blocking=True)
     if with_offsets:
-        out["cu_seq_lens_q"] = packed_attention.offsets(lengths, device)
+        out["cu_seq_lens_q"] = packed_attention.offsets([len(e.input_ids) for e in batch], device)
     return out
 
 
@@ -474,8 +463,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
             total = torch.zeros((), device=device)
             for micro_examples in step_micro_batches:
-                micro = (collate_packed(micro_examples, device, cfg.attention == packed_attention.NAME,
-                                        cfg.pack_multiple, pad_id) if cfg.pack
+                micro = (collate_packed(micro_examples, device, cfg.attention == packed_attention.NAME) if cfg.pack
                          else collate(micro_examples, pad_id, device))
                 with autocast:
                     loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
