@@ -15,8 +15,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 import marker_lab
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
 from marker_lab.data.chat import Encoded, encode_chat
-from marker_lab.train.sft import (apply_lora, collate, collate_packed, micro_batches, resolve_steps, token_loss_sum,
-                                 train, warmup_steps)
+from marker_lab.train.sft import (CAUSAL_SDPA, apply_lora, collate, collate_packed, micro_batches, resolve_steps,
+                                 token_loss_sum, train, warmup_steps)
 from marker_lab.toy import world
 
 
@@ -270,6 +270,29 @@ def test_train_attention_trains_the_same_model_and_gives_the_model_back(toy_toke
         assert_same_training([results[0], other], init)
 
 
+def test_the_padded_labelled_path_trains_on_causal_sdpa_like_the_reference(toy_tokenizer):
+    """On the labelled padded path (right-padded rows, no padding mask), a model on sdpa trains on sdpa registered
+    with no mask function (sft.CAUSAL_SDPA: no host sync in transformers' mask preparation). The same training as
+    the reference (all logits, the padding mask, the model's own sdpa); on_step and everything after see sdpa."""
+    examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
+    assert len({len(e.input_ids) for e in examples}) > 3  # rows of a micro-batch get padded
+    init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer)).named_parameters() if "lora_" in k}
+    results = []
+    for logits in ("all", "labelled"):
+        model = _tiny_lora_model(len(toy_tokenizer))
+        seen, trained_on = [], set()
+        model.get_base_model().get_decoder().register_forward_pre_hook(
+            lambda m, args: trained_on.add(m.config._attn_implementation) if m.training else None)
+        cfg = TrainConfig(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=2,
+                          bf16=False, gradient_checkpointing=False, logits=logits)
+        stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id,
+                      on_step=lambda step: seen.append(model.config._attn_implementation))
+        assert trained_on == {"sdpa" if logits == "all" else CAUSAL_SDPA}, logits
+        assert seen == ["sdpa"] * 3 and model.config._attn_implementation == "sdpa"
+        results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
+    assert_same_training(results, init)
+
+
 class DeviceWaits(TorchDispatchMode):
     """Counts the ops that make the host wait for the device on a GPU: reading a value (item, bool), or an output
     whose size depends on the data (nonzero, a boolean-mask index, masked_select...). On CPU nothing waits, but the
@@ -320,11 +343,10 @@ def test_a_training_step_waits_for_the_device_only_to_read_a_loss(toy_tokenizer,
     # the CPU's AdamW reads its step counters (torch.optim's _get_value); on CUDA the loop's AdamW is fused and
     # keeps them on the device
     by_file.pop("optimizer.py", None)
-    expected = {"sft.py": stats.steps}  # the loss reads
-    if not pack:  # transformers' own check for packed rows (masking_utils.find_packed_sequence_indices), once per
-        # micro-batch, under the model's sdpa; the varlen attention builds no mask, so it skips the check
-        expected["masking_utils.py"] = len(forwards)
-    assert dict(by_file) == expected, waits.where
+    # the loss reads only: under the model's own sdpa transformers would also check the position ids for packed
+    # rows once per forward (masking_utils.find_packed_sequence_indices); the varlen attention and the padded path's
+    # causal sdpa (sft.training_attention) are registered with no mask function, so it skips the check
+    assert forwards and dict(by_file) == {"sft.py": stats.steps}, waits.where
     assert len(stats.losses) == len(stats.step_seconds) == 3 and all(t > 0 for t in stats.step_seconds)
 
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import AttentionInterface, get_scheduler
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from marker_lab.config.schema import LoraConfig, Schedule, TrainConfig
+from marker_lab.config.schema import Logits, LoraConfig, Schedule, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
 from marker_lab.train import packed_attention
 from marker_lab.train.fp8 import fp8_base
@@ -33,6 +34,8 @@ from marker_lab.train.fp8 import fp8_base
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 log = logging.getLogger(__name__)
+# transformers' sdpa registered with no mask function, for the labelled padded path (training_attention)
+CAUSAL_SDPA = "sdpa_causal"
 
 
 @dataclass
@@ -278,16 +281,30 @@ def kl_to_input(model, examples: list[Encoded], pad_id: int, batch_size: int = 3
 
 @contextmanager
 def attention_implementation(model, name: str):
-    """Run `model` with attention implementation `name` (a transformers name, or ours: packed_attention.NAME), then
-    restore."""
+    """Run `model` with attention implementation `name` (a transformers name, or ours: packed_attention.NAME,
+    CAUSAL_SDPA), then restore."""
     if name == packed_attention.NAME:
         packed_attention.register()
+    elif name == CAUSAL_SDPA:
+        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def training_attention(model, cfg: TrainConfig) -> str | None:
+    """The attention the steps run on, when not the model's own: `train.attention` if set; else, on the labelled,
+    padded path of a model on sdpa, transformers' sdpa under CAUSAL_SDPA. That path drops the padding mask anyway
+    (token_loss_sum), so sdpa runs causal without a mask either way; registered with no mask function, transformers
+    also skips its packed-rows check on the position ids, which reads the device: a host sync per forward."""
+    if cfg.attention:
+        return cfg.attention
+    if not cfg.pack and cfg.logits == Logits.labelled and model.config._attn_implementation == "sdpa":
+        return CAUSAL_SDPA
+    return None
 
 
 def compile_layers(model, undo: bool = False, dynamic_dims: tuple[int, ...] = ()) -> None:
@@ -381,8 +398,9 @@ def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
             if cfg.gradient_checkpointing or cfg.compile else None)
     try:
         # the FP8 base goes in before the layers compile (they trace it), and comes out before they merge or save
+        attention = training_attention(model, cfg)
         with fp8_base(model) if cfg.fp8_base else nullcontext(), \
-                attention_implementation(model, cfg.attention) if cfg.attention else nullcontext():
+                attention_implementation(model, attention) if attention else nullcontext():
             if cfg.compile:
                 compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
             model.train()
@@ -428,7 +446,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     # every step's micro-batches, planned up front, so the compiled layers know which dims vary before they compile
     plan = [micro_batches([examples[i] for i in idx], mb, cfg.micro_batch_tokens, cfg.pack)
             for idx in step_order(len(examples), steps, mb * cfg.grad_accum, seed)]
-    own_attention = model.config._attn_implementation
+    own_attention, attention = model.config._attn_implementation, training_attention(model, cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     stats, t0 = TrainStats(), time.perf_counter()
     bar = tqdm(plan, desc=desc, unit="step", dynamic_ncols=True)
@@ -488,7 +506,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
                 read_loss(*pending)
                 pending = None
             if on_step is not None:  # checkpoints and evals see the model's own attention
-                with attention_implementation(model, own_attention) if cfg.attention else nullcontext():
+                with attention_implementation(model, own_attention) if attention else nullcontext():
                     on_step(stats.steps)
                 model.train()
         if pending is not None:
