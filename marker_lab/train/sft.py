@@ -190,13 +190,13 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     With `kl_weight` > 0 (a peft model), adds kl_weight x KL(model || input model) summed over the same positions;
     the input model's states come from one extra no-grad forward with the adapters disabled.
     """
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
     # a padded batch has an attention mask; a packed one (collate_packed) position ids instead, which transformers
     # reads as packed only without a KV cache (none is needed in training)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q") if k in batch}
     inputs["use_cache"] = False
     if logits == "all":
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
         out = model(**inputs).logits[:, :-1]
         loss = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         if kl_weight:
@@ -213,7 +213,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     # the positions to read, as flat indices: the collate functions' (host-made, so no sync), else from `keep` here
     at = batch.get("predict_at")
     if at is None:
-        at = F.pad(keep, (0, 1)).flatten().nonzero().squeeze(1)
+        at = F.pad(batch["labels"][:, 1:] != IGNORE, (0, 1)).flatten().nonzero().squeeze(1)
     flat = lambda x: x.flatten(0, 1).index_select(0, at)  # noqa: E731
     h, t = flat(hidden), batch["labels"].flatten().index_select(0, at + 1)
     h_ref = None
