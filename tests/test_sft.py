@@ -80,12 +80,14 @@ def test_loss_does_not_depend_on_micro_batching(toy_tokenizer):
     assert_same_training(results, init)
 
 
-def _tiny_lora_model(vocab: int, seed: int = 0, real_b: bool = False):
+def _tiny_lora_model(vocab: int, seed: int = 0, real_b: bool = False, window: int | None = None):
     """A 2-layer Qwen2 with LoRA on every projection; `real_b`: LoRA B drawn at random instead of zero (at zero
-    every A-gradient is zero, so a gradient comparison would compare little)."""
+    every A-gradient is zero, so a gradient comparison would compare little); `window`: both layers attend within a
+    sliding window of that many tokens."""
     torch.manual_seed(seed)
+    sliding = dict(use_sliding_window=True, sliding_window=window, max_window_layers=0) if window else {}
     base = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=1, intermediate_size=64))
+                                        num_key_value_heads=1, intermediate_size=64, **sliding))
     model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), seed=1)
     if real_b:
         with torch.no_grad():
@@ -270,16 +272,21 @@ def test_train_attention_trains_the_same_model_and_gives_the_model_back(toy_toke
         assert_same_training([results[0], other], init)
 
 
-def test_the_padded_labelled_path_trains_on_causal_sdpa_like_the_reference(toy_tokenizer):
+@pytest.mark.parametrize("window", [None, 8], ids=["full_attention", "sliding_window"])
+def test_the_padded_labelled_path_trains_on_causal_sdpa_like_the_reference(toy_tokenizer, window):
     """On the labelled padded path (right-padded rows, no padding mask), a model on sdpa trains on sdpa registered
     with no mask function (sft.CAUSAL_SDPA: no host sync in transformers' mask preparation). The same training as
-    the reference (all logits, the padding mask, the model's own sdpa); on_step and everything after see sdpa."""
+    the reference (all logits, the padding mask, the model's own sdpa); on_step and everything after see sdpa.
+    A model with sliding-window layers (a window of 8 tokens, shorter than the examples) keeps its own sdpa: plain
+    causal attention would let its tokens see past the window."""
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:16]]
     assert len({len(e.input_ids) for e in examples}) > 3  # rows of a micro-batch get padded
-    init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer)).named_parameters() if "lora_" in k}
+    assert window is None or min(len(e.input_ids) for e in examples) > 2 * window
+    init = {k: v.detach().clone() for k, v in _tiny_lora_model(len(toy_tokenizer), window=window).named_parameters()
+            if "lora_" in k}
     results = []
     for logits in ("all", "labelled"):
-        model = _tiny_lora_model(len(toy_tokenizer))
+        model = _tiny_lora_model(len(toy_tokenizer), window=window)
         seen, trained_on = [], set()
         model.get_base_model().get_decoder().register_forward_pre_hook(
             lambda m, args: trained_on.add(m.config._attn_implementation) if m.training else None)
@@ -287,7 +294,7 @@ def test_the_padded_labelled_path_trains_on_causal_sdpa_like_the_reference(toy_t
                           bf16=False, gradient_checkpointing=False, logits=logits)
         stats = train(model, examples, cfg, steps=3, seed=3, pad_id=toy_tokenizer.pad_token_id,
                       on_step=lambda step: seen.append(model.config._attn_implementation))
-        assert trained_on == {"sdpa" if logits == "all" else CAUSAL_SDPA}, logits
+        assert trained_on == {"sdpa" if logits == "all" or window else CAUSAL_SDPA}, logits
         assert seen == ["sdpa"] * 3 and model.config._attn_implementation == "sdpa"
         results.append((stats.losses, {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}))
     assert_same_training(results, init)

@@ -210,7 +210,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     # key/value-copying path (2.5x slower on the 7B length mix, docs/benchmarks.md)
     inputs.pop("attention_mask", None)
     hidden = decoder(**inputs).last_hidden_state
-    # the positions to read, as flat indices: the collate functions' (host-made, so no sync), else from `keep` here
+    # the positions to read, as flat indices: the collate functions' (host-made, so no sync), else from the labels
     at = batch.get("predict_at")
     if at is None:
         at = F.pad(batch["labels"][:, 1:] != IGNORE, (0, 1)).flatten().nonzero().squeeze(1)
@@ -297,12 +297,17 @@ def attention_implementation(model, name: str):
 
 def training_attention(model, cfg: TrainConfig) -> str | None:
     """The attention the steps run on, when not the model's own: `train.attention` if set; else, on the labelled,
-    padded path of a model on sdpa, transformers' sdpa under CAUSAL_SDPA. That path drops the padding mask anyway
-    (token_loss_sum), so sdpa runs causal without a mask either way; registered with no mask function, transformers
-    also skips its packed-rows check on the position ids, which reads the device: a host sync per forward."""
+    padded path of a model on sdpa whose every layer attends causally to all before it, transformers' sdpa under
+    CAUSAL_SDPA. That path drops the padding mask anyway (token_loss_sum), so sdpa runs causal without a mask either
+    way; registered with no mask function, transformers also skips its packed-rows check on the position ids, which
+    reads the device: a host sync per forward. A model with sliding-window or chunked layers keeps its own (their
+    masks are more than causal)."""
     if cfg.attention:
         return cfg.attention
-    if not cfg.pack and cfg.logits == Logits.labelled and model.config._attn_implementation == "sdpa":
+    config = model.config
+    plain_causal = (getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None)
+                    is None and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"})
+    if not cfg.pack and cfg.logits == Logits.labelled and config._attn_implementation == "sdpa" and plain_causal:
         return CAUSAL_SDPA
     return None
 
@@ -397,8 +402,8 @@ def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
     hook = (model.get_input_embeddings().register_forward_hook(_input_requires_grad)
             if cfg.gradient_checkpointing or cfg.compile else None)
     try:
-        # the FP8 base goes in before the layers compile (they trace it), and comes out before they merge or save
         attention = training_attention(model, cfg)
+        # the FP8 base goes in before the layers compile (they trace it), and comes out before they merge or save
         with fp8_base(model) if cfg.fp8_base else nullcontext(), \
                 attention_implementation(model, attention) if attention else nullcontext():
             if cfg.compile:
