@@ -219,7 +219,9 @@ def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
         loss, n, g = out[name]
         assert n == ref_n and loss == pytest.approx(ref_loss, rel=1e-5), name
         for k in ref_g:
-            assert torch.allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-6), (name, k)
+            # float32 rounding: the labelled path's head gradient (head_loss.py) sums in another order; entries
+            # are up to about 2, and the largest difference is about 1.5e-6
+            assert torch.allclose(g[k], ref_g[k], rtol=1e-4, atol=1e-5), (name, k)
     # without restarting positions the rows would be one long example: the test can tell
     flat = collate_packed(parts[0], "cpu")
     flat["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
@@ -391,8 +393,9 @@ def test_packed_flex_attention_trains_like_the_padded_reference_on_gpu(toy_token
 def test_compiled_layers_build_one_graph_for_a_length_mix(toy_tokenizer, monkeypatch):
     """A length mix under train.compile: one graph for every layer and every step (the 7B cell recompiled for
     about 15 steps: a static first graph, then a dynamic one, one for a micro-batch of 1, each twice because the
-    first layer's input did not require grad); a mask (logits=all, or packed rows under sdpa) and the KL term's
-    no-grad reference forward add one each. Dynamo's own count, with its eager backend so that no kernels are
+    first layer's input did not require grad); the labelled path's loss (head_loss.py, compiled with the layers)
+    one more, the same graph for every chunk; a mask (logits=all, or packed rows under sdpa) and the KL term's
+    no-grad reference forward add one each (the KL term's loss is not head_loss.py's). Dynamo's own count, with its eager backend so that no kernels are
     generated on CPU; no graph breaks; the losses are the uncompiled run's; the model is given back as it was."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -408,7 +411,7 @@ def test_compiled_layers_build_one_graph_for_a_length_mix(toy_tokenizer, monkeyp
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_eager(fn, backend="eager", **kw))
     # with a mask, a micro-batch that needs none (logits=all: no padding; packed: a row of one example) takes sdpa's
     # causal path, a graph of its own; the KL term's reference forward runs without grad: one more
-    for extra, graphs_expected in (({}, 1), ({"logits": "all"}, 2), ({"pack": True}, 2), ({"kl_to_input": 0.5}, 2)):
+    for extra, graphs_expected in (({}, 2), ({"logits": "all"}, 2), ({"pack": True}, 3), ({"kl_to_input": 0.5}, 2)):
         torch._dynamo.reset()
         losses = []
         for compile_ in (False, True):

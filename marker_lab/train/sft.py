@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from marker_lab.config.schema import Logits, LoraConfig, Schedule, TrainConfig
 from marker_lab.data.chat import IGNORE, Encoded
-from marker_lab.train import packed_attention
+from marker_lab.train import head_loss, packed_attention
 from marker_lab.train.fp8 import fp8_base
 
 # peft 0.21.2 (the newest) reads transformers' deprecated `is_gradient_checkpointing` in PeftModel.__init__: a warning
@@ -180,13 +180,16 @@ def micro_batches(batch: list[Encoded], size: int, max_tokens: int | None, pack:
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", chunk_rows: int = 2048,
-                   kl_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+                   kl_weight: float = 0.0, compiled: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over labelled positions, and how many there were.
 
     logits="all" is the reference: the model's forward computes every position's logits. logits="labelled" runs
-    the decoder on the right-padded batch without a padding mask, keeps the hidden states at labelled positions only and applies the LM head to them in chunks that
-    are recomputed in backward, so a 152k-vocabulary logit tensor is never held for the whole micro-batch. Same loss
-    (the LM head is a plain linear map on the last hidden state in Llama/Qwen-style models).
+    the decoder on the right-padded batch without a padding mask, keeps the hidden states at labelled positions
+    only and applies the LM head to them in chunks, so a 152k-vocabulary logit tensor is never held for the whole
+    micro-batch: a frozen plain head through head_loss.py (the input gradient computed in the forward; `compiled`:
+    its softmax fused by torch.compile, as train.compile does for the layers), any other head with each chunk
+    recomputed in backward. Same loss (the LM head is a plain linear map on the last hidden state in
+    Llama/Qwen-style models).
     With `kl_weight` > 0 (a peft model), adds kl_weight x KL(model || input model) summed over the same positions;
     the input model's states come from one extra no-grad forward with the adapters disabled.
     """
@@ -220,6 +223,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], logits: str = "all", c
     if kl_weight:
         with torch.no_grad(), input_model(model):
             h_ref = flat(decoder(**inputs).last_hidden_state)
+    if h_ref is None and head_loss.applies_to(head):
+        return head_loss.head_cross_entropy_sum(head, h, t, chunk_rows, compiled), len(t)
     loss = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(t), chunk_rows):
         part = slice(i, i + chunk_rows)
@@ -489,7 +494,8 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
                 micro = (collate_packed(micro_examples, device, cfg.attention == packed_attention.NAME) if cfg.pack
                          else collate(micro_examples, pad_id, device))
                 with autocast:
-                    loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input)
+                    loss_sum, _ = token_loss_sum(model, micro, cfg.logits, kl_weight=cfg.kl_to_input,
+                                                 compiled=cfg.compile)
                 (loss_sum / max(n_tokens, 1)).backward()
                 total += loss_sum.detach()
             if cfg.grad_clip is not None:
