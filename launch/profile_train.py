@@ -45,9 +45,10 @@ KINDS = (("attention", ("flash", "fmha", "attention", "efficient_attention", "sd
          # carry "sm90_" in their names, which the matrix multiplies' fragments would take
          ("matrix multiply", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "sm90_", "sm80_", "ampere_",
                               "aten::mm", "aten::addmm", "aten::bmm")),
+         # before the fused kernels: train/head_loss.py's compiled loss is a Triton kernel named after its logsumexp
+         ("loss (softmax, CE)", ("softmax", "cross_entropy", "nll_loss", "logsumexp")),
          ("fused (Inductor)", ("triton_",)),
-         ("optimizer", ("adam", "multi_tensor")),
-         ("loss (softmax, CE)", ("softmax", "cross_entropy", "nll_loss", "logsumexp")))
+         ("optimizer", ("adam", "multi_tensor")))
 
 
 def kind(name: str) -> str:
