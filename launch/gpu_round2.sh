@@ -28,6 +28,8 @@
 #                                           # 384-token examples, then the length mix (PROFILE_DATA: which);
 #                                           # FP8=1: with the frozen base in FP8 (train.fp8_base); KNOBS: Inductor
 #                                           # settings and the LoRA dropout per arm (see the mode below)
+#   MODE=train  bash launch/gpu_round2.sh   # the training path in one call: its GPU tests, where a step waits
+#                                           # (profile, SYNC_DEBUG=1) on both arms, the bench's training arms
 #   DRY=1 MODE=cell bash launch/gpu_round2.sh   # on any machine: compose the cell/grid configs (--cfg job), run nothing
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -170,6 +172,14 @@ profile)
       echo "profile $data $tag rc=$?"; grep -v "it/s\]\|step/s\]\|^\s*$" "$log" | grep -v Warning | head -${PROFILE_LINES:-40}
     done
   done ;;
+train)
+  # the training path's GPU check and timing in one call (about 6 minutes): its GPU tests, where a step waits
+  # (SYNC_DEBUG=1) on 384-token examples and on the packed mix, then the bench's training arms
+  timeout 240 python -m pytest -q -x tests/test_head_loss.py tests/test_sft.py -p no:cacheprovider 2>&1 | tail -2
+  SYNC_DEBUG=1 KNOBS="default::" PROFILE_DATA=fixed PROFILE_LINES=16 MODE=profile bash "$0"
+  SYNC_DEBUG=1 KNOBS="default::" PROFILE_DATA=packed PROFILE_ATTENTION=varlen PROFILE_LINES=16 MODE=profile bash "$0"
+  grep -h -A5 "host syncs\|GPU idle gaps" "$OUT"/profile_train_{fixed,packed}_default.log
+  SKIP=generate,probe,kl,flex,fp8,liger BENCH_FLAGS="--budgets 6144" MODE=bench bash "$0" ;;
 shared)
   export MARKER_LAB_CACHE=/tmp/mse_cache
   python -m marker_lab.data.standins $S > /dev/null
