@@ -161,8 +161,8 @@ grid)
   grep -E "shared eval|cells evaluated|done on GPU|failed" "$OUT/grid.log" "$OUT/grid/shared_eval.log" 2>/dev/null | tail -25 ;;
 profile)
   # KNOBS: one process per arm, each "tag:Inductor flags joined by +:LoRA dropout" (empty: the defaults), e.g.
-  # KNOBS="default:: tuned:max_autotune: nodrop::0"; WARM: steps
-  # before the profiled ones (3..WARM timed without the profiler); the full logs in $OUT/profile_train_*.log
+  # KNOBS="default:: tuned:max_autotune: nodrop::0"; WARM: steps before the profiled ones (3..WARM timed without
+  # the profiler); the full logs in $OUT/profile_train_*.log
   for data in ${PROFILE_DATA:-fixed mix}; do
     for knob in ${KNOBS:-default::}; do
       IFS=: read -r tag flags drop <<< "$knob"
