@@ -395,7 +395,8 @@ def step_order(n_examples: int, steps: int, per_step: int, seed: int) -> list[li
 @contextmanager
 def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
     """The model as the steps need it (gradient checkpointing, the first layer's input requiring grad, an FP8 base,
-    compiled layers, the training attention, train mode), and as it was afterwards, also when a step raises."""
+    compiled layers, the training attention, train mode), and as it was afterwards, also when a step raises. Yields
+    the training attention's name (None: the model's own)."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # transformers (5.24 at least) adds its own input-grad hook, active in any grad mode: ours below replaces it
@@ -414,7 +415,7 @@ def training_setup(model, cfg: TrainConfig, plan: list[list[list[Encoded]]]):
             if cfg.compile:
                 compile_layers(model, dynamic_dims=varying_dims(plan, cfg.pack))
             model.train()
-            yield
+            yield attention
     finally:
         model.eval()
         if cfg.compile:
@@ -456,7 +457,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
     # every step's micro-batches, planned up front, so the compiled layers know which dims vary before they compile
     plan = [micro_batches([examples[i] for i in idx], mb, cfg.micro_batch_tokens, cfg.pack)
             for idx in step_order(len(examples), steps, mb * cfg.grad_accum, seed)]
-    own_attention, attention = model.config._attn_implementation, training_attention(model, cfg)
+    own_attention = model.config._attn_implementation
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     stats, t0 = TrainStats(), time.perf_counter()
     bar = tqdm(plan, desc=desc, unit="step", dynamic_ncols=True)
@@ -485,7 +486,7 @@ def train(model, examples: list[Encoded], cfg: TrainConfig, *, steps: int, seed:
         read_at[0] = now
         bar.set_postfix(loss=f"{stats.losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
 
-    with training_setup(model, cfg, plan):
+    with training_setup(model, cfg, plan) as attention:
         for step_micro_batches in bar:
             batch_examples = [e for m in step_micro_batches for e in m]
             n_tokens = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in batch_examples)
