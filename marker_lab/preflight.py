@@ -11,9 +11,11 @@ only, no model, and no torch: a config error answers in about a second.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
-from marker_lab.config.schema import Config, EnginePer, coupling_enabled, second_stage_enabled
+from marker_lab.config.constraints import check_settings
+from marker_lab.config.schema import Config, EnginePer, Matcher, coupling_enabled, second_stage_enabled
 from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import ConfigError
 from marker_lab.core.files import resolve_path
@@ -46,9 +48,15 @@ def preflight(cfg: Config) -> CellInputs:
 
 
 def check_cell(cfg: Config) -> None:
-    """Rules between keys of the config itself (no file is read)."""
-    if cfg.dose is not None and cfg.dose < 0:
-        raise ConfigError(f"dose: must be >= 0 optimizer steps (0 skips the second stage), got {cfg.dose}")
+    """Every setting against the constraint declared with it (config/constraints.py), then the rules between keys of
+    the config itself (no file is read but the paths a setting names must be there)."""
+    check_settings(cfg)
+    if cfg.marker.matcher == Matcher.regex:
+        try:
+            re.compile(cfg.marker.text)
+        except re.error as e:
+            raise ConfigError(f"marker.text={cfg.marker.text!r}: marker.matcher=regex, but it is not a regular "
+                              f"expression that compiles ({e})") from None
     if not cfg.merge_between_stages and cfg.eval.engine.name == "vllm":
         raise ConfigError("merge_between_stages=false with eval.engine.name=vllm: the vllm engine evaluates merged "
                           "weights; use merge_between_stages=true or the hf engine")

@@ -146,12 +146,12 @@ def test_a_damaged_prebaked_adapter_stops_at_start_up(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["eval.generation.temperature=-1"], "eval.generation.temperature: must be >= 0"),
+    (["eval.generation.temperature=-1"], r"eval.generation.temperature: must be in \[0, 100\], got -1"),
     (["eval.generation.temperature=0"], "eval.generation.temperature=0 is greedy: its 10 samples"),
     (["eval.generation.top_p=0"], r"eval.generation.top_p: must be in \(0, 1\]"),
     (["eval.generation.top_p=1.5"], r"eval.generation.top_p: must be in \(0, 1\]"),
     (["eval.generation.max_tokens=0"], "eval.generation.max_tokens: must be >= 1"),
-    (["coupling.generation.temperature=-0.5"], "coupling.generation.temperature: must be >= 0"),
+    (["coupling.generation.temperature=-0.5"], r"coupling.generation.temperature: must be in \[0, 100\], got -0.5"),
 ])
 def test_sampling_settings_are_checked_at_start_up(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -3,12 +3,9 @@ answers in about a second instead of after the heavy imports."""
 
 from __future__ import annotations
 
-from marker_lab.config.schema import Schedule, TrainConfig
+from marker_lab.config.schema import ATTENTION, Schedule, TrainConfig
 from marker_lab.core.errors import ConfigError
 
-
-# attention implementations transformers ships (train.attention), and ours for packed rows (train/packed_attention.py)
-ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "varlen")
 
 
 def check_train(key: str, t: TrainConfig, device: str = "auto", weights: str = "float32") -> None:
