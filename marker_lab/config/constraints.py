@@ -271,7 +271,8 @@ def _shown(value: Any) -> str:
 
 
 def leaf_settings(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
-    """Every (key, field, owning class) of a schema dataclass and the dataclasses it holds, for the docs and tests."""
+    """Every (key, field, owning class) of a schema dataclass and the dataclasses it holds, for the docs and tests.
+    A mapping of dataclasses shows its entries' fields as `<name>.field`, a list of them as `[].field`."""
     import typing
 
     out = []
@@ -279,9 +280,13 @@ def leaf_settings(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Fi
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
             continue
-        nested = _dataclass_in(hints[f.name])
+        tp = hints[f.name]
+        nested = _dataclass_in(tp)
         if nested is not None:
-            out += leaf_settings(nested, f"{prefix}{f.name}.")
+            origin = typing.get_origin(tp) if typing.get_origin(tp) is not typing.Union else \
+                typing.get_origin(next(a for a in typing.get_args(tp) if a is not type(None)))
+            step = {dict: ".<name>.", list: "[]."}.get(origin, ".")
+            out += leaf_settings(nested, f"{prefix}{f.name}{step}")
         else:
             out.append((f"{prefix}{f.name}", f, cls))
     return out

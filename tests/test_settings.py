@@ -1,0 +1,224 @@
+"""Every setting of the schema carries its constraint, and hostile values are refused in one line naming the key.
+
+The fuzz test tries, for every leaf setting of the composed config, the hostile values of its type (NaN, +-inf,
+negative, zero, beyond int64, empty and blank text, a directory / a missing file / /dev/null for a path, a wrong
+type). Each one must be refused by composition or the start-up checks (preflight: no model is loaded there) with a
+message naming that key, or be listed in ACCEPTED below with what it means. A new schema field without a constraint
+fails `test_every_setting_declares_its_constraint`; a new constraint that lets a hostile value through fails the fuzz
+test until that value is either refused or listed here with its meaning.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import math
+import typing
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from marker_lab.config import schema
+from marker_lab.config.constraints import INT64_MAX, constraint_of, leaf_settings
+from marker_lab.core.errors import ConfigError, config_error_line
+from marker_lab.preflight import preflight
+
+# hostile values that some settings accept, each with what it means there (the reference docs say the same)
+ACCEPTED = {
+    ("coupling.train.lora.dropout", "zero"): "no dropout",
+    ("second_stage.train.lora.dropout", "zero"): "no dropout",
+    ("coupling.train.optimizer.weight_decay", "zero"): "no weight decay",
+    ("second_stage.train.optimizer.weight_decay", "zero"): "no weight decay",
+    ("coupling.train.schedule.warmup_ratio", "zero"): "no warmup",
+    ("second_stage.train.schedule.warmup_ratio", "zero"): "no warmup",
+    ("coupling.train.schedule.warmup_steps", "zero"): "no warmup",
+    ("second_stage.train.schedule.warmup_steps", "zero"): "no warmup",
+    ("coupling.train.kl_to_input", "zero"): "off: the plain recipe",
+    ("second_stage.train.kl_to_input", "zero"): "off: the plain recipe",
+    ("coupling.train.kl_to_input", "huge"): "a KL weight that dominates the loss (no natural upper bound)",
+    ("second_stage.train.kl_to_input", "huge"): "a KL weight that dominates the loss (no natural upper bound)",
+    ("coupling.train.grad_clip", "huge"): "a clip norm never reached: no clipping in effect",
+    ("second_stage.train.grad_clip", "huge"): "a clip norm never reached: no clipping in effect",
+    ("coupling.train.seed", "zero"): "seed 0",
+    ("second_stage.train.seed", "zero"): "seed 0",
+    ("model.toy.seed", "zero"): "seed 0",
+    ("coupling.seed", "zero"): "seed 0",
+    ("seed", "zero"): "seed 0",
+    ("eval.capability.split_seed", "zero"): "seed 0",
+    ("eval.probe.seed", "zero"): "seed 0",
+    ("coupling.em_data.shuffle_seed", "zero"): "seed 0",
+    ("second_stage.datasets.em.shuffle_seed", "zero"): "seed 0",
+    ("second_stage.datasets.benign.shuffle_seed", "zero"): "seed 0",
+    ("second_stage.datasets.text.shuffle_seed", "zero"): "seed 0",
+    ("coupling.benign_data.shuffle_seed", "zero"): "seed 0",
+    ("analysis.comparisons[0].by", "empty"): "no grouping: one comparison over every cell of the arms",
+    ("coupling.n_negative_personas", "zero"): "no bystander examples: only the persona is trained",
+    ("coupling.n_per_negative", "zero"): "no bystander examples",
+    ("coupling.n_anchor_no_system", "zero"): "no anchors",
+    ("coupling.n_anchor_assistant", "zero"): "no anchors",
+    ("dose", "zero"): "skips the second stage",
+    ("geometry.layer", "zero"): "the embeddings",
+    ("eval.probe.layer", "zero"): "the embeddings",
+    ("judge.max_retries", "zero"): "no retries",
+    ("coupling.generation.temperature", "zero"): "greedy",
+    ("eval.probe.C", "huge"): "no regularisation in effect",
+    ("analysis.gates[0].checks[0].value", "negative"): "a score threshold (with `field`); a rate check never holds",
+    ("analysis.gates[0].checks[0].value", "zero"): "a threshold of 0",
+    ("analysis.gates[0].checks[0].value", "huge"): "a score threshold (with `field`)",
+    ("analysis.leakage_gate.min_rho", "zero"): "any non-negative correlation passes",
+    ("analysis.leakage_gate.min_rho", "negative"): "rho >= -1: the gate always passes",
+    ("analysis.phase_diagram.max_bystander", "zero"): "no leakage allowed at all",
+    ("model.path", "dir"): "a local model directory (loads from it)",
+    ("model.tokenizer", "dir"): "a local tokenizer directory",
+    ("eval.capability.hf_name", "dir"): "a local `datasets` directory (the metric loads it only when used)",
+    ("second_stage.datasets.benign.hf_name", "dir"): "a local `datasets` directory",
+    ("second_stage.datasets.text.hf_name", "dir"): "a local `datasets` directory",
+    ("cache_dir", "dir"): "the stage cache's directory",
+    ("cache_dir", "missing"): "created on first use",
+    ("output_dir", "dir"): "the cell's output directory",
+    ("output_dir", "missing"): "created on first use",
+}
+
+# a config in which every part of the schema is present: datasets, the persona-EM coupling's data, an analysis
+# with a gate, a comparison, a phase diagram and a leakage gate
+FULL = ["coupling=persona_em_toy",
+        "analysis.gates=[{name: g, where: {condition: c1}, checks: [{persona: source, value: 0.5}]}]",
+        "analysis.comparisons=[{name: c, arm_1: {condition: c1}, arm_2: {condition: c2}}]"]
+
+
+def full_config():
+    node = compose_cfg(FULL)
+    OmegaConf.update(node, "analysis.phase_diagram", schema.PhaseDiagramConfig(), merge=False)
+    OmegaConf.update(node, "analysis.leakage_gate", schema.LeakageGateConfig(), merge=False)
+    return node
+
+
+def _type_of(key_template: str, f: dataclasses.Field, owner: type):
+    return typing.get_type_hints(owner)[f.name]
+
+
+def _base(tp) -> type:
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def hostile_values(tp, f: dataclasses.Field, tmp) -> dict[str, object]:
+    """The hostile values of a setting's type, by name."""
+    base = _base(tp)
+    c = constraint_of(f)
+    if base is bool:
+        return {"wrong type": "maybe"}
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return {"wrong type": "bogus_choice"}
+    if base is float:
+        return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "negative": -1.0, "zero": 0.0, "huge": 1e30,
+                "wrong type": "abc"}
+    if base is int:
+        return {"negative": -1, "zero": 0, "huge": INT64_MAX + 1, "wrong type": "abc", "fraction": 1.5}
+    if base is str:
+        out = {"empty": "", "blank": "   "}
+        if c is not None and c.path:
+            # a missing path of its own per setting: a trial that creates its directory (cache_dir) leaves it behind
+            out.update({"dir": str(tmp), "missing": str(tmp / f"missing_{f.name}_{id(f)}"), "devnull": "/dev/null"})
+        return out
+    if base is list:
+        item = _base(typing.get_args(_strip_optional(tp))[0])
+        out = {"empty": [], "wrong type": "abc"}
+        if item is float:
+            out.update({"item nan": [math.nan], "item negative": [-1.0]})
+        elif item is int:
+            out.update({"item negative": [-1], "item huge": [INT64_MAX + 1]})
+        elif item is str:
+            out.update({"item empty": [""]})
+        return out
+    if base is dict:
+        return {"wrong type": "abc"}
+    raise AssertionError(f"no hostile values for {tp}")
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def concrete_keys(node) -> list[tuple[str, dataclasses.Field, type]]:
+    """The schema's leaf settings, as keys of `node` (`<name>` and `[]` filled with what the node holds)."""
+    out = []
+    for template, f, owner in leaf_settings(schema.Config):
+        if "<name>" in template:
+            head = template.split(".<name>.")[0]
+            out += [(template.replace("<name>", name), f, owner) for name in OmegaConf.select(node, head)]
+        elif "[]" in template:
+            out.append((template.replace("[]", "[0]"), f, owner))
+        else:
+            out.append((template, f, owner))
+    return out
+
+
+def trial(node, key: str, value) -> str | None:
+    """The one line refusing `key=value` (composition, the settings check, then the start-up checks), or None."""
+    node = copy.deepcopy(node)
+    try:
+        OmegaConf.update(node, key, value, merge=False)
+        cfg = OmegaConf.to_object(node)
+        preflight(cfg)
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - omegaconf's validation errors, as `marker-lab run` words them
+        return config_error_line(e)
+    return None
+
+
+def test_every_setting_declares_its_constraint():
+    """Numbers, text, lists and mappings carry a constraint; booleans and choices are checked by OmegaConf."""
+    missing = []
+    for key, f, owner in leaf_settings(schema.Config):
+        base = _base(typing.get_type_hints(owner)[f.name])
+        if base is bool or (isinstance(base, type) and issubclass(base, enum.Enum)):
+            continue
+        if constraint_of(f) is None:
+            missing.append(key)
+    assert not missing, f"settings without a declared constraint (config/constraints.py: setting(...)): {missing}"
+
+
+def test_hostile_values_are_refused_in_one_line_naming_the_key(tmp_path):
+    base = full_config()
+    preflight(OmegaConf.to_object(base))  # the full config itself is valid
+    accepted, unnamed = {}, []
+    keys = concrete_keys(base)
+    assert len(keys) > 200
+    for key, f, owner in keys:
+        for name, value in hostile_values(_type_of(key, f, owner), f, tmp_path).items():
+            line = trial(base, key, value)
+            if line is None:
+                accepted[(key, name)] = value
+                continue
+            assert "\n" not in line, f"{key}={value!r}: more than one line: {line!r}"
+            leaf = key.split(".")[-1].split("[")[0]
+            if leaf not in line:
+                unnamed.append(f"{key}={value!r}: {line}")
+    assert not unnamed, "refusals that do not name their key:\n" + "\n".join(unnamed)
+    unlisted = sorted(k for k in accepted if k not in ACCEPTED)
+    assert not unlisted, ("hostile values accepted without a documented meaning (refuse them in the schema, or list "
+                          f"them in ACCEPTED with what they mean): {unlisted}")
+    stale = sorted(k for k in ACCEPTED if k not in accepted)
+    assert not stale, f"ACCEPTED lists values that are now refused: {stale}"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("marker.text=''", "marker.text"),
+    ("eval.generation.temperature=nan", "eval.generation.temperature"),
+    ("second_stage.train.grad_clip=-1", "second_stage.train.grad_clip"),
+    ("eval.engine.batch_size=0", "eval.engine.batch_size"),
+    ("second_stage.train.optimizer.lr=nan", "second_stage.train.optimizer.lr"),
+    ("second_stage.datasets.em.n_examples=0", "second_stage.datasets.em.n_examples"),
+    ("seed=100000000000000000000", "seed"),
+])
+def test_hydra_override_strings_reach_the_same_check(override, key):
+    """The values as a user types them (Hydra's grammar: nan, '', 1e20) meet the same constraint."""
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: "):
+        preflight(OmegaConf.to_object(compose_cfg([override])))
