@@ -25,6 +25,7 @@ commands:
                             `bench --model toy --quick` checks every code path on CPU (numbers mean nothing)
 
 `marker-lab run --help` shows Hydra's help; `marker-lab run --cfg job` prints the composed config.
+--verbose (any command): full tracebacks (as HYDRA_FULL_ERROR=1 does)
 """
 
 
@@ -41,17 +42,34 @@ def check_config(overrides: list[str], config_dir: str | None = None) -> None:
 
     register_configs()
 
+    run_dir = None
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             extra = [f"hydra.searchpath=[file://{Path(config_dir).expanduser().resolve()}]"] if config_dir else []
-            node = compose("config", overrides=extra + overrides)
+            node = compose("config", overrides=extra + overrides, return_hydra_config=True)
+        run_dir = str(node.hydra.run.dir)
         with open_dict(node):
-            node.output_dir = "unused"
+            del node["hydra"]
+            node.output_dir = run_dir
         preflight(OmegaConf.to_object(node))
     except ConfigError as e:
-        sys.exit(f"marker-lab: config error: {e}")
+        _refused(run_dir, f"config error: {e}")
     except Exception as e:  # hydra/omegaconf composition errors
-        sys.exit(f"marker-lab: config error: {config_error_line(e)}")
+        _refused(run_dir, f"config error: {config_error_line(e)}")
+
+
+def _refused(run_dir: str | None, line: str) -> None:
+    """A single run refused at start-up: its one line, also in the run directory's cell_status.json (`failed`)
+    when the config composed far enough to name that directory; nothing else is written. Exits 2."""
+    if run_dir is not None:
+        from marker_lab.results.contract import write_cell_status
+
+        try:
+            write_cell_status(Path(run_dir), "failed", error=line)
+        except OSError:  # a directory that cannot be written: the line on stderr is what is left
+            pass
+    print(f"marker-lab: {line}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
@@ -83,7 +101,26 @@ def _hydra_run() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`marker-lab <command> ...`; Ctrl-C anywhere is one line and exit code 130 (a traceback with --verbose or
+    HYDRA_FULL_ERROR=1)."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    if verbose:  # Hydra's own switch for full tracebacks, which is what --verbose asks for
+        argv.remove("--verbose")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _dispatch(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        what = " ".join(["marker-lab", *argv[:1]])
+        print(f"marker-lab: interrupted: {what}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

@@ -9,11 +9,13 @@ Read top to bottom, this file is the whole recipe; each step is a small function
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
@@ -49,12 +51,15 @@ def stage_order(cfg: Config) -> list[str]:
     return [n for n in names if enabled[n]]
 
 
-def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | PendingEval:
+def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
+             on_phase: Callable[[str], None] = lambda phase: None) -> RunResult | PendingEval:
     """Run one cell and write its run_result.json; returns the result (a current one is returned as it is).
 
     In a sweep with engine_per=base (`in_sweep`), the cell stops before sampling: it writes pending_eval.json
-    and returns that, and the sweep's shared engine finishes it (shared_eval.py)."""
+    and returns that, and the sweep's shared engine finishes it (shared_eval.py). `on_phase` hears each phase as it
+    starts (checks, load, baseline, each stage, eval, write): cell_main records it for `status` and an interrupt."""
     started = time.perf_counter()
+    on_phase("checks")
     cfg: Config = OmegaConf.to_object(cfg_node)
     inputs = preflight(cfg)  # every check and input file, before any model is loaded
     device = pick_device(cfg.device)
@@ -88,6 +93,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     # the result's timing: phases that add up to the cell's time, and "phase.part" keys inside them
     timing: dict[str, float] = {"setup": time.perf_counter() - started}  # config, input checks, cache lookups
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
+    on_phase("load")
     with timed(timing, "load"):
         loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages)
     base_identity = loaded.identity
@@ -95,6 +101,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
         readouts.read("base", loaded)
     baseline = None
     if cfg.eval.baseline:
+        on_phase("baseline")
         with timed(timing, "baseline"):
             baseline = baseline_metrics(cfg, inputs, loaded, cache)
 
@@ -105,6 +112,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
     with precompiling(cfg, inputs, loaded, out_dir, stage_order(cfg), sample=not defer) as precompile:
         for name in stage_order(cfg):
             log.info("stage %s: starting (input model %s)", name, loaded.identity)
+            on_phase(name)
             input_identity = loaded.identity
             stages[name] = STAGES[name](cfg, inputs, loaded, cache, step_eval_for(cfg, inputs, name, loaded))
             timing[name] = stages[name].seconds
@@ -118,12 +126,14 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False) -> RunResult | Pendin
         with timed(timing, "precompile_wait", precompile is not None):  # the sibling's compile, if it still runs
             if precompile is not None:
                 precompile.wait()
+    on_phase("eval")
     with timed(timing, "eval"):
         metrics, judge, rows = evaluate(cfg, inputs, loaded, out_dir, sample=not defer)
     if precompile is not None:
         precompile.log_cache_use()  # did the eval find the sibling's graphs
     if probed:
         metrics["probe"], timing["readouts.probe"] = probed
+    on_phase("write")
     with timed(timing, "write"):  # the completions and the provenance (checksums, versions); the result follows
         if cfg.eval.save_completions:
             contract.write_completions(out_dir / contract.COMPLETIONS_FILE, rows)
@@ -218,6 +228,11 @@ def log_summary(cfg: Config, result: RunResult, out_dir: Path) -> None:
     log.info("result: %s", out_dir / contract.RESULT_FILE)
 
 
+_PHASES = {"checks": "its start-up checks", "load": "loading the model", "baseline": "the baseline eval",
+           "coupling": "the coupling stage", "second_stage": "the second stage", "eval": "the eval",
+           "write": "writing its result"}  # how the interrupt line names a phase
+
+
 class Killed(BaseException):
     """The cell's process got a termination signal (recorded before it exits; SIGKILL leaves no chance to)."""
 
@@ -232,9 +247,23 @@ def cell_main(cfg: DictConfig):
     out_dir = Path(cfg.output_dir)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    contract.write_cell_status(out_dir, "running")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a sweep's launcher starts cells with it ignored
+    phase = ["start"]  # the phase running now, for the status file and an interrupt's line
+
+    def on_phase(name: str) -> None:
+        phase[0] = name
+        contract.write_cell_status(out_dir, "running", phase=name)
+
+    contract.write_cell_status(out_dir, "running", phase=phase[0])
     try:
-        result = run_cell(cfg, in_sweep=_in_sweep())
+        result = run_cell(cfg, in_sweep=_in_sweep(), on_phase=on_phase)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the phase recorded; the stage cache keeps what finished
+        contract.write_cell_status(out_dir, "interrupted", phase=phase[0], error=f"interrupted during {phase[0]}")
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"marker-lab: interrupted: cell {out_dir} during {_PHASES.get(phase[0], phase[0])}; rerun the same "
+              "command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
     except MarkerLabError as e:  # a config, input or endpoint problem: one line, no traceback
         kind = "config error" if isinstance(e, ConfigError) else "error"
         contract.write_cell_status(out_dir, "failed", error=f"{kind}: {e}")

@@ -37,14 +37,14 @@ def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 def test_a_missing_model_package_is_one_line_naming_the_install_command(tmp_path):
     t0 = time.monotonic()
     proc = cli([*PRESET, "model.path=module:no_such_model_package", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a config error
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "model.path=module:no_such_model_package" in lines[0] and "not installed" in lines[0]
     assert INSTALL in lines[0]
     assert time.monotonic() - t0 < 30  # answered before any model loads
     proc = cli([*PRESET, "model.gguf_file=missing.gguf", f"hydra.run.dir={tmp_path / 'run2'}"])
-    assert proc.returncode == 1 and "model.gguf_file" in proc.stderr and "not found" in proc.stderr
+    assert proc.returncode == 2 and "model.gguf_file" in proc.stderr and "not found" in proc.stderr
 
 
 @pytest.fixture(scope="module")

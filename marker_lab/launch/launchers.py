@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -160,8 +161,6 @@ class LocalGpusLauncher(_PlannedLauncher):
     _EXECUTOR = "local"
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-
         sweep_dir, plans = self._plan(job_overrides, initial_job_idx)
         p = self.params
         gpus = list(p["gpus"]) if p.get("gpus") is not None else detect_gpus()
@@ -174,13 +173,35 @@ class LocalGpusLauncher(_PlannedLauncher):
         progress = SweepProgress(sweep_dir, len(plans), len(returns), len(slots))
         free = list(slots)
         running: list[tuple[Any, CellPlan, tuple[int, ...], float, int | None]] = []  # job, cell, GPUs, start, OOM kills
+        try:
+            self._run_local(sweep_dir, p, pending, running, free, returns, progress)
+        except KeyboardInterrupt:  # Ctrl-C: the running cells record where they stopped; one line names them
+            self._interrupted(sweep_dir, plans, running)
+        waiting = _awaiting_eval(sweep_dir, plans)
+        if waiting:
+            run_shared_eval(sweep_dir, slots[0])
+            for plan in waiting:  # no result now (still waiting, or sent back to training): the cell failed
+                if load_result(sweep_dir / plan.subdir / RESULT_FILE) is None:
+                    returns[plan.index] = failed_return(plan, sweep_dir, RuntimeError("no result from the shared eval"),
+                                                        f"shared eval failed (see {sweep_dir / 'shared_eval.log'})")
+        if p["aggregate"]:
+            run_aggregation(sweep_dir)
+        progress.summary(p["aggregate"])
+        return [returns[pl.index] for pl in plans]
+
+    def _run_local(self, sweep_dir: Path, p, pending: list, running: list, free: list, returns: dict,
+                   progress: SweepProgress) -> None:
+        """Start cells on free slots and collect the finished ones, until none is pending or running."""
+        import submitit
+
         while pending or running:
             while pending and free:
                 plan, slot = pending.pop(0), free.pop(0)
                 executor = submitit.LocalExecutor(folder=str(sweep_dir / ".submitit" / str(plan.index)))
                 executor.update_parameters(timeout_min=p["timeout_min"], gpus_per_node=len(slot),
                                            visible_gpus=slot, stderr_to_stdout=p["stderr_to_stdout"])
-                job = executor.submit(self, *self._job_args(plan))
+                with _ignoring_sigint():  # the controller ignores Ctrl-C; the cell hears it and records its phase
+                    job = executor.submit(self, *self._job_args(plan))
                 progress.started(plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
                                  " ".join(filter_overrides(plan.overrides)), job.job_id, plan.subdir)
                 running.append((job, plan, slot, time.monotonic(), oom_kills()))
@@ -200,17 +221,44 @@ class LocalGpusLauncher(_PlannedLauncher):
                     why = how_it_ended(sweep_dir / plan.subdir, e, oom_before)
                     progress.finished(plan.index, where, time.monotonic() - started, plan.subdir, why)
                     returns[plan.index] = failed_return(plan, sweep_dir, e, why)
-        waiting = _awaiting_eval(sweep_dir, plans)
-        if waiting:
-            run_shared_eval(sweep_dir, slots[0])
-            for plan in waiting:  # no result now (still waiting, or sent back to training): the cell failed
-                if load_result(sweep_dir / plan.subdir / RESULT_FILE) is None:
-                    returns[plan.index] = failed_return(plan, sweep_dir, RuntimeError("no result from the shared eval"),
-                                                        f"shared eval failed (see {sweep_dir / 'shared_eval.log'})")
-        if p["aggregate"]:
-            run_aggregation(sweep_dir)
-        progress.summary(p["aggregate"])
-        return [returns[pl.index] for pl in plans]
+
+    @staticmethod
+    def _interrupted(sweep_dir: Path, plans: list[CellPlan], running: list) -> None:
+        """Ctrl-C during a sweep: the running cells got the same SIGINT from the terminal (it goes to the whole
+        foreground process group) and record where they stopped; they get 30 s for it, then their controllers are
+        sent SIGTERM (which they pass on). The sweep ends with one line naming them (exit 130); finished cells stay
+        finished, and rerunning the same command resumes."""
+        import signal
+
+        deadline = time.monotonic() + 30
+        while any(not job.done() for job, *_ in running) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for job, *_ in running:
+            if not job.done():  # Ctrl-C reached the launcher only (kill -INT <pid>): stop the cell all the same
+                try:
+                    os.kill(int(job.job_id), signal.SIGTERM)  # a local job's id is its controller's pid
+                except (OSError, ValueError):
+                    pass
+        stopped = [plan.subdir for _, plan, *_ in running]
+        done = sum(1 for pl in plans if load_result(sweep_dir / pl.subdir / RESULT_FILE) is not None)
+        print(f"marker-lab: interrupted: sweep {sweep_dir}: {done} of {len(plans)} cells complete"
+              + (f"; interrupted: {', '.join(stopped)}" if stopped else "")
+              + "; rerun the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+
+@contextmanager
+def _ignoring_sigint():
+    """Processes started inside inherit SIGINT ignored: submitit's local controller then sits out a Ctrl-C (it would
+    print its own traceback and SIGKILL the cell a second later) while the cell, which installs Python's handler
+    again (run.cell_main), records where it stopped."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class SlurmArrayLauncher(_PlannedLauncher):

@@ -234,13 +234,16 @@ def read_completions(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_cell_status(out_dir: Path, state: str, error: str | None = None) -> None:
-    """Record what this cell's process is doing; a result only counts if run_result.json is complete."""
+def write_cell_status(out_dir: Path, state: str, error: str | None = None, phase: str | None = None) -> None:
+    """Record what this cell's process is doing (and in which phase: load, coupling, eval, ...); a result only counts
+    if run_result.json is complete."""
     import socket
     import time
 
     info = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if phase:
+        info["phase"] = phase
     if error:
         info["error"] = " ".join(str(error).split())[:500]
     write_json_atomic(Path(out_dir) / STATUS_FILE, info)

@@ -36,7 +36,7 @@ from marker_lab.results.contract import (PENDING_FILE, RESULT_FILE, STATUS_FILE,
 MANIFEST = "manifest.json"
 CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona", "coupled_persona", "second_stage"]
 GROUP_KEYS = [k for k in CELL_KEYS if k != "seed"]  # seeds are pooled over these
-STATES = ("complete", "running", "awaiting_eval", "pending", "failed", "stale", "corrupt")
+STATES = ("complete", "running", "awaiting_eval", "pending", "interrupted", "failed", "stale", "corrupt")
 
 
 def read_manifest(sweep_dir: Path) -> dict:
@@ -116,6 +116,9 @@ def cell_state(sweep_dir: Path, cell: dict) -> tuple[CellState, RunResult | None
         return CellState(cell["subdir"], "corrupt", log, read.problem), None
     if status.get("state") == "failed":
         return CellState(cell["subdir"], "failed", log, status.get("error", "")), None
+    if status.get("state") == "interrupted":
+        return CellState(cell["subdir"], "interrupted", log,
+                         f"stopped by Ctrl-C during {status.get('phase', '?')}; rerun the sweep to resume"), None
     pending = load_pending(d / PENDING_FILE)
     if pending is not None:
         currency = is_current(pending.partial, cell["config_hash"])
