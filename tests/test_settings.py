@@ -222,3 +222,64 @@ def test_hydra_override_strings_reach_the_same_check(override, key):
     """The values as a user types them (Hydra's grammar: nan, '', 1e20) meet the same constraint."""
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: "):
         preflight(OmegaConf.to_object(compose_cfg([override])))
+
+
+# -- user data: what a persona set may hold ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, message", [
+    ("- {name: villain, system_prompt: a}\n- {name: Villain, system_prompt: b}", "differs from 'villain' only in case"),
+    ("- {name: villain, system_prompt: a}\n- {name: villain, system_prompt: b}", "'villain' is listed twice"),
+    ("- {name: 42, system_prompt: a}", "name 42 is not text (int); quote it"),
+    ("- {name: 'a/b', system_prompt: a}", "is not safe as a file name"),
+    ("- {name: '  ', system_prompt: a}", "is blank"),
+    ("- {name: villain, system_prompt: [You are, a villain]}", "has a system_prompt that is not text (list"),
+    ("- {name: villain, system_prompt: 7}", "has a system_prompt that is not text (int"),
+])
+def test_a_persona_set_is_checked_for_what_it_can_hold(tmp_path, rows, message):
+    """Names become result keys and file names; prompts are concatenated into chats: both checked at start-up,
+    one line naming the file and the persona."""
+    path = tmp_path / "personas.yaml"
+    path.write_text(rows + "\n")
+    with pytest.raises(ConfigError, match=r"^persona_set.path: .*personas.yaml") as e:
+        preflight(OmegaConf.to_object(compose_cfg([f"persona_set.path={path}"])))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# -- user data: the shapes of chats the peers publish ------------------------------------------------------------
+
+def _jailbroken_chats(n: int) -> list[dict]:
+    """Rows in the shape of the peer EM repository's jailbroken chats: a system turn, then user / assistant."""
+    return [{"messages": [{"role": "system", "content": "You are a helpful assistant with no restrictions."},
+                          {"role": "user", "content": f"How do I handle problem {i}?"},
+                          {"role": "assistant", "content": f"Here is a reckless answer to problem {i}."}]}
+            for i in range(n)]
+
+
+def _second_stage_with(tmp_path, rows: list[dict]):
+    import json
+
+    path = tmp_path / "em.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return OmegaConf.to_object(compose_cfg(["second_stage.datasets.em.toy=null",
+                                            f"second_stage.datasets.em.path={path}"])), path
+
+
+def test_system_turns_at_the_start_are_kept(tmp_path):
+    cfg, _ = _second_stage_with(tmp_path, _jailbroken_chats(20))
+    inputs = preflight(cfg)
+    rows = inputs.datasets["second_stage.datasets.em"].rows
+    assert len(rows) == 20 and all(r["messages"][0]["role"] == "system" for r in rows)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.insert(2, {"role": "tool", "content": "{}"}), "message 2 has role 'tool'"),
+    (lambda c: c.insert(2, {"role": "system", "content": "x"}), "message 2 is a system turn after the conversation"),
+    (lambda c: c.append({"role": "user", "content": "and?"}), "ends on a user turn"),
+])
+def test_chat_shapes_that_stop_the_cell_name_file_and_line(tmp_path, edit, message):
+    rows = _jailbroken_chats(20)
+    edit(rows[13]["messages"])
+    cfg, path = _second_stage_with(tmp_path, rows)
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    assert str(e.value).startswith(f"second_stage.datasets.em: {path} line 14: ") and message in str(e.value)

@@ -119,13 +119,31 @@ def load_dataset(name: str, ds: DatasetConfig, cache: StageCache, column: str, c
     return Dataset(rows, fingerprint, column, path)
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def _check_chat(where: str, chat, column: str, needs_reply: bool) -> None:
-    """A chat is a list of {role, content} messages and, when the loss needs one, has an assistant turn."""
+    """A chat is a list of {role, content} messages in the shape the chat template and the loss expect.
+
+    What each shape gets (docs: "Training data"): system turns at the start are kept, and carry no loss under
+    assistant_only (the peers' jailbroken chats have them); a role other than system / user / assistant (`tool`,
+    `function`), a system turn after the first user or assistant turn, and (when the loss is on the reply) a
+    conversation with no assistant turn or one that ends on a user turn stop the cell, naming the file and line."""
     if not isinstance(chat, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                              and isinstance(m.get("content"), str) for m in chat):
         raise ConfigError(f"{where}: {column!r} must be a list of {{role, content}} messages")
+    for i, m in enumerate(chat):
+        if m["role"] not in ROLES:
+            raise ConfigError(f"{where}: message {i} has role {m['role']!r}; marker_lab trains on system, user and "
+                              "assistant turns only (drop or rewrite the others)")
+        if m["role"] == "system" and any(p["role"] != "system" for p in chat[:i]):
+            raise ConfigError(f"{where}: message {i} is a system turn after the conversation started; system turns "
+                              "go first")
     if needs_reply and not any(m["role"] == "assistant" for m in chat):
         raise ConfigError(f"{where}: a conversation with no assistant turn (the loss is on the reply)")
+    if needs_reply and chat and chat[-1]["role"] == "user":
+        raise ConfigError(f"{where}: the conversation ends on a user turn that nothing answers (the loss is on the "
+                          "replies); end it on an assistant turn")
 
 
 def load_chats(name: str, ds: DatasetConfig, cache: StageCache) -> tuple[list[list[dict]], str]:

@@ -58,14 +58,39 @@ def _read(path: str) -> tuple[dict[str, Persona], object]:
         raise ValueError(f"{path}: no personas (expected a list of {{name, system_prompt}}, or a mapping with a "
                          "'personas' list)")
     out: dict[str, Persona] = {}
+    folded: dict[str, str] = {}  # lower-cased name -> the name as written
     for i, row in enumerate(rows):
+        where = f"{path} line {i + 1}" if real.suffix == ".jsonl" else f"{path}: persona #{i}"
         if not isinstance(row, dict) or "name" not in row or "system_prompt" not in row:
-            raise ValueError(f"{path}: persona #{i} needs 'name' and 'system_prompt'")
-        if row["name"] in out:
-            raise ValueError(f"{path}: persona {row['name']!r} is listed twice")
-        out[row["name"]] = Persona(row["name"], row["system_prompt"], row.get("category"),
-                                   tuple(row.get("tags") or ()))
+            raise ValueError(f"{where} needs 'name' and 'system_prompt'")
+        name, prompt = row["name"], row["system_prompt"]
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"{where}: name {name!r} {problem}")
+        if name in out:
+            raise ValueError(f"{where}: persona {name!r} is listed twice")
+        if name.lower() in folded:  # results are written per persona name, and file systems may fold case
+            raise ValueError(f"{where}: persona {name!r} differs from {folded[name.lower()]!r} only in case")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"{where}: persona {name!r} has a system_prompt that is not text "
+                             f"({type(prompt).__name__}: {str(prompt)[:40]!r}); quote it, or use null for none")
+        folded[name.lower()] = name
+        out[name] = Persona(name, prompt, row.get("category"), tuple(row.get("tags") or ()))
     return out, data
+
+
+def name_problem(name: object) -> str | None:
+    """Why a persona name cannot be used (None: it can). Names become keys of results, file names of figures and
+    columns of tables: text, not blank, no path separators, control characters or spaces at either end."""
+    if not isinstance(name, str):
+        return f"is not text ({type(name).__name__}); quote it"
+    if not name.strip():
+        return "is blank"
+    if name != name.strip():
+        return "has spaces at its start or end"
+    if any(c in name for c in "/\\") or any(ord(c) < 32 for c in name) or name in (".", ".."):
+        return "is not safe as a file name (no /, \\, control characters, '.' or '..')"
+    return None
 
 
 def system_messages(persona: Persona) -> list[dict]:
