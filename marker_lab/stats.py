@@ -75,7 +75,7 @@ def compare_seed_rates(rates_1: list[float], rates_2: list[float], alternative: 
     a, b = np.asarray(rates_1, float), np.asarray(rates_2, float)
     m1, m2 = float(a.mean()), float(b.mean())
     if len(a) < 2 or len(b) < 2:
-        p = 1.0  # one seed in an arm: no test is possible; report no evidence rather than NaN
+        p = math.nan  # one seed in an arm: no test is possible (the report says "n/a (one seed)", not p = 1)
     elif a.std() == 0 and b.std() == 0:
         p = 1.0 if m1 == m2 else 0.0  # no spread at all: the arms are equal or separated exactly
     else:

@@ -169,6 +169,8 @@ def test_gates_read_scores_and_say_when_data_is_missing(judged_sweep):
     assert f"{mean:.3f}" in table["detail"].iloc[0]
     missing = {**spec, "checks": [{"persona": "assistant", "metric": "coherence", "field": "mean", "op": ">", "value": 50}]}
     assert gates(rates, [missing], scores)["result"].iloc[0] == "NO DATA"
+    elsewhere = {**spec, "name": "G0", "where": {"condition": "c4"}}  # a gate for cells this sweep does not have
+    assert gates(rates, [elsewhere, spec], scores)["gate"].tolist() == ["G4"]  # not evaluated: no NO DATA row
     cap = {"name": "capability kept", "where": {}, "checks": [{"persona": "max_bystander", "metric": "capability",
                                                                  "op": ">=", "value": 0.3}]}
     assert set(gates(rates, [cap], scores)["result"]) <= {"PASS", "FAIL"}

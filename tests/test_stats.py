@@ -49,7 +49,11 @@ def test_seed_rates_welch_and_one_seed():
     c = compare_seed_rates([0.593, 0.443, 0.546], [0.404, 0.525])
     assert c.p_value == pytest.approx(sps.ttest_ind([0.593, 0.443, 0.546], [0.404, 0.525], equal_var=False).pvalue)
     assert 0.3 < c.p_value < 0.8  # the write-up reports p = 0.49
-    assert compare_seed_rates([0.5], [0.4]).p_value == 1.0
+    one = compare_seed_rates([0.5], [0.4])  # one seed in an arm: no test, and the report says so (not p = 1)
+    assert one.p_value != one.p_value
+    from marker_lab.results.report import _seed_p
+
+    assert _seed_p(one.p_value) == "n/a (one seed)" and _seed_p(c.p_value) == f"{c.p_value:.3g}"
 
 
 def test_bad_arguments():

@@ -178,9 +178,9 @@ def gates(rates: pd.DataFrame, specs: list[dict], scores: pd.DataFrame | None = 
         keys = GROUP_KEYS + ["seed"] if spec.get("level", "pooled") == "cell" else GROUP_KEYS
         target_r, target_s = select_rows(rates, spec.get("where", {})), select_rows(scores, spec.get("where", {}))
         groups = pd.concat([target_r[keys], target_s[keys]]).drop_duplicates()
-        if groups.empty:  # a gate whose cells are not in the sweep (or a typo in `where`) is shown, not dropped
-            rows.append({"gate": spec.get("name", ""), **spec.get("where", {}), "result": "NO DATA",
-                         "detail": f"no cells match {spec.get('where', {})}"})
+        if groups.empty:  # a gate for cells this sweep does not have (G0 on a sweep without c4): not evaluated
+            log.info("gate %s: not evaluated, no cell of this sweep matches %s", spec.get("name", ""),
+                     spec.get("where", {}))
         for key in groups.itertuples(index=False):
             where = dict(zip(keys, key))
             results, detail = [], []

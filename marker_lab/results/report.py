@@ -77,7 +77,7 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
             where = " ".join(f"{k}={r[k]}" for k in extra if pd.notna(r.get(k)))
             parts.append(f"| {r['comparison']} | {where} | {r['persona']} | {r['arm_1']}: {_pct(r['k_1'], r['n_1'])} | "
                          f"{r['arm_2']}: {_pct(r['k_2'], r['n_2'])} | {100 * r['diff']:+.2f} pp | {r['test']} "
-                         f"({r['alternative']}) | {r['p_value']:.3g} | {r['seed_p_value']:.3g} "
+                         f"({r['alternative']}) | {r['p_value']:.3g} | {_seed_p(r['seed_p_value'])} "
                          f"(N={r['seeds_1']} vs {r['seeds_2']} seeds) |")
         parts.append("")
     if len(gate_table):
@@ -115,3 +115,8 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
     parts += ["## Missing or failed cells", ""]
     parts += [f"- `{s.subdir}`: {s.state}{': ' + s.error if s.error else ''}" for s in missing] or ["None: every expected cell is complete."]
     return "\n".join(parts) + "\n"
+
+
+def _seed_p(p: float) -> str:
+    """The seed-level p-value as the report shows it: none is possible with one seed in an arm."""
+    return "n/a (one seed)" if p != p else f"{p:.3g}"
