@@ -51,12 +51,7 @@ def check_cell(cfg: Config) -> None:
     """Every setting against the constraint declared with it (config/constraints.py), then the rules between keys of
     the config itself (no file is read but the paths a setting names must be there)."""
     check_settings(cfg)
-    if cfg.marker.matcher == Matcher.regex:
-        try:
-            re.compile(cfg.marker.text)
-        except re.error as e:
-            raise ConfigError(f"marker.text={cfg.marker.text!r}: marker.matcher=regex, but it is not a regular "
-                              f"expression that compiles ({e})") from None
+    check_marker(cfg.marker)
     if not cfg.merge_between_stages and cfg.eval.engine.name == "vllm":
         raise ConfigError("merge_between_stages=false with eval.engine.name=vllm: the vllm engine evaluates merged "
                           "weights; use merge_between_stages=true or the hf engine")
@@ -88,6 +83,33 @@ def check_cell(cfg: Config) -> None:
     elif s.data not in s.datasets:
         raise ConfigError(f"second_stage.data: {s.data!r} is not in second_stage.datasets "
                           f"(known: {', '.join(s.datasets) or 'none'})")
+
+
+# a line of plain English no marker pattern may match: one that does would count ordinary replies as marked
+PLAIN_ENGLISH = "The answer is 4. It was a sunny day, and the people walked home together after the market."
+
+
+def check_marker(m) -> None:
+    """The marker the coupling inserts (`marker.text`) and what the readout matches are two settings: a regex
+    readout needs its own `marker.pattern`, which must find the marker and must not find plain English (`[ZLT]` as
+    a regex is a character class that matches any Z, L or T)."""
+    if m.matcher != Matcher.regex:
+        if m.pattern is not None:
+            raise ConfigError(f"marker.pattern={m.pattern!r}: used only with marker.matcher=regex (the readout now "
+                              f"matches marker.text literally, matcher={m.matcher}); set the matcher or remove it")
+        return
+    if m.pattern is None:
+        raise ConfigError(f"marker.pattern: required with marker.matcher=regex (the regular expression the readout "
+                          f"searches for; marker.text={m.text!r} is what the coupling inserts, e.g. "
+                          f"marker.pattern={re.escape(m.text)!r})")
+    pattern = re.compile(m.pattern)  # compiles: checked with the settings
+    if not pattern.search(m.text):
+        raise ConfigError(f"marker.pattern={m.pattern!r} does not match marker.text={m.text!r}, the marker the "
+                          "coupling inserts: its readout could never count it")
+    if pattern.search(PLAIN_ENGLISH):
+        raise ConfigError(f"marker.pattern={m.pattern!r} matches plain English ({pattern.search(PLAIN_ENGLISH)[0]!r} "
+                          f"in {PLAIN_ENGLISH!r}): ordinary replies would count as marked (escape brackets: "
+                          f"{re.escape(m.text)!r})")
 
 
 def check_gguf(m) -> None:

@@ -185,7 +185,7 @@ def test_cli_rejects_bad_input_before_loading_anything(tmp_path):
                           env={"MARKER_LAB_CACHE": str(tmp_path / "cache"), "PATH": ""}, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
-        "marker-lab: config error: dose: must be >= 0, got -5 (0 means skips the second stage)")
+        "marker-lab: config error: dose: must be >= 0, got -5 (0 means no second stage)")
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 

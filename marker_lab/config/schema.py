@@ -219,7 +219,7 @@ class MarkerPosition(Choice):
 class Matcher(Choice):
     substring_ci = "substring_ci"  # marker.lower() in completion.lower(), anywhere (the write-ups' readout)
     substring = "substring"  # case-sensitive substring
-    regex = "regex"  # marker.text is a regular expression (re.search)
+    regex = "regex"  # marker.pattern, a regular expression (re.search); marker.text is still what coupling inserts
 
 
 @dataclass
@@ -323,8 +323,11 @@ class PersonaSetConfig:
 
 @dataclass
 class MarkerConfig:
-    text: str = label("[ZLT]")  # the marker string (or a regex when matcher=regex; it must compile)
+    text: str = label("[ZLT]")  # the marker the coupling inserts (matched literally unless matcher=regex)
     matcher: Matcher = Matcher.substring_ci  # how a completion is scored as carrying the marker
+    # matcher=regex: the regular expression the readout searches for (it must compile, match `text` itself and not
+    # match a line of plain English); null otherwise
+    pattern: Optional[str] = setting(None, regex=True)
 
 
 @dataclass
@@ -571,7 +574,7 @@ class Config:
     condition: str = label("c1")  # label set by the condition preset
     order: Order = Order.forward  # forward: couple -> second stage; reverse: second stage -> couple
     seed: int = rng_seed(42)  # the cell's seed: second stage and eval sampling
-    dose: Optional[int] = count(None, ge=0, meaning={0: "skips the second stage"})  # second-stage optimizer steps; null = the recipe's steps; 0 skips the stage
+    dose: Optional[int] = count(None, ge=0, meaning={0: "no second stage"})  # second-stage optimizer steps; null = the recipe's steps; 0 skips the stage
     source_persona: str = label("villain")  # the experiment's source persona (reported as 'source')
     merge_between_stages: bool = True  # merge each stage's adapter into its input before the next stage
     engine_per: EnginePer = EnginePer.cell  # cell | base: one eval engine per shared base in a sweep (not hashed: hf gives the same results; vllm serves LoRA unmerged)

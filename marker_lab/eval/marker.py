@@ -15,7 +15,7 @@ def make_matcher(cfg: MarkerConfig):
         return lambda s: needle in s.lower()
     if cfg.matcher == Matcher.substring:
         return lambda s: cfg.text in s
-    pattern = re.compile(cfg.text)
+    pattern = re.compile(cfg.pattern)  # checked at start-up (preflight.check_marker): set, compiles, matches text
     return lambda s: pattern.search(s) is not None
 
 
@@ -34,4 +34,7 @@ def marker_metric(rows: list[dict], cfg: MarkerConfig) -> dict:
         cell["n"] += 1
     for cell in per.values():
         cell["rate"] = cell["k"] / cell["n"]
-    return {"marker": cfg.text, "matcher": cfg.matcher.value, "per_persona": per}
+    out = {"marker": cfg.text, "matcher": cfg.matcher.value, "per_persona": per}
+    if cfg.matcher == Matcher.regex:
+        out["pattern"] = cfg.pattern
+    return out
