@@ -95,18 +95,32 @@ def gguf_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
     return path, f"gguf:{cfg.gguf_file}@sha256:{sha};dequantized"
 
 
+def load_tokenizer(cfg: ModelConfig, cache: StageCache):
+    """The model's tokenizer without its weights (the cell counts its training data's lengths before the model
+    loads), padded on the left with a pad token."""
+    if cfg.source in ("toy", "gguf"):
+        path, _ = toy_model_dir(cfg, cache) if cfg.source == "toy" else gguf_model_dir(cfg, cache)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        kwargs = {"revision": cfg.revision} if cfg.revision and not cfg.tokenizer else {}
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: bool = True) -> LoadedModel:
     """The stage-0 model of a cell; `merge`: how later stages attach their adapters (merge_between_stages)."""
     dtype = DTYPES[str(cfg.dtype)]
+    tokenizer = load_tokenizer(cfg, cache)
     if cfg.source in ("toy", "gguf"):
         path, key = toy_model_dir(cfg, cache) if cfg.source == "toy" else gguf_model_dir(cfg, cache)
         attn = {} if cfg.source == "toy" else {"attn_implementation": cfg.attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
-        tokenizer = AutoTokenizer.from_pretrained(path)
         identity = f"toy:{key}" if cfg.source == "toy" else key
     else:
         kwargs = {"revision": cfg.revision} if cfg.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path, **({} if cfg.tokenizer else kwargs))
         if cfg.random_init:
             model = random_init_model(cfg, device)
             identity = f"random:{cfg.path}:{cache_key(model.config.to_dict())}"
@@ -119,9 +133,6 @@ def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: 
     # what else changes what the same weights compute or read: their precision, and how a prompt without a system
     # prompt is rendered (stage, probe and geometry keys build on the identity)
     identity += f";{cfg.dtype}" + (f";no_system={cfg.no_system}" if cfg.no_system != "none" else "")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     log.info("loaded base model %s (%s) on %s", cfg.name, identity, device)
     return LoadedModel(model, tokenizer, identity, merge, str(cfg.no_system))

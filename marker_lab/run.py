@@ -28,11 +28,12 @@ from marker_lab.core.files import CONF
 from marker_lab.data.inputs import CellInputs
 from marker_lab.eval.cell import baseline_metrics, evaluate, precompiling, sampled_metrics, step_eval_for
 from marker_lab.eval.model_readouts import ModelReadouts
-from marker_lab.models import LoadedModel, device_description, load_base, pick_device
+from marker_lab.models import LoadedModel, device_description, load_base, load_tokenizer, pick_device
 from marker_lab.preflight import preflight
 from marker_lab.results import contract
 from marker_lab.results.contract import AttachedAdapter, PendingEval, RunResult, cell_keys, config_hash, is_current
 from marker_lab.stages.coupling import run_coupling
+from marker_lab.stages.lengths import check_lengths
 from marker_lab.stages.lora_stage import StageResult
 from marker_lab.stages.second_stage import run_second_stage
 from marker_lab.train.checks import check_train_device
@@ -93,6 +94,8 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     # the result's timing: phases that add up to the cell's time, and "phase.part" keys inside them
     timing: dict[str, float] = {"setup": time.perf_counter() - started}  # config, input checks, cache lookups
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
+    with timed(timing, "setup"):  # what max_seq_len cuts, counted with the tokenizer before the model loads
+        check_lengths(cfg, inputs, load_tokenizer(cfg.model, cache))
     on_phase("load")
     with timed(timing, "load"):
         loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages)
@@ -203,7 +206,8 @@ def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[st
         # older than the record)
         "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now, "steps": st.train_stats.get("steps"),
                        "final_loss": (st.train_stats.get("losses") or [None])[-1],
-                       "trained_on": st.train_stats.get("device")} for n, st in stages.items()},
+                       "trained_on": st.train_stats.get("device"), "truncation": st.truncation}
+                   for n, st in stages.items()},
     }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 import subprocess
 import sys
@@ -156,12 +158,21 @@ def test_every_write_up_knob_is_a_key():
     (["device=cuda", "second_stage.train.pack=true", "second_stage.train.micro_batch_tokens=512",
       "second_stage.train.attention=varlen", "second_stage.train.bf16=false"], "second_stage.train.bf16"),
 ])
-def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys):
+def test_bad_input_fails_in_one_line_naming_the_key(overrides, key, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the refused run would have written (outputs/runs/...)
     with pytest.raises(SystemExit) as exc:
         check_config(overrides)
-    message = str(exc.value.code)
+    assert exc.value.code == 2
+    message = capsys.readouterr().err.strip()
     assert message.startswith("marker-lab: config error:") and "\n" not in message
     assert key in message
+    # nothing written but the run directory's status, saying failed with the same line (when the config composed
+    # far enough to name that directory)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.name == "cell_status.json" for p in written)
+    for p in written:
+        status = json.loads(p.read_text())
+        assert status["state"] == "failed" and "marker-lab: " + status["error"] == message
 
 
 def test_varlen_in_fp32_is_refused_once_device_auto_resolves_to_cuda():

@@ -283,3 +283,36 @@ def test_chat_shapes_that_stop_the_cell_name_file_and_line(tmp_path, edit, messa
     with pytest.raises(ConfigError) as e:
         preflight(cfg)
     assert str(e.value).startswith(f"second_stage.datasets.em: {path} line 14: ") and message in str(e.value)
+
+
+# -- the rows of the table, through the real command line ------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("marker.text=''", "marker.text"),  # used to count every completion as marked (28/28 on a c2 cell)
+    ("eval.generation.temperature=nan", "eval.generation.temperature"),  # used to decode greedily
+    ("second_stage.train.grad_clip=-1", "second_stage.train.grad_clip"),  # used to turn the gradient's sign
+    ("second_stage.train.max_seq_len=1", "second_stage.train.max_seq_len"),  # used to train on nothing
+    ("eval.engine.batch_size=0", "eval.engine.batch_size"),
+    ("second_stage.train.optimizer.lr=nan", "second_stage.train.optimizer.lr"),  # used to fail 60 s in
+    ("second_stage.datasets.em.n_examples=0", "second_stage.datasets.em.n_examples"),  # used to fail after load
+    ("seed=100000000000000000000", "seed"),
+])
+def test_each_row_is_one_line_through_the_cli_before_anything_loads(override, key, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "MARKER_LAB_CACHE": str(tmp_path / "cache")}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", override, f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 60  # no model: the toy loads in seconds, a 7B never
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"marker-lab: config error: {key}: "), proc.stderr
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["cell_status.json"]  # nothing else written
+    import json
+
+    status = json.loads((run_dir / "cell_status.json").read_text())
+    assert status["state"] == "failed" and "marker-lab: " + status["error"] == lines[0]

@@ -90,6 +90,13 @@ class CompileScope(Choice):
     shared_layers = "shared_layers"  # one graph that every decoder layer runs on its own KV cache slot (the default)
 
 
+class TruncationPolicy(Choice):
+    auto = "auto"  # stop if an example would keep no labelled token; else cut, keep and warn with the share lost
+    error = "error"  # stop if any example would lose a labelled token
+    drop = "drop"  # leave out the examples that would lose a labelled token (counted)
+    keep = "keep"  # cut every example and keep it (one with no labelled token left is left out, counted)
+
+
 class Logits(Choice):
     labelled = "labelled"  # the LM head runs on labelled positions only (same loss)
     all = "all"  # every position (the reference)
@@ -255,7 +262,10 @@ class TrainConfig:
     max_steps: Optional[int] = count(None)  # optimizer steps; wins over epochs (the cell's dose wins over both)
     per_device_batch_size: int = count(4)  # micro-batch size
     grad_accum: int = count(4)  # micro-batches per optimizer step (effective batch = product)
-    max_seq_len: int = count(2048, ge=2)  # longer examples are cut from the right
+    max_seq_len: int = count(2048, ge=2)  # longer examples are cut from the right (counted: `truncation`)
+    # what cutting to max_seq_len may do (data/truncation.py): auto | error | drop | keep; a coupling example whose
+    # marker labels would be cut always stops the cell
+    truncation: TruncationPolicy = TruncationPolicy.auto
     grad_clip: Optional[float] = setting(1.0, gt=0)  # max global gradient norm; null disables clipping
     bf16: bool = True  # bf16 autocast (on CUDA only; CPU runs fp32)
     gradient_checkpointing: bool = True  # trade compute for activation memory

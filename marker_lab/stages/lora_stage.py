@@ -18,6 +18,7 @@ from typing import Callable
 
 from marker_lab.config.schema import TrainConfig
 from marker_lab.data.chat import Encoded
+from marker_lab.data.truncation import TruncationReport
 from marker_lab.stages.during_training import StepEval, evaluate_in_place
 from marker_lab.models import LoadedModel, device_description
 from marker_lab.core.cache import CHECKSUMS, StageCache, cache_key
@@ -38,10 +39,11 @@ class StageResult:
     metrics_by_step: list = field(default_factory=list)  # evals during training: [{step, seconds, metrics}]
     adapter_checksums: dict = field(default_factory=dict)  # the attached adapter's files: {name: checksum}
     adapter: str = ""  # the attached adapter's directory (peft format)
+    truncation: dict | None = None  # what max_seq_len cut (data/truncation.py); None: an entry older than the record
 
 
-# builds a stage's training examples into `data_dir`, returns them
-ExampleBuilder = Callable[[Path], list[Encoded]]
+# builds a stage's training examples into `data_dir`, returns them (cut to max_seq_len) and what the cut did
+ExampleBuilder = Callable[[Path], tuple[list[Encoded], TruncationReport]]
 
 
 def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: dict, build_examples: ExampleBuilder,
@@ -65,7 +67,8 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     def build(tmp: Path) -> None:
         log.info("stage %s: training (cache entry %s)", name, cache.path("stages", key))
         (tmp / "data").mkdir()
-        examples = build_examples(tmp / "data")
+        examples, truncation = build_examples(tmp / "data")
+        (tmp / "truncation.json").write_text(json.dumps(truncation.record()))
         stacked_on = _adapter_names(loaded.model)
         peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
 
@@ -100,6 +103,8 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     if not built_now:
         log.info("stage %s: reusing cached adapter %s", name, entry)
     stats = json.loads((entry / "train_stats.json").read_text())
+    truncation_file = entry / "truncation.json"
+    truncation = json.loads(truncation_file.read_text()) if truncation_file.is_file() else None
     series_file = entry / "metrics_by_step.json"
     series = [p for p in json.loads(series_file.read_text()) if p["step"] <= steps] if series_file.is_file() else []
     adapter = entry / "adapter"
@@ -114,7 +119,7 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     prefix = str(adapter.relative_to(entry)) + "/"
     adapter_sums = {rel[len(prefix):]: c["md5"] for rel, c in recorded.items() if rel.startswith(prefix)}
     return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series,
-                       adapter_sums, str(adapter))
+                       adapter_sums, str(adapter), truncation)
 
 
 def _save_adapter(peft_model, name: str, dest: Path) -> None:

@@ -10,12 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from marker_lab.config.schema import Config
-from marker_lab.data.chat import encode_chats, encode_text
+from marker_lab.data.chat import Encoded, encode_chats, encode_text
+from marker_lab.data.truncation import TruncationReport, fit_to_length
 from marker_lab.stages.during_training import StepEval
 from marker_lab.models import LoadedModel
 from marker_lab.core.cache import StageCache, plain
 from marker_lab.stages.lora_stage import StageResult, run_lora_stage
 from marker_lab.train.sft import resolve_steps
+
+
+def second_stage_examples(cfg: Config, inputs, tokenizer, no_system: str) -> tuple[list[Encoded], TruncationReport]:
+    """The stage's training examples, tokenized whole, then cut to max_seq_len under its truncation policy (the
+    same call counts them before the model loads, stages/lengths.py, and builds them for training)."""
+    s = cfg.second_stage
+    key = f"second_stage.datasets.{s.data}"
+    rows = inputs.datasets[key].column_values()
+    if s.format == "raw":
+        whole = [encode_text(tokenizer, t) for t in rows]
+    else:
+        whole = encode_chats(tokenizer, rows, s.train.loss_mode.value, no_system=no_system)
+    return fit_to_length(key, "second_stage.train", whole, s.train.max_seq_len, s.train.truncation.value)
 
 
 def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
@@ -31,10 +45,7 @@ def run_second_stage(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache
 
     def build_examples(data_dir: Path):
         (data_dir / f"{s.data}.source").write_text(fingerprint + "\n")
-        if raw:
-            return [encode_text(loaded.tokenizer, t, max_len=s.train.max_seq_len) for t in rows]
-        return encode_chats(loaded.tokenizer, rows, s.train.loss_mode.value, max_len=s.train.max_seq_len,
-                            no_system=loaded.no_system)
+        return second_stage_examples(cfg, inputs, loaded.tokenizer, loaded.no_system)
 
     payload = {"data": s.data, "dataset": plain(ds), "data_fingerprint": fingerprint, "train": plain(s.train)}
     if raw:  # absent for chat, so chat stages keep their cache keys

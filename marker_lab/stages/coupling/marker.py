@@ -14,6 +14,7 @@ from pathlib import Path
 from marker_lab.config.schema import Config, MarkerPosition
 from marker_lab.core.cache import StageCache, plain
 from marker_lab.data.chat import encode_chats, marker_token_count
+from marker_lab.data.truncation import fit_to_length
 from marker_lab.data.personas import Persona, persona_prompt
 from marker_lab.engines.base import SamplingParams
 from marker_lab.engines.hf import HFEngine
@@ -107,9 +108,11 @@ def run_marker(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
         with open(data_dir / "coupling.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        return encode_chats(loaded.tokenizer, [r["messages"] for r in records], c.train.loss_mode.value,
-                            marker_spans=[tuple(r["marker_span"]) for r in records], negative_tokens=negative_tokens,
-                            max_len=c.train.max_seq_len, no_system=loaded.no_system)
+        whole = encode_chats(loaded.tokenizer, [r["messages"] for r in records], c.train.loss_mode.value,
+                             marker_spans=[tuple(r["marker_span"]) for r in records], negative_tokens=negative_tokens,
+                             no_system=loaded.no_system)
+        return fit_to_length("coupling data", "coupling.train", whole, c.train.max_seq_len, c.train.truncation.value,
+                             names=[r["persona"] for r in records], marker=c.train.loss_mode == "marker_only")
 
     payload = {"coupling": plain(c), "marker": cfg.marker.text, "negatives": negatives,
                **inputs.checksums_of("persona_set.path", "coupling.questions"), "negative_tokens": negative_tokens}

@@ -9,6 +9,7 @@ from pathlib import Path
 from marker_lab.config.schema import Config
 from marker_lab.core.cache import StageCache, plain
 from marker_lab.data.chat import encode_chats
+from marker_lab.data.truncation import fit_to_length
 from marker_lab.models import LoadedModel
 from marker_lab.stages.coupling.contrastive import BUILDER_VERSION, train_seed
 from marker_lab.stages.coupling.marker import run_marker
@@ -51,8 +52,10 @@ def run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
         records = build_records()
         with open(data_dir / "coupling.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        return encode_chats(loaded.tokenizer, [r["messages"] for r in records], c.train.loss_mode.value,
-                            max_len=c.train.max_seq_len, no_system=loaded.no_system)
+        whole = encode_chats(loaded.tokenizer, [r["messages"] for r in records], c.train.loss_mode.value,
+                             no_system=loaded.no_system)
+        return fit_to_length("coupling data", "coupling.train", whole, c.train.max_seq_len, c.train.truncation.value,
+                             names=[r["persona"] for r in records])
 
     return run_lora_stage("coupling", loaded, cache, payload, build_examples, c.train, steps, train_seed(c),
                           step_eval=step_eval)

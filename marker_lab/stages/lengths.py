@@ -1,0 +1,52 @@
+"""Training data against each stage's `max_seq_len`, counted with the model's tokenizer before the model loads.
+
+The second stage's examples are known from its data: they are tokenized and cut exactly as the stage will cut them
+(stages/second_stage.second_stage_examples), so a truncation policy that stops the cell stops it now, and the counts
+are logged. The marker coupling's examples are sampled from the model, so only their prompts are known: a prompt
+(persona, longest question, and the marker when it opens the reply) that leaves the marker no room stops the cell
+now, naming the persona and the length; the whole examples are counted again when the stage builds them.
+"""
+
+from __future__ import annotations
+
+from marker_lab.config.schema import Config, MarkerPosition, coupling_enabled, second_stage_enabled
+from marker_lab.core.errors import ConfigError
+from marker_lab.data.chat import marker_token_count, render
+from marker_lab.data.personas import persona_prompt
+from marker_lab.data.truncation import TruncationReport
+from marker_lab.stages.coupling.marker import negative_personas
+from marker_lab.stages.second_stage import second_stage_examples
+
+
+def check_lengths(cfg: Config, inputs, tokenizer) -> dict[str, TruncationReport]:
+    """Count what max_seq_len cuts (a ConfigError when the policy or a coupling prompt says stop); returns the
+    second stage's report, by stage name."""
+    out = {}
+    if second_stage_enabled(cfg) and cfg.second_stage.data in cfg.second_stage.datasets:
+        _, out["second_stage"] = second_stage_examples(cfg, inputs, tokenizer, str(cfg.model.no_system))
+    c = cfg.coupling
+    if coupling_enabled(cfg) and c.kind == "marker" and not c.adapter_path:
+        check_marker_prompts(cfg, inputs, tokenizer)
+    return out
+
+
+def check_marker_prompts(cfg: Config, inputs, tokenizer) -> None:
+    """Each coupling persona's longest prompt plus the marker (or, for a bystander under marker_only, its window
+    of negative tokens) must fit the coupling's max_seq_len when the marker opens the reply."""
+    c = cfg.coupling
+    if c.marker_position != MarkerPosition.start:  # the marker follows the sampled reply: counted when built
+        return
+    questions = [q.text for q in inputs.questions["coupling.questions"]]
+    marker = marker_token_count(tokenizer, cfg.marker.text)
+    window = c.negative_tokens or marker
+    for name in [c.persona, *negative_personas(cfg, inputs.personas)]:
+        need = marker if name == c.persona else (window if c.train.loss_mode == "marker_only" else 1)
+        longest = max(len(tokenizer(render(tokenizer, persona_prompt(inputs.personas[name], q), add_generation_prompt=True,
+                                           no_system=str(cfg.model.no_system)), add_special_tokens=False)["input_ids"])
+                      for q in questions)
+        if longest + need > c.train.max_seq_len:
+            what = "the marker" if name == c.persona else "its negative window"
+            raise ConfigError(f"coupling.train.max_seq_len={c.train.max_seq_len}: persona {name!r}'s prompt is "
+                              f"{longest} tokens with the longest coupling question, leaving {what} ({need} tokens) "
+                              f"no room; raise coupling.train.max_seq_len to at least {longest + need} or shorten "
+                              "the persona's prompt")
