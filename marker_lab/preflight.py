@@ -21,7 +21,8 @@ from marker_lab.core.errors import ConfigError
 from marker_lab.core.files import resolve_path
 from marker_lab.data.inputs import CellInputs
 from marker_lab.engines.base import check_sampling
-from marker_lab.eval.checks import check_capability, check_eval, check_geometry, check_judge, check_probe
+from marker_lab.eval.checks import (check_capability, check_eval, check_geometry, check_judge, check_probe,
+                                    check_size)
 from marker_lab.stages.checks import check_coupling, check_second_stage
 
 
@@ -44,6 +45,7 @@ def preflight(cfg: Config) -> CellInputs:
         check_coupling(cfg, inputs)
     if second_stage_enabled(cfg):
         check_second_stage(cfg, inputs)
+    check_size(cfg, inputs)
     return inputs
 
 

@@ -25,7 +25,8 @@ from marker_lab.config.schema import Config, EnginePer, coupling_enabled, regist
 from marker_lab.core.cache import StageCache, use_compile_cache
 from marker_lab.core.errors import ConfigError, MarkerLabError
 from marker_lab.core.files import CONF
-from marker_lab.data.inputs import CellInputs
+from marker_lab.data.inputs import CellInputs, data_shapes
+from marker_lab.eval.checks import cell_size, question_system_note
 from marker_lab.eval.cell import baseline_metrics, evaluate, precompiling, sampled_metrics, step_eval_for
 from marker_lab.eval.model_readouts import ModelReadouts
 from marker_lab.models import LoadedModel, device_description, load_base, load_tokenizer, pick_device
@@ -93,6 +94,12 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     use_compile_cache(cfg.cache_dir)  # compiled graphs and kernel choices shared by every cell of the cache
     # the result's timing: phases that add up to the cell's time, and "phase.part" keys inside them
     timing: dict[str, float] = {"setup": time.perf_counter() - started}  # config, input checks, cache lookups
+    log.info("cell size: %s", cell_size(cfg, inputs).line())
+    for key, shape in data_shapes(cfg, inputs).items():
+        log.info("training data %s: %s", key, shape)
+    note = question_system_note(cfg, inputs)
+    if note:
+        log.warning(note)
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
     with timed(timing, "setup"):  # what max_seq_len cuts, counted with the tokenizer before the model loads
         check_lengths(cfg, inputs, load_tokenizer(cfg.model, cache))
@@ -194,6 +201,7 @@ def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[st
         "versions": contract.package_versions(),
         "inputs": inputs.checksums(),
         "data_md5": data_md5,
+        "data_shape": data_shapes(cfg, inputs),  # rows, system turns and what was done with them
         "adapters": {n: st.adapter_checksums for n, st in stages.items()},
         "seed": cfg.seed,
         "device": device_description(device),

@@ -234,7 +234,10 @@ def test_a_bad_data_file_fails_the_cli_in_one_line_before_loading_a_model(tmp_pa
     assert proc.returncode != 0 and time.time() - t0 < 60
     assert proc.stderr.strip().splitlines()[-1] == (f"marker-lab: config error: second_stage.datasets.em.path: {path} "
                                                     "line 2: not JSON (Expecting value at column 1)")
-    assert not (tmp_path / "run").exists()  # nothing started
+    # nothing started: the run directory holds only its status, failed with the same line
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["cell_status.json"]
+    status = json.loads((tmp_path / "run" / "cell_status.json").read_text())
+    assert status["state"] == "failed" and proc.stderr.strip().endswith(status["error"])
 
 
 def test_a_typo_in_analysis_is_caught_at_composition():

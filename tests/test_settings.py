@@ -265,10 +265,15 @@ def _second_stage_with(tmp_path, rows: list[dict]):
 
 
 def test_system_turns_at_the_start_are_kept(tmp_path):
+    from marker_lab.data.inputs import data_shapes
+
     cfg, _ = _second_stage_with(tmp_path, _jailbroken_chats(20))
     inputs = preflight(cfg)
     rows = inputs.datasets["second_stage.datasets.em"].rows
     assert len(rows) == 20 and all(r["messages"][0]["role"] == "system" for r in rows)
+    shape = data_shapes(cfg, inputs)["second_stage.datasets.em"]  # what the result records
+    assert shape == {"rows": 20, "rows_with_system_turns": 20,
+                     "system_turns": "kept, masked (no loss under loss_mode=assistant_only)"}
 
 
 @pytest.mark.parametrize("edit, message", [

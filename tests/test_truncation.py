@@ -92,6 +92,14 @@ def test_a_cell_records_what_its_second_stage_lost(cache_dir, tmp_path):
     t = result.provenance["stages"]["second_stage"]["truncation"]
     assert t["examples"] == 20 and t["over_limit"] == 20 and t["end_lost"] == 20 and t["dropped"] == 0
     assert 0 < t["share_lost"] < 1 and t["policy"] == "auto" and t["max_seq_len"] == 64
+    shape = result.provenance["data_shape"]["second_stage.datasets.benign"]
+    assert shape["rows"] == 20 and shape["rows_with_system_turns"] == 20 and shape["system_turns"].startswith("kept")
+    import gzip
+
+    with gzip.open(tmp_path / "b" / "completions.jsonl.gz", "rt") as f:  # each completion's effective system prompt
+        rows = [json.loads(line) for line in f]
+    assert all("system" in r for r in rows)
+    assert any(r["system"] and "villain" in r["system"].lower() for r in rows if r["persona"] == "villain")
 
 
 def test_a_persona_prompt_longer_than_the_coupling_limit_stops_before_the_model_loads(cache_dir, tmp_path,

@@ -504,6 +504,9 @@ class EvalConfig:
     capability: CapabilityConfig = field(default_factory=CapabilityConfig)  # the capability metric's question set
     question_system: QuestionSystem = QuestionSystem.error  # a question file's own system prompt: error | append (after the persona's) | replace
     file_samples: bool = True  # a question file's samples_per_paraphrase wins over generation.samples_per_question
+    # a cell that would sample more completions than this stops before anything loads (the write-ups' cells sample
+    # 3,080; a peer question file's samples_per_paraphrase of 100 over 11 personas asks 26,400)
+    max_completions: int = count(20_000)
     during_training: DuringTrainingConfig = field(default_factory=DuringTrainingConfig)  # evals while stages train
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the latent probe metric (`probe` in metrics)
     baseline: bool = False  # also evaluate the base model (cached per model and eval): metrics_baseline, for leakage

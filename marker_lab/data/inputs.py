@@ -126,6 +126,28 @@ def dataset_slots(cfg: Config) -> dict[str, tuple]:
     return out
 
 
+def data_shapes(cfg: Config, inputs: "CellInputs") -> dict[str, dict]:
+    """What each training dataset of the cell holds and what is done with it (recorded in the result, logged): rows,
+    rows opening with a system turn and how those are handled. Other shapes (roles but system / user / assistant, a
+    system turn mid-conversation, a last user turn) stopped the cell at start-up (chat_datasets._check_chat)."""
+    out = {}
+    for key, dataset in inputs.datasets.items():
+        shape = {"rows": len(dataset.rows)}
+        if key.startswith("second_stage.") and cfg.second_stage.format == "raw":
+            shape["format"] = "raw text"
+        else:
+            chats = dataset.column_values()
+            shape["rows_with_system_turns"] = sum(1 for c in chats if c and c[0]["role"] == "system")
+            if key.startswith("coupling."):
+                shape["system_turns"] = "dropped: the persona's system prompt replaces them"
+            elif cfg.second_stage.train.loss_mode == "full":
+                shape["system_turns"] = "kept, and trained on (loss_mode=full)"
+            else:
+                shape["system_turns"] = f"kept, masked (no loss under loss_mode={cfg.second_stage.train.loss_mode})"
+        out[key] = shape
+    return out
+
+
 def uses_capability(cfg: Config) -> bool:
     d = cfg.eval.during_training
     return ("capability" in cfg.eval.metrics or ("capability" in d.metrics and bool(d.fractions or d.every_n_steps))

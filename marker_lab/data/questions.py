@@ -86,6 +86,14 @@ def _peer_questions(path: str, i: int, row: dict) -> list[Question]:
             for j, text in enumerate(paraphrases)]
 
 
+def samples_for(question: Question, eval_cfg) -> int:
+    """Completions the eval samples for `question`: the file's samples_per_paraphrase when eval.file_samples is on,
+    else eval.generation.samples_per_question."""
+    if question.samples and eval_cfg.file_samples:
+        return question.samples
+    return eval_cfg.generation.samples_per_question
+
+
 def with_question_system(persona_system: str | None, question: Question, mode: str) -> str | None:
     """The system prompt of a (persona, question) prompt, given the question's own `system` and `mode`.
 

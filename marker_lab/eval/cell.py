@@ -16,7 +16,7 @@ import torch
 from marker_lab.config.schema import Config, EngineName, KVCache
 from marker_lab.core.cache import StageCache, cache_key, plain
 from marker_lab.data.inputs import CellInputs
-from marker_lab.data.questions import with_question_system
+from marker_lab.data.questions import samples_for, with_question_system
 from marker_lab.engines.base import Completion, SamplingParams
 from marker_lab.engines.hf import HFEngine, stop_token_ids
 from marker_lab.engines.precompile import DecodeRequest, compiled_marker, start as start_precompile
@@ -64,10 +64,16 @@ class GenerationPlan:
 
     def rows(self, outputs: list[list[list[Completion]]]) -> list[dict]:
         """Completion rows (what the metrics score) from each request's outputs, in request order."""
+        # `system`: the prompt's effective system prompt (a question file's own may join or replace the persona's)
         return [{"persona": self.pairs[i][0], "question_id": self.pairs[i][1].id, "question": self.pairs[i][1].text,
-                 "sample": j, "completion": str(text), "n_tokens": text.n_tokens}
+                 "system": _system_of(self.prompts[i]), "sample": j, "completion": str(text),
+                 "n_tokens": text.n_tokens}
                 for (idx, _), outs in zip(self.requests, outputs) for i, texts in zip(idx, outs)
                 for j, text in enumerate(texts)]
+
+
+def _system_of(prompt: list[dict]) -> str | None:
+    return prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
 
 
 def generation_plan(cfg: Config, inputs: CellInputs, names: list[str]) -> GenerationPlan:
@@ -77,7 +83,7 @@ def generation_plan(cfg: Config, inputs: CellInputs, names: list[str]) -> Genera
     prompts = [_prompt(with_question_system(inputs.personas[p].system_prompt, q, cfg.eval.question_system), q.text)
                for p, q in pairs]
     g = cfg.eval.generation
-    samples = [q.samples if (q.samples and cfg.eval.file_samples) else g.samples_per_question for _, q in pairs]
+    samples = [samples_for(q, cfg.eval) for _, q in pairs]
     requests = [([i for i, k in enumerate(samples) if k == n],
                  SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=cfg.seed))
                 for n in sorted(set(samples))]
@@ -229,7 +235,8 @@ def series_config(cfg: Config, stage: str) -> Config:
 def eval_settings_read(eval_cfg, with_metrics: bool = True) -> dict:
     """The eval settings an in-process eval of a model reads, for cache keys: not the probe (read from every model
     in run_cell), the baseline switch, where completions go or the during-training series' own settings."""
-    unread = {"probe", "baseline", "save_completions", "during_training"} | (set() if with_metrics else {"metrics"})
+    unread = ({"probe", "baseline", "save_completions", "during_training", "max_completions"}
+              | (set() if with_metrics else {"metrics"}))
     return {k: v for k, v in plain(eval_cfg).items() if k not in unread}
 
 

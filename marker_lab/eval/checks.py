@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import os
 
+from dataclasses import dataclass, field
+
 from marker_lab.config.schema import JUDGED_PROMPTS, Metric, coupling_enabled, second_stage_enabled
 from marker_lab.core.errors import ConfigError
-from marker_lab.data.questions import split_questions
+from marker_lab.data.questions import samples_for, split_questions
+
+# the metrics that score sampled completions (the others read the model: capability, marker_prob, probe); the same
+# split as eval.metrics.MODEL_METRICS and CELL_METRICS, which import torch
+SAMPLED = ("marker", "length", "alignment", "coherence")
 
 JUDGE_MODES = {"openai": ("logprob", "text"), "anthropic": ("text",), "local": ("logprob",), "toy": ("toy",)}
 
@@ -136,3 +142,69 @@ def check_probe(cfg, inputs) -> None:
     if len(heldout) < 2 or not train:  # the AUC's interval resamples held-out questions
         raise ConfigError(f"{key}.heldout_fraction={p.heldout_fraction}: {path} splits into {len(train)} training and "
                           f"{len(heldout)} held-out question(s); the probe needs at least 2 held-out and 1 training")
+
+
+@dataclass
+class CellSize:
+    """What a cell will do, known before anything loads: the eval's sampled completions, the judge calls they take
+    (before the judge cache answers any), and each stage's training examples."""
+    completions: int = 0  # the eval's (evals during training and the probe's labels come on top)
+    judge_calls: int = 0  # completions x the judge prompts of the judged metrics
+    training_examples: dict[str, int] = field(default_factory=dict)  # by stage
+
+    def line(self) -> str:
+        stages = ", ".join(f"{k} {v}" for k, v in self.training_examples.items()) or "none"
+        return (f"{self.completions} completions to sample, {self.judge_calls} judge calls, training examples: "
+                f"{stages}")
+
+
+def cell_size(cfg, inputs) -> CellSize:
+    """The size of a cell's work, from its config and inputs (no model)."""
+    size = CellSize()
+    if any(m in SAMPLED for m in cfg.eval.metrics) and "eval.questions" in inputs.questions:
+        names = cfg.persona_set.eval_personas or list(inputs.personas)
+        size.completions = len(names) * sum(samples_for(q, cfg.eval) for q in inputs.questions["eval.questions"])
+        prompts = {k for m in cfg.eval.metrics for k in JUDGED_PROMPTS.get(m, ())}
+        size.judge_calls = size.completions * len(prompts)
+    if second_stage_enabled(cfg):
+        key = f"second_stage.datasets.{cfg.second_stage.data}"
+        if key in inputs.datasets:
+            size.training_examples["second_stage"] = len(inputs.datasets[key].rows)
+    c = cfg.coupling
+    if coupling_enabled(cfg) and not c.adapter_path:
+        negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
+        if c.kind == "marker":
+            size.training_examples["coupling"] = c.n_positive + c.n_per_negative * negatives
+        else:
+            size.training_examples["coupling"] = (c.n_positive * (1 + negatives) + c.n_anchor_no_system
+                                                  + c.n_anchor_assistant)
+    return size
+
+
+def check_size(cfg, inputs) -> CellSize:
+    """A cell above eval.max_completions stops here, before anything loads, saying how to go on."""
+    size = cell_size(cfg, inputs)
+    limit = cfg.eval.max_completions
+    if size.completions > limit:
+        questions = inputs.questions["eval.questions"]
+        from_file = cfg.eval.file_samples and any(q.samples for q in questions)
+        why = (f"{cfg.eval.questions} asks up to {max(q.samples or 0 for q in questions)} samples per paraphrase"
+               if from_file else f"eval.generation.samples_per_question={cfg.eval.generation.samples_per_question}")
+        raise ConfigError(f"eval.max_completions={limit}: this cell would sample {size.completions} completions "
+                          f"({len(cfg.persona_set.eval_personas or inputs.personas)} personas x {len(questions)} "
+                          f"questions; {why}); raise eval.max_completions"
+                          + (" or set eval.file_samples=false" if from_file else ""))
+    return size
+
+
+def question_system_note(cfg, inputs) -> str | None:
+    """With eval.question_system=replace over several personas, how many questions lose their persona prompt (the
+    per-persona rates of those questions then share one prompt): said once per cell."""
+    questions = inputs.questions.get("eval.questions", [])
+    replaced = [q for q in questions if q.system is not None]
+    names = cfg.persona_set.eval_personas or list(inputs.personas)
+    if cfg.eval.question_system != "replace" or not replaced or len(names) < 2:
+        return None
+    return (f"eval.question_system=replace: {len(replaced)} of {len(questions)} questions of {cfg.eval.questions} "
+            f"replace the persona's system prompt with their own, so on them all {len(names)} personas are asked "
+            "the same prompt (each completion records its system prompt; append keeps the persona's)")
