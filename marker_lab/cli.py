@@ -52,6 +52,11 @@ def check_config(overrides: list[str], config_dir: str | None = None) -> None:
             del node["hydra"]
             node.output_dir = run_dir
         preflight(OmegaConf.to_object(node))
+        try:  # where Hydra will write the run: say now if it cannot (a read-only file system, no permission)
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            run_dir, message = None, f"hydra.run.dir={run_dir}: cannot write the run there ({e.strerror})"
+            raise ConfigError(message) from None
     except ConfigError as e:
         _refused(run_dir, f"config error: {e}")
     except Exception as e:  # hydra/omegaconf composition errors

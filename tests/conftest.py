@@ -114,3 +114,40 @@ def dropping_endpoint():
     threading.Thread(target=drop_every_connection, daemon=True).start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}/v1", accepted
     server.close()
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    """Mount a tmpfs at `path` (a real small or read-only file system); False where this machine does not let us."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    except FileNotFoundError:
+        return False
+    return done.returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory on a read-only file system (root can write anywhere else, so permissions would not do)."""
+    path = tmp_path / "ro"
+    if not _mount_tmpfs(path, "ro,size=1m"):
+        pytest.skip("mounting a read-only tmpfs needs root and mount(8) (CI runs as root)")
+    yield path
+    import subprocess
+
+    subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """(directory, size in bytes): a real file system of 24 MiB, to fill up."""
+    path = tmp_path / "small"
+    size = 24 << 20
+    if not _mount_tmpfs(path, f"size={size}"):
+        pytest.skip("mounting a small tmpfs needs root and mount(8) (CI runs as root)")
+    yield path, size
+    import subprocess
+
+    subprocess.run(["umount", str(path)], check=False)

@@ -321,3 +321,37 @@ def test_each_row_is_one_line_through_the_cli_before_anything_loads(override, ke
 
     status = json.loads((run_dir / "cell_status.json").read_text())
     assert status["state"] == "failed" and "marker-lab: " + status["error"] == lines[0]
+
+
+# -- the errors that used to be unclear, one line each naming the right key or path -------------------------------
+
+def _cli(args: list[str], tmp_path) -> tuple[int, list[str]]:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", *args], capture_output=True, text=True,
+                          env={**os.environ, "MARKER_LAB_CACHE": str(tmp_path / "cache")}, timeout=300)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_a_sweep_or_run_on_a_read_only_file_system(read_only_dir, tmp_path):
+    rc, lines = _cli(["-m", "condition=c4", "seed=1,2", f"hydra.sweep.dir={read_only_dir / 'sweep'}"], tmp_path)
+    assert rc == 2 and lines == [f"marker-lab: hydra.sweep.dir={read_only_dir / 'sweep'}: cannot write the sweep "
+                                 "there (Read-only file system)"]
+    rc, lines = _cli(["condition=c4", f"hydra.run.dir={read_only_dir / 'run'}"], tmp_path)  # the cell's output_dir
+    assert rc == 2 and lines == [f"marker-lab: config error: output_dir: cannot be written: {read_only_dir} is "
+                                 f"read-only or not ours ({read_only_dir / 'run'})"]
+    rc, lines = _cli(["condition=c4", f"cache_dir={read_only_dir / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}"],
+                     tmp_path)
+    assert rc == 2 and lines[-1].startswith(f"marker-lab: config error: cache_dir: cannot be written: {read_only_dir}")
+
+
+@pytest.mark.parametrize("override, line", [
+    ("cache_dir=/etc/hostname", "cache_dir: is a file, not a directory: /etc/hostname"),
+    ("second_stage.datasets.em.path=/tmp", "second_stage.datasets.em.path: is a directory, not a file: /tmp"),
+    ("seed=4294967296", "seed: must be in [0, 4294967295], got 4294967296"),
+])
+def test_the_other_unclear_errors_name_the_right_key(override, line, tmp_path):
+    rc, lines = _cli([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert rc == 2 and lines == [f"marker-lab: config error: {line}"]

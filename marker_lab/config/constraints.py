@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -88,11 +89,11 @@ class Constraint:
         hi = (None if self.le == INT64_MAX else (self.le, "]") if self.le is not None
               else (self.lt, ")") if self.lt is not None else None)
         if lo and hi:
-            return f"in {lo[0]}{lo[1]:g}, {hi[0]:g}{hi[1]}"
+            return f"in {lo[0]}{_num(lo[1])}, {_num(hi[0])}{hi[1]}"
         if lo:
-            return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+            return f"{'>=' if lo[0] == '[' else '>'} {_num(lo[1])}"
         if hi:
-            return f"{'<=' if hi[1] == ']' else '<'} {hi[0]:g}"
+            return f"{'<=' if hi[1] == ']' else '<'} {_num(hi[0])}"
         return ""
 
     def problem(self, value: Any) -> str | None:
@@ -137,7 +138,7 @@ class Constraint:
         if self.le == INT64_MAX and x > INT64_MAX:
             return f"is beyond what a 64-bit integer holds (at most {INT64_MAX})"
         meaning = f" ({', '.join(f'{v} means {m}' for v, m in self.meaning)})" if self.meaning else ""
-        return f"must be {self.range_text()}, got {x:g}{meaning}"
+        return f"must be {self.range_text()}, got {_num(x)}{meaning}"
 
     def _text_problem(self, s: str) -> str | None:
         if self.free:
@@ -158,6 +159,11 @@ class Constraint:
         if self.path:
             return _path_problem(s, self.path)
         return None
+
+
+def _num(x: float) -> str:
+    """A number as a message shows it: integers whole (a seed of 4294967296 is not 4.29497e+09)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _path_problem(value: str, kind: str) -> str | None:
@@ -196,6 +202,11 @@ def _path_problem(value: str, kind: str) -> str | None:
     if kind == PathKind.OUTPUT_DIR:
         if real.exists() and not real.is_dir():
             return f"is a file, not a directory: {shown}"
+        existing = next(p for p in [real, *real.absolute().parents] if p.exists())  # what a mkdir would write into
+        if not existing.is_dir():
+            return f"cannot be created: {existing} is a file ({shown})"
+        if not os.access(existing, os.W_OK | os.X_OK):  # a read-only file system answers this even for root
+            return f"cannot be written: {existing} is read-only or not ours ({shown})"
         return None
     raise ValueError(kind)
 

@@ -34,6 +34,10 @@ class GridSweeper(BasicSweeper):
         except SweepBusy as e:
             print(f"marker-lab: {e}", file=sys.stderr)
             raise SystemExit(1) from None
+        except OSError as e:  # a read-only file system, no permission, a file where the directory should be
+            print(f"marker-lab: hydra.sweep.dir={sweep_dir}: cannot write the sweep there ({e.strerror})",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
         try:
             returns, initial_job_idx = [], 0
             while not self.is_done():
