@@ -34,6 +34,7 @@ from marker_lab.preflight import preflight
 from marker_lab.results import contract
 from marker_lab.results.contract import AttachedAdapter, PendingEval, RunResult, cell_keys, config_hash, is_current
 from marker_lab.stages.coupling import run_coupling
+from marker_lab.stages.disk import check_disk
 from marker_lab.stages.lengths import check_lengths
 from marker_lab.stages.lora_stage import StageResult
 from marker_lab.stages.second_stage import run_second_stage
@@ -101,7 +102,9 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     if note:
         log.warning(note)
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
-    with timed(timing, "setup"):  # what max_seq_len cuts, counted with the tokenizer before the model loads
+    with timed(timing, "setup"):  # free space for what the cell writes; what max_seq_len cuts: before the model loads
+        writes = check_disk(cfg, inputs, cache)
+        log.info("disk: this cell writes up to %s", "; ".join(writes.parts) or "nothing large")
         check_lengths(cfg, inputs, load_tokenizer(cfg.model, cache))
     on_phase("load")
     with timed(timing, "load"):

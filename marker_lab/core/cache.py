@@ -11,6 +11,7 @@ damaged entry is moved aside and rebuilt under the same lock (the log says which
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Callable
 
 from filelock import FileLock
 
+from marker_lab.core.errors import DiskFullError
 from marker_lab.core.files import file_checksum, sha256_json
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,13 @@ class StageCache:
                     (tmp / KEY_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
                 (tmp / CHECKSUMS).write_text(json.dumps(entry_checksums(tmp), indent=1, sort_keys=True))
                 os.replace(tmp, final)
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
+                    free = shutil.disk_usage(final.parent).free
+                    raise DiskFullError(f"no space left on the device writing the {kind} entry {final} (its "
+                                        f"temporary directory was removed; {free / 2**20:,.0f} MB free there now)"
+                                        ) from None
                 raise
         return final, True
 

@@ -26,3 +26,8 @@ def config_error_line(exc: BaseException) -> str:
             parts.append(f"key: {key}")
         e = e.__cause__ or e.__context__
     return "; ".join(parts)
+
+
+class DiskFullError(MarkerLabError, OSError):
+    """Not enough space where the cell writes: found before the model loads (an estimate), or a write that failed
+    with ENOSPC anyway; the message names the directory and the space."""
