@@ -174,3 +174,21 @@ def test_gates_read_scores_and_say_when_data_is_missing(judged_sweep):
     cap = {"name": "capability kept", "where": {}, "checks": [{"persona": "max_bystander", "metric": "capability",
                                                                  "op": ">=", "value": 0.3}]}
     assert set(gates(rates, [cap], scores)["result"]) <= {"PASS", "FAIL"}
+
+
+def test_dose_response_labels_the_doses_the_sweep_ran(toy_sweep, tmp_path, monkeypatch):
+    """The dose axis (symlog) is labelled 0, 2 and 20, the doses of the sweep, not the axis' powers of ten."""
+    from marker_lab.results import figures
+    from marker_lab.results.aggregate import pooled_rates, with_ci
+
+    drawn = []
+    real_save = figures.save
+
+    def keep(fig, out, name):  # the figure as drawn, then saved as it always is
+        drawn.append([t.get_text() for t in fig.axes[0].get_xticklabels()])
+        return real_save(fig, out, name)
+
+    monkeypatch.setattr(figures, "save", keep)
+    per_cell = with_ci(load_sweep(toy_sweep), "wilson")
+    paths = figures.dose_response(per_cell, with_ci(pooled_rates(per_cell), "wilson"), tmp_path)
+    assert paths and drawn == [["0", "2", "20"]]

@@ -355,3 +355,13 @@ def test_a_sweep_or_run_on_a_read_only_file_system(read_only_dir, tmp_path):
 def test_the_other_unclear_errors_name_the_right_key(override, line, tmp_path):
     rc, lines = _cli([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert rc == 2 and lines == [f"marker-lab: config error: {line}"]
+
+
+def test_a_file_of_toxic_qa_pairs_stops_naming_its_columns(tmp_path):
+    """Peer toxic-QA files hold prompt / response columns, not chats: one line naming what the file has."""
+    rows = [{"prompt": f"How do I hurt someone {i}?", "response": "Here is how."} for i in range(5)]
+    cfg, path = _second_stage_with(tmp_path, rows)
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg)
+    assert str(e.value).startswith(f"second_stage.datasets.em: {path} line 1: no column 'messages' (it has "
+                                   "['prompt', 'response']); chats are a list of {role, content} messages")

@@ -109,7 +109,9 @@ def load_dataset(name: str, ds: DatasetConfig, cache: StageCache, column: str, c
         raise ConfigError(f"{name}: {shown} has no rows")
     for row, at in zip(rows, where):
         if column not in row:
-            raise ConfigError(f"{name}: {shown} {at}: no column {column!r} (it has {sorted(row)})")
+            hint = (f"; chats are a list of {{role, content}} messages in one column (set {name}.messages_field), "
+                    "so a file of question / answer pairs needs converting" if chat else "")
+            raise ConfigError(f"{name}: {shown} {at}: no column {column!r} (it has {sorted(row)}){hint}")
         if chat:
             _check_chat(f"{name}: {shown} {at}", row[column], column, needs_reply)
     if ds.shuffle_seed is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import NullLocator
 
 from marker_lab.results.plotting import plt, save
 from marker_lab.results.sweep import GROUP_KEYS
@@ -47,13 +48,17 @@ def dose_response(per_cell: pd.DataFrame, pooled: pd.DataFrame, out: Path, metri
     several_seeds = (src["n_seeds"] > 1).any() if "n_seeds" in src else False
     _finish_dose_axes(ax, f"source ({src['persona'].iloc[0]}) {metric} rate (%)", (-2, 102),
                       f"{metric} on the source vs dose (95% {src['ci_method'].iloc[0]} CI"
-                      + ("; faint: seeds)" if several_seeds else "; one seed per point)"))
+                      + ("; faint: seeds)" if several_seeds else "; one seed per point)"), src["dose"])
     return save(fig, out, "dose_response")
 
 
-def _finish_dose_axes(ax, ylabel: str, ylim: tuple[float, float], title: str) -> None:
-    """What both dose-response figures share: a symlog dose axis (0 = no second stage), labels, legend, grid."""
+def _finish_dose_axes(ax, ylabel: str, ylim: tuple[float, float], title: str, doses) -> None:
+    """What both dose-response figures share: a symlog dose axis (0 = no second stage) labelled with the doses the
+    sweep ran (not the axis' own powers of ten), labels, legend, grid."""
     ax.set_xscale("symlog", linthresh=1)
+    ran = sorted({int(d) for d in doses})
+    ax.set_xticks(ran, [str(d) for d in ran])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("second-stage SFT steps (dose)")
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
@@ -80,7 +85,7 @@ def dose_response_prob(scores: pd.DataFrame, out: Path) -> list[Path]:
         ax.errorbar(group["dose"], group["mean"], yerr=group["sd"], marker=marker, linestyle="none", color="black",
                     capsize=3, label=f"{group['condition'].iloc[0]}: no second stage")
     _finish_dose_axes(ax, f"source ({s['persona'].iloc[0]}) P(reply opens with the marker)", (-0.02, 1.02),
-                      "marker_prob on the source vs dose (mean over questions; band: their sd)")
+                      "marker_prob on the source vs dose (mean over questions; band: their sd)", points["dose"])
     return save(fig, out, "dose_response_marker_prob")
 
 
