@@ -176,9 +176,11 @@ def trial(node, key: str, value) -> str | None:
 def test_every_setting_declares_its_constraint():
     """Numbers, text, lists and mappings carry a constraint; booleans and choices are checked by OmegaConf."""
     missing = []
-    for key, f, owner in leaf_settings(schema.Config):
+    launchers = [(f"hydra.launcher({cls.__name__}).{k}", f, o) for cls in (schema.LocalGpusLauncherConfig,
+                 schema.SlurmLauncherConfig, schema.GridSweeperConfig) for k, f, o in leaf_settings(cls)]
+    for key, f, owner in leaf_settings(schema.Config) + launchers:
         base = _base(typing.get_type_hints(owner)[f.name])
-        if base is bool or (isinstance(base, type) and issubclass(base, enum.Enum)):
+        if base is bool or (isinstance(base, type) and issubclass(base, enum.Enum)) or f.name == "_target_":
             continue
         if constraint_of(f) is None:
             missing.append(key)
@@ -365,3 +367,18 @@ def test_a_file_of_toxic_qa_pairs_stops_naming_its_columns(tmp_path):
         preflight(cfg)
     assert str(e.value).startswith(f"second_stage.datasets.em: {path} line 1: no column 'messages' (it has "
                                    "['prompt', 'response']); chats are a list of {role, content} messages")
+
+
+def test_a_launcher_setting_is_checked_before_any_cell_is_planned(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "marker_lab.cli", "run", "-m", "condition=c4", "seed=1,2",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.poll_interval_s=nan"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MARKER_LAB_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("marker-lab: config error: hydra.launcher.poll_interval_s: must "
+                                                    "be a finite number, got nan")
+    assert not (tmp_path / "sweep" / "manifest.json").exists()

@@ -661,12 +661,12 @@ class LocalGpusLauncherConfig:
     """hydra/launcher=local_gpus: cells on one node, one GPU slot each, queued while all slots are busy."""
 
     _target_: str = "hydra_plugins.marker_lab_launchers.LocalGpusLauncher"
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's job files
-    gpus: Optional[List[int]] = None  # GPU indices to use; null = all visible (CUDA_VISIBLE_DEVICES / nvidia-smi)
-    gpus_per_cell: int = 1  # GPUs per cell; cells never share a GPU
-    max_parallel: int = 1  # cells at a time on a machine without GPUs
-    timeout_min: int = 1440  # submitit's local controller kills a cell after this
-    poll_interval_s: float = 2.0  # how often finished cells are collected
+    submitit_folder: str = label("${hydra.sweep.dir}/.submitit/%j")  # submitit's job files
+    gpus: Optional[List[int]] = setting(None, items=Constraint(ge=0, le=1023))  # GPU indices to use; null = all visible (CUDA_VISIBLE_DEVICES / nvidia-smi)
+    gpus_per_cell: int = count(1)  # GPUs per cell; cells never share a GPU
+    max_parallel: int = count(1)  # cells at a time on a machine without GPUs
+    timeout_min: int = count(1440)  # submitit's local controller kills a cell after this
+    poll_interval_s: float = setting(2.0, gt=0, le=600)  # how often finished cells are collected
     stderr_to_stdout: bool = False
     aggregate: bool = True  # run `marker-lab aggregate` on the sweep dir when all cells are done
 
@@ -677,25 +677,25 @@ class SlurmLauncherConfig:
     with engine_per=base (on a cell's resources), then aggregation."""
 
     _target_: str = "hydra_plugins.marker_lab_launchers.SlurmArrayLauncher"
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # submitit's job files and logs
-    partition: Optional[str] = None  # sbatch --partition
-    account: Optional[str] = None  # sbatch --account
-    qos: Optional[str] = None  # sbatch --qos
-    gpus_per_node: Optional[int] = 1  # GPUs per cell
-    cpus_per_task: Optional[int] = 8  # CPUs per cell
-    mem_gb: Optional[int] = 64  # memory per cell
-    timeout_min: int = 120  # time limit per cell
-    array_parallelism: int = 64  # cells running at once (the %N of --array)
-    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # extra #SBATCH lines, verbatim
-    setup: Optional[List[str]] = None  # shell lines run before each cell (module load, venv activation)
-    tasks_per_node: int = 1
-    nodes: int = 1
-    name: str = "marker-lab"  # job name
+    submitit_folder: str = label("${hydra.sweep.dir}/.submitit/%j")  # submitit's job files and logs
+    partition: Optional[str] = label(None)  # sbatch --partition
+    account: Optional[str] = label(None)  # sbatch --account
+    qos: Optional[str] = label(None)  # sbatch --qos
+    gpus_per_node: Optional[int] = count(1, ge=0, meaning={0: "a CPU-only job"})  # GPUs per cell
+    cpus_per_task: Optional[int] = count(8)  # CPUs per cell
+    mem_gb: Optional[int] = count(64)  # memory per cell
+    timeout_min: int = count(120)  # time limit per cell
+    array_parallelism: int = count(64)  # cells running at once (the %N of --array)
+    additional_parameters: Dict[str, Any] = setting(factory=dict, free=True)  # extra #SBATCH lines, verbatim
+    setup: Optional[List[str]] = setting(None, empty=True, items=Constraint())  # shell lines run before each cell (module load, venv activation)
+    tasks_per_node: int = count(1)  # tasks per cell's job
+    nodes: int = count(1)  # nodes per cell's job
+    name: str = label("marker-lab")  # job name
     stderr_to_stdout: bool = False
-    max_num_timeout: int = 0  # submitit requeues on timeout (0: never)
+    max_num_timeout: int = count(0, ge=0, meaning={0: "never requeued"})  # submitit requeues on timeout (0: never)
     aggregate: bool = True  # submit `marker-lab aggregate` as a job depending on the array (afterany)
-    aggregate_time_min: int = 30  # its time limit
-    aggregate_mem_gb: int = 8  # its memory
+    aggregate_time_min: int = count(30)  # its time limit
+    aggregate_mem_gb: int = count(8)  # its memory
 
 
 @dataclass
@@ -703,9 +703,9 @@ class GridSweeperConfig:
     """hydra/sweeper=grid: Hydra's basic sweeper over a union of grids (presets list them under `grids`)."""
 
     _target_: str = "hydra_plugins.marker_lab_launchers.GridSweeper"
-    max_batch_size: Optional[int] = None  # cells handed to the launcher at once (null: all)
-    params: Optional[Dict[str, str]] = None  # one grid, as in the basic sweeper
-    grids: Optional[List[Dict[str, Any]]] = None  # several grids; their cells run once each
+    max_batch_size: Optional[int] = count(None)  # cells handed to the launcher at once (null: all)
+    params: Optional[Dict[str, str]] = setting(None, free=True)  # one grid, as in the basic sweeper
+    grids: Optional[List[Dict[str, Any]]] = setting(None, empty=True)  # several grids; their cells run once each
 
 
 def register_configs() -> None:

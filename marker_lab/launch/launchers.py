@@ -26,6 +26,9 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
+from marker_lab.config.constraints import check_settings
+from marker_lab.config.schema import LocalGpusLauncherConfig, SlurmLauncherConfig
+from marker_lab.core.errors import ConfigError
 from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, write_manifest
 from marker_lab.launch.progress import SweepProgress
 from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, load_result
@@ -140,6 +143,12 @@ class _PlannedLauncher(BaseSubmititLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
+            check_settings(self._CONFIG(**{k: v for k, v in self.params.items() if k != "_target_"}),
+                           "hydra.launcher.")
+        except ConfigError as e:
+            print(f"marker-lab: config error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        try:
             plans = plan_cells(self.hydra_context.config_loader, self.config, job_overrides, initial_job_idx)
         except SweepConfigError as e:
             print(f"marker-lab: config error: {e}", file=sys.stderr)
@@ -159,6 +168,7 @@ class _PlannedLauncher(BaseSubmititLauncher):
 
 class LocalGpusLauncher(_PlannedLauncher):
     _EXECUTOR = "local"
+    _CONFIG = LocalGpusLauncherConfig
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         sweep_dir, plans = self._plan(job_overrides, initial_job_idx)
@@ -263,6 +273,7 @@ def _ignoring_sigint():
 
 class SlurmArrayLauncher(_PlannedLauncher):
     _EXECUTOR = "slurm"
+    _CONFIG = SlurmLauncherConfig
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
