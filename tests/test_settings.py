@@ -382,3 +382,16 @@ def test_a_launcher_setting_is_checked_before_any_cell_is_planned(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == ("marker-lab: config error: hydra.launcher.poll_interval_s: must "
                                                     "be a finite number, got nan")
     assert not (tmp_path / "sweep" / "manifest.json").exists()
+
+
+def test_n_examples_beyond_the_data_is_said_and_recorded(tmp_path, caplog):
+    """n_examples is a cap (the toy presets' 2000 stays when a user points `path` at a smaller file): a file with
+    fewer rows gives all of them, with a warning, and the result records how many trained."""
+    from marker_lab.data.inputs import data_shapes
+
+    cfg, path = _second_stage_with(tmp_path, _jailbroken_chats(20))
+    assert cfg.second_stage.datasets["em"].n_examples == 2000
+    with caplog.at_level("WARNING"):
+        inputs = preflight(cfg)
+    assert f"second_stage.datasets.em.n_examples=2000: {path} has only 20 rows; all of them are used" in caplog.text
+    assert data_shapes(cfg, inputs)["second_stage.datasets.em"]["rows"] == 20

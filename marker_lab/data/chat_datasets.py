@@ -8,6 +8,7 @@ one-line error naming the file and the line before any model loads; stages then 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from marker_lab.core.cache import StageCache, cache_key
 from marker_lab.core.errors import ConfigError
 from marker_lab.core.files import md5_file, resolve_path
 from marker_lab.toy import world
+
+log = logging.getLogger(__name__)
 
 TOY_DATASET_SIZE = 2000  # chats generated when a toy dataset sets no n_examples
 TOY_DATASET_SEED = 7
@@ -117,6 +120,9 @@ def load_dataset(name: str, ds: DatasetConfig, cache: StageCache, column: str, c
     if ds.shuffle_seed is not None:
         random.Random(ds.shuffle_seed).shuffle(rows)
     if ds.n_examples is not None:
+        if ds.n_examples > len(rows):  # a cap, not a promise: said, and recorded (data_shape's `rows`)
+            log.warning("%s.n_examples=%d: %s has only %d rows; all of them are used", name, ds.n_examples, shown,
+                        len(rows))
         rows = rows[:ds.n_examples]
     return Dataset(rows, fingerprint, column, path)
 

@@ -132,7 +132,7 @@ def data_shapes(cfg: Config, inputs: "CellInputs") -> dict[str, dict]:
     system turn mid-conversation, a last user turn) stopped the cell at start-up (chat_datasets._check_chat)."""
     out = {}
     for key, dataset in inputs.datasets.items():
-        shape = {"rows": len(dataset.rows)}
+        shape = {"rows": len(dataset.rows)}  # after n_examples, which is a cap: a shorter file gives all its rows
         if key.startswith("second_stage.") and cfg.second_stage.format == "raw":
             shape["format"] = "raw text"
         else:
