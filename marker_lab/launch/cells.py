@@ -25,6 +25,9 @@ class CellPlan:
     config_hash: str  # what a complete result must carry to count as this cell
     complete: bool = False  # a current result is already there
     engine_per: str = "cell"  # the cell's engine_per: base cells leave their sampling to the sweep's shared eval
+    completions: int = 0  # what its eval samples (eval.checks.cell_size)
+    judge_calls: int = 0  # and the judge calls those take
+    training_examples: int = 0  # its stages' examples, summed
 
 
 class SweepConfigError(ValueError):
@@ -36,6 +39,7 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
     """Compose and check every cell and its inputs (no model is loaded) and find the ones already complete."""
     from hydra.core.hydra_config import HydraConfig
 
+    from marker_lab.eval.checks import cell_size
     from marker_lab.preflight import preflight
 
     plans, errors = [], []
@@ -55,13 +59,15 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
                 del task_cfg["hydra"]
                 task_cfg.output_dir = str(sweep_dir / subdir)
             try:
-                preflight(OmegaConf.to_object(task_cfg))
+                task = OmegaConf.to_object(task_cfg)
+                size = cell_size(task, preflight(task))
                 resolved = OmegaConf.to_container(task_cfg, resolve=True, enum_to_str=True)
             except Exception as e:  # ConfigError, or a composition error from omegaconf
                 errors.append(f"cell {' '.join(overrides)}: {' '.join(str(e).split())}")
                 continue
             plan = CellPlan(initial_index + i, list(overrides), subdir, contract.config_hash(resolved),
-                            engine_per=str(resolved.get("engine_per", "cell")))
+                            engine_per=str(resolved.get("engine_per", "cell")), completions=size.completions,
+                            judge_calls=size.judge_calls, training_examples=sum(size.training_examples.values()))
             state, _ = cell_state(sweep_dir, asdict(plan))
             plan.complete = state.state == "complete"
             plans.append(plan)
@@ -71,6 +77,14 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
         raise SweepConfigError(f"{len(errors)} of {len(job_overrides)} cells cannot run; nothing was submitted:\n"
                                + "\n".join(errors))
     return plans
+
+
+def sweep_size(plans: list[CellPlan]) -> str:
+    """What the cells still to run will do, summed (logged before any is submitted)."""
+    todo = [p for p in plans if not p.complete]
+    return (f"{len(todo)} cells to run: {sum(p.completions for p in todo)} completions to sample, "
+            f"{sum(p.judge_calls for p in todo)} judge calls, {sum(p.training_examples for p in todo)} training "
+            "examples (stages already in the cache train nothing)")
 
 
 def write_manifest(sweep_dir: Path, plans: list[CellPlan], launcher: str) -> None:

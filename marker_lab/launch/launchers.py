@@ -29,7 +29,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from marker_lab.config.constraints import check_settings
 from marker_lab.config.schema import LocalGpusLauncherConfig, SlurmLauncherConfig
 from marker_lab.core.errors import ConfigError
-from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, write_manifest
+from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, sweep_size, write_manifest
 from marker_lab.launch.progress import SweepProgress
 from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, load_result
 
@@ -157,6 +157,7 @@ class _PlannedLauncher(BaseSubmititLauncher):
         todo = [p for p in plans if not p.complete]
         log.info("sweep %s: %d cells, %d already complete, %d to run", sweep_dir, len(plans), len(plans) - len(todo),
                  len(todo))
+        log.info("sweep size: %s", sweep_size(plans))
         return sweep_dir, plans
 
     def _job_args(self, plan: CellPlan) -> tuple:
