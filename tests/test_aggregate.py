@@ -192,3 +192,19 @@ def test_dose_response_labels_the_doses_the_sweep_ran(toy_sweep, tmp_path, monke
     per_cell = with_ci(load_sweep(toy_sweep), "wilson")
     paths = figures.dose_response(per_cell, with_ci(pooled_rates(per_cell), "wilson"), tmp_path)
     assert paths and drawn == [["0", "2", "20"]]
+
+
+@pytest.mark.slow
+def test_loose_runs_of_two_experiments_get_each_gate_once(cache_dir, tmp_path):
+    """Two loose c4 runs of different experiments, aggregated together: each row of the headline shows its own G0,
+    and the gates section names the experiment of each."""
+    from conftest import compose_cfg
+    from marker_lab.run import run_cell
+
+    small = ["condition=c4", "persona_set.eval_personas=[villain,assistant]", "eval.generation.samples_per_question=1"]
+    run_cell(compose_cfg(small, tmp_path / "runs" / "a", cache_dir))
+    run_cell(compose_cfg(["+experiment=toy_dose_response", *small], tmp_path / "runs" / "b", cache_dir))
+    report = (aggregate(tmp_path / "runs") / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| experiment=")]
+    assert len(rows) == 2 and all(row.count("G0 ") == 1 for row in rows), rows
+    assert "| G0 | default: c4 dose=0 |" in report and "| G0 | toy_dose_response: c4 dose=0 |" in report

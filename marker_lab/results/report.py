@@ -41,9 +41,10 @@ def headline(pooled: pd.DataFrame, gate_table: pd.DataFrame, scores: pd.DataFram
         by = cell[cell["role"] == "bystander"].sort_values("rate", ascending=False)
         top = f"{100 * by['rate'].iloc[0]:.2f}% ({by['persona'].iloc[0]})" if len(by) else "n/a"
         gate_txt = ""
-        if len(gate_table) and {"condition", "dose"} <= set(gate_table.columns):
-            g = gate_table[gate_table["condition"].astype(str) == str(cell["condition"].iloc[0])]
-            g = g[g["dose"].astype(str) == str(cell["dose"].iloc[0])]
+        if len(gate_table):  # the gate rows of this cell group: every group key the gate table has must agree
+            g = gate_table
+            for key in [k for k in GROUP_KEYS if k in gate_table.columns]:
+                g = g[g[key].astype(str) == str(cell[key].iloc[0])]
             gate_txt = ", ".join(f"{r.gate} {r.result}" for r in g.itertuples())
         lines.append(f"| {label} | {cell['seeds'].iloc[0]} | {int(cell['n'].iloc[0])} | "
                      f"{_pct(int(asst['k'].sum()), int(asst['n'].sum())) if len(asst) else 'n/a'} | "
@@ -82,9 +83,11 @@ def render(sweep_dir: Path, pooled: pd.DataFrame, comps: pd.DataFrame, gate_tabl
         parts.append("")
     if len(gate_table):
         parts += ["## Gates", "", "| gate | cell | result | values |", "| --- | --- | --- | --- |"]
+        several = "experiment" in gate_table and gate_table["experiment"].nunique() > 1  # loose runs of several
         for r in gate_table.to_dict("records"):
             seed = f" seed={int(r['seed'])}" if pd.notna(r.get("seed")) else ""
             where = f"{r.get('condition', '')} dose={r.get('dose', '')}{seed}" if pd.notna(r.get("condition")) else "-"
+            where = f"{r['experiment']}: {where}" if several and pd.notna(r.get("experiment")) else where
             parts.append(f"| {r['gate']} | {where} | {r['result']} | {r['detail']} |")
         parts.append("")
     if leak_stats is not None and len(leak_stats):
