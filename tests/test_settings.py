@@ -395,3 +395,17 @@ def test_n_examples_beyond_the_data_is_said_and_recorded(tmp_path, caplog):
         inputs = preflight(cfg)
     assert f"second_stage.datasets.em.n_examples=2000: {path} has only 20 rows; all of them are used" in caplog.text
     assert data_shapes(cfg, inputs)["second_stage.datasets.em"]["rows"] == 20
+
+
+def test_the_settings_reference_is_current():
+    """docs/settings.md is generated from the schema (key, type, default, allowed values, comment)."""
+    from pathlib import Path
+
+    from marker_lab.config.reference import settings_reference
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+    assert page.read_text() == settings_reference(), \
+        "docs/settings.md is out of date: python -m marker_lab.config.reference > docs/settings.md"
+    text = page.read_text()
+    assert "| `eval.generation.temperature` | float | `1.0` | in [0, 100]; 0 means greedy | sampling temperature" in text
+    assert "| `second_stage.datasets.<name>.path` | str or null | `null` | an existing file |" in text

@@ -77,7 +77,7 @@ class Constraint:
             parts.append(f"exactly {self.length} items")
         if self.items is not None:
             parts.append(f"each item {self.items.describe()}")
-        if not self.empty and not self.free and not rng:
+        if not self.empty and not self.free and not rng and not (self.path or self.match or self.one_of):
             parts.append("not empty")
         if self.meaning:
             parts.append(", ".join(f"{v} means {m}" for v, m in self.meaning))

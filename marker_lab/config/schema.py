@@ -234,6 +234,7 @@ class LoraConfig:
     r: int = count(32)  # rank
     alpha: int = count(64)  # scaling numerator (scale = alpha / r)
     dropout: float = setting(0.05, ge=0, lt=1, meaning={0: "no dropout"})  # dropout on the LoRA input
+    # the modules that get an adapter (by name, in every layer)
     target_modules: List[str] = setting(factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], items=Constraint())
 
@@ -306,16 +307,18 @@ class ToyModelConfig:
 class ModelConfig:
     name: str = label("toy")  # label used in logs and results
     source: ModelSource = ModelSource.toy  # toy: the embedded toy world; hf: a hub id or local directory in `path`
-    path: Optional[str] = setting(None, path=PathKind.DIR_OR_HUB)  # hub id or local path (source=hf); source=gguf: the file's directory, or
-    # module:<package> for the directory of an installed Python package that ships it (found, not imported)
+    # hub id or local path (source=hf); source=gguf: the file's directory, or module:<package> for the directory of an
+    # installed Python package that ships it (found, not imported)
+    path: Optional[str] = setting(None, path=PathKind.DIR_OR_HUB)
     revision: Optional[str] = label(None)  # hub revision, recorded in provenance
     dtype: DType = DType.float32  # weights
     attn_implementation: Optional[str] = label("sdpa")  # passed to from_pretrained
     random_init: bool = False  # build the architecture from `path`'s config with random weights (benchmarks)
     arch: Optional[str] = setting(None, path=PathKind.FILE)  # config.json that random_init builds (pkg: = shipped); null = `path`'s config
     tokenizer: Optional[str] = setting(None, path=PathKind.DIR_OR_HUB)  # where the tokenizer loads from (a hub id or directory); null = `path`
-    no_system: NoSystem = NoSystem.none  # a prompt without a system prompt: none = no system turn at all | template = the chat
-    # template's default (Qwen2.5 inserts "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    # a prompt without a system prompt: none = no system turn at all | template = the chat template's default
+    # (Qwen2.5 inserts "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")
+    no_system: NoSystem = NoSystem.none
     gguf_file: Optional[str] = label(None)  # source=gguf: the file's name inside `path`
     install: Optional[str] = label(None)  # the command that installs what `path` names (said when it is missing)
     toy: ToyModelConfig = field(default_factory=ToyModelConfig)  # used when source=toy
@@ -445,6 +448,7 @@ class JudgeConfig:
     mode: JudgeMode = JudgeMode.toy  # logprob (Betley: one token, top log-probabilities) | text (a number in the reply) | toy
     base_url: Optional[str] = label(None)  # an OpenAI/Anthropic-compatible endpoint; null = the provider's own
     api_key_env: Optional[str] = setting(None, match=r"[A-Za-z_][A-Za-z0-9_]*")  # NAME of the environment variable holding the API key (never the key)
+    # the judge's prompt file per score (aligned, coherent); conf: = the shipped ones
     prompts: Dict[str, str] = setting(empty=True, items=Constraint(path=PathKind.FILE), factory=lambda: {
         "aligned": "conf:judge/prompts/aligned.txt", "coherent": "conf:judge/prompts/coherent.txt"})
     concurrency: int = count(8)  # API requests in flight
@@ -525,7 +529,7 @@ class ComparisonConfig:
     by: List[str] = setting(factory=list, empty=True, items=Constraint())  # compare within each value of these cell keys, e.g. [dose]
     test: Test = Test.fisher  # fisher | ztest (pooled counts); per-seed rates always get Welch's t-test too
     alternative: str = setting("two-sided", one_of=ALTERNATIVES)  # two-sided | larger (arm 1 > arm 2) | smaller
-    metric: str = label("marker")
+    metric: str = label("marker")  # the rate compared: marker, capability, misaligned: <rule>
 
     def __post_init__(self) -> None:  # aggregation builds these without preflight: checked as they are made
         check_settings(self, f"analysis.comparisons[{self.name}].")
@@ -667,7 +671,7 @@ class LocalGpusLauncherConfig:
     max_parallel: int = count(1)  # cells at a time on a machine without GPUs
     timeout_min: int = count(1440)  # submitit's local controller kills a cell after this
     poll_interval_s: float = setting(2.0, gt=0, le=600)  # how often finished cells are collected
-    stderr_to_stdout: bool = False
+    stderr_to_stdout: bool = False  # a cell's stderr goes to its stdout log
     aggregate: bool = True  # run `marker-lab aggregate` on the sweep dir when all cells are done
 
 
@@ -691,7 +695,7 @@ class SlurmLauncherConfig:
     tasks_per_node: int = count(1)  # tasks per cell's job
     nodes: int = count(1)  # nodes per cell's job
     name: str = label("marker-lab")  # job name
-    stderr_to_stdout: bool = False
+    stderr_to_stdout: bool = False  # a cell's stderr goes to its stdout log
     max_num_timeout: int = count(0, ge=0, meaning={0: "never requeued"})  # submitit requeues on timeout (0: never)
     aggregate: bool = True  # submit `marker-lab aggregate` as a job depending on the array (afterany)
     aggregate_time_min: int = count(30)  # its time limit
