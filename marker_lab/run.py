@@ -39,6 +39,7 @@ from marker_lab.stages.lengths import check_lengths
 from marker_lab.stages.lora_stage import StageResult
 from marker_lab.stages.second_stage import run_second_stage
 from marker_lab.train.checks import check_train_device
+from marker_lab.train.sft import resolve_steps
 
 log = logging.getLogger("marker_lab")
 CONF_DIR = str(CONF)
@@ -98,6 +99,12 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     log.info("cell size: %s", cell_size(cfg, inputs).line())
     for key, shape in data_shapes(cfg, inputs).items():
         log.info("training data %s: %s", key, shape)
+    if second_stage_enabled(cfg):  # the dose against the data: how many times the stage sees each example
+        t, rows = cfg.second_stage.train, len(inputs.datasets[f"second_stage.datasets.{cfg.second_stage.data}"].rows)
+        steps = resolve_steps(t, rows, cfg.dose)
+        per_step = t.per_device_batch_size * t.grad_accum
+        log.info("second stage: %d steps x %d examples a step = %.2f passes over its %d rows", steps, per_step,
+                 steps * per_step / rows, rows)
     note = question_system_note(cfg, inputs)
     if note:
         log.warning(note)
