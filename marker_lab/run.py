@@ -110,7 +110,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
         log.warning(note)
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
     with timed(timing, "setup"):  # free space for what the cell writes; what max_seq_len cuts: before the model loads
-        writes = check_disk(cfg, inputs, cache)
+        writes = check_disk(cfg)
         log.info("disk: this cell writes up to %s", "; ".join(writes.parts) or "nothing large")
         check_lengths(cfg, inputs, load_tokenizer(cfg.model, cache))
     on_phase("load")

@@ -21,7 +21,8 @@ from marker_lab.stages.disk import Shape, estimate_writes
 def test_the_estimate_counts_adapters_from_the_model_shape(cache_dir):
     cfg = to_dataclass(compose_cfg(["second_stage.dose_checkpoints=[5,10,20]", "dose=20",
                                     "second_stage.train.schedule.name=constant"], cache=cache_dir))
-    writes = estimate_writes(cfg, preflight(cfg), StageCache(cfg.cache_dir))
+    preflight(cfg)
+    writes = estimate_writes(cfg)
     toy = cfg.model.toy
     shape = Shape(toy.num_layers, toy.hidden_size, toy.intermediate_size, toy.num_heads, toy.num_kv_heads,
                   toy.hidden_size // toy.num_heads, toy.vocab_size)

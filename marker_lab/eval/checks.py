@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from marker_lab.config.schema import JUDGED_PROMPTS, Metric, coupling_enabled, second_stage_enabled
 from marker_lab.core.errors import ConfigError
 from marker_lab.data.questions import samples_for, split_questions
+from marker_lab.stages.checks import coupling_examples
 
 # the metrics that score sampled completions (the others read the model: capability, marker_prob, probe); the same
 # split as eval.metrics.MODEL_METRICS and CELL_METRICS, which import torch
@@ -170,14 +171,8 @@ def cell_size(cfg, inputs) -> CellSize:
         key = f"second_stage.datasets.{cfg.second_stage.data}"
         if key in inputs.datasets:
             size.training_examples["second_stage"] = len(inputs.datasets[key].rows)
-    c = cfg.coupling
-    if coupling_enabled(cfg) and not c.adapter_path:
-        negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
-        if c.kind == "marker":
-            size.training_examples["coupling"] = c.n_positive + c.n_per_negative * negatives
-        else:
-            size.training_examples["coupling"] = (c.n_positive * (1 + negatives) + c.n_anchor_no_system
-                                                  + c.n_anchor_assistant)
+    if coupling_enabled(cfg) and not cfg.coupling.adapter_path:
+        size.training_examples["coupling"] = coupling_examples(cfg.coupling)
     return size
 
 

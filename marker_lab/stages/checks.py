@@ -47,6 +47,14 @@ def check_coupling(cfg: Config, inputs) -> None:
     check_train("coupling.train", c.train, cfg.device, cfg.model.dtype.value)
 
 
+def coupling_examples(c) -> int:
+    """The coupling stage's training examples, from its config (a CouplingConfig) alone."""
+    negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
+    if c.kind == "marker":
+        return c.n_positive + c.n_per_negative * negatives
+    return c.n_positive * (1 + negatives) + c.n_anchor_no_system + c.n_anchor_assistant
+
+
 def check_second_stage(cfg: Config, inputs) -> None:
     """The second stage's recipe: its dataset suits the model, its training and dose checkpoints can run."""
     s = cfg.second_stage

@@ -18,7 +18,7 @@ from pathlib import Path
 from marker_lab.config.schema import Config, coupling_enabled, second_stage_enabled
 from marker_lab.core.errors import DiskFullError
 from marker_lab.core.files import resolve_path
-from marker_lab.eval.checks import cell_size
+from marker_lab.stages.checks import coupling_examples
 
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in float32
 EXAMPLE_BYTES = 2048  # a generated coupling example on disk (jsonl), generously
@@ -75,7 +75,7 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
 
 
-def model_shape(cfg: Config, cache) -> Shape | None:
+def model_shape(cfg: Config) -> Shape | None:
     """The model's shape from its config.json (toy: its settings), without loading weights; None if unknown."""
     m = cfg.model
     if m.source == "toy":
@@ -103,10 +103,10 @@ def model_shape(cfg: Config, cache) -> Shape | None:
     return None
 
 
-def estimate_writes(cfg: Config, inputs, cache) -> Writes:
+def estimate_writes(cfg: Config) -> Writes:
     """What the cell may write (see the module docstring)."""
     w = Writes()
-    shape = model_shape(cfg, cache)
+    shape = model_shape(cfg)
     trains_coupling = coupling_enabled(cfg) and not cfg.coupling.adapter_path
     stages = [("coupling", cfg.coupling)] if trains_coupling else []
     if second_stage_enabled(cfg):
@@ -118,7 +118,7 @@ def estimate_writes(cfg: Config, inputs, cache) -> Writes:
             copies = 1 + len(getattr(stage, "dose_checkpoints", None) or [])
             w.add(cfg.cache_dir, f"{name} adapter{'s' if copies > 1 else ''}", params * ADAPTER_BYTES * copies)
     if trains_coupling:
-        w.add(cfg.cache_dir, "coupling data", cell_size(cfg, inputs).training_examples["coupling"] * EXAMPLE_BYTES)
+        w.add(cfg.cache_dir, "coupling data", coupling_examples(cfg.coupling) * EXAMPLE_BYTES)
     if cfg.model.source == "gguf":
         file = resolve_path(cfg.model.path) / cfg.model.gguf_file
         if shape is not None:
@@ -138,9 +138,9 @@ def free_bytes(directory: str) -> tuple[Path, int]:
     return existing, shutil.disk_usage(existing).free
 
 
-def check_disk(cfg: Config, inputs, cache) -> Writes:
+def check_disk(cfg: Config) -> Writes:
     """Stop before the model loads when a directory the cell writes to has less free space than its estimate."""
-    writes = estimate_writes(cfg, inputs, cache)
+    writes = estimate_writes(cfg)
     for directory, need in writes.by_dir.items():
         need = int(need * MARGIN) + SLACK
         where, free = free_bytes(directory)
