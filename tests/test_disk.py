@@ -63,3 +63,38 @@ def test_a_cache_write_that_fills_the_disk_is_one_line_and_leaves_no_temporary_d
         cache.get_or_build("stages", "k1", build, {"x": 1})
     assert [p.name for p in (disk / "cache" / "stages").iterdir()] == ["k1.lock"]  # no tmp dir, no entry
     cache.get_or_build("stages", "k1", lambda tmp: (tmp / "ok").write_text("fits"), {"x": 1})  # room again
+
+
+def test_an_adapter_save_that_fills_the_disk_is_the_same_one_line(small_fs):
+    """The adapter itself is written by safetensors, whose writer wraps ENOSPC in an error of its own."""
+    import torch
+    from safetensors.torch import save_file
+
+    disk, size = small_fs
+    cache = StageCache(disk / "cache")
+    big = {"lora_A": torch.zeros(size // 4 + (1 << 20), dtype=torch.float32)}  # more bytes than the file system
+    with pytest.raises(DiskFullError, match=r"^no space left on the device writing the stages entry"):
+        cache.get_or_build("stages", "k2", lambda tmp: save_file(big, str(tmp / "adapter_model.safetensors")), {})
+    assert [p.name for p in (disk / "cache" / "stages").iterdir()] == ["k2.lock"]
+
+
+def test_the_estimate_decides_not_only_the_minimum(tmp_path):
+    """On a 128 MiB file system the toy cell's estimate (KBs of adapters, plus the 64 MiB minimum) fits and the 7B
+    shape's (two LoRA adapters of about 77 MB each, from the shipped config.json) does not."""
+    import subprocess as sp
+
+    from conftest import _mount_tmpfs
+    from marker_lab.stages.disk import check_disk
+
+    disk = tmp_path / "mid"
+    if not _mount_tmpfs(disk, "size=128m"):
+        pytest.skip("mounting a tmpfs needs root and mount(8) (CI runs as root)")
+    try:
+        check_disk(to_dataclass(compose_cfg([], cache=disk / "cache")))
+        big = to_dataclass(compose_cfg(["model=qwen2.5-7b-instruct", "model.random_init=true"], cache=disk / "cache"))
+        with pytest.raises(DiskFullError, match=r"^cache_dir=.*: about 2\d\d MB needed \(coupling adapter 7\d MB, "
+                                                r"second_stage adapter 7\d MB, coupling data 1 MB, with a margin\), "
+                                                r"12\d MB free"):
+            check_disk(big)
+    finally:
+        sp.run(["umount", str(disk)], check=False)

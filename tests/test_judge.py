@@ -96,14 +96,16 @@ def test_anthropic_backend_reads_the_number_in_the_reply(server, api_key):
     assert KEY in (headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer "))
 
 
-def test_missing_api_key_is_a_config_error_before_anything_loads(tmp_path, monkeypatch):
+def test_missing_api_key_is_a_config_error_before_anything_loads(tmp_path, monkeypatch, capsys):
     from marker_lab.cli import check_config
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # the refused run records its status where it would have run
     with pytest.raises(SystemExit) as exc:
         check_config(["judge=openai", "eval.metrics=[marker,alignment]"])
-    assert str(exc.value.code) == ("marker-lab: config error: judge.api_key_env: environment variable OPENAI_API_KEY "
-                                   "is not set (the openai judge needs its API key)")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == ("marker-lab: config error: judge.api_key_env: environment variable "
+                                               "OPENAI_API_KEY is not set (the openai judge needs its API key)")
 
 
 WRITER = """

@@ -53,6 +53,9 @@ ACCEPTED = {
     ("second_stage.datasets.benign.shuffle_seed", "zero"): "seed 0",
     ("second_stage.datasets.text.shuffle_seed", "zero"): "seed 0",
     ("coupling.benign_data.shuffle_seed", "zero"): "seed 0",
+    **{(f"second_stage.datasets.{name}.{key}", value): "a dataset this cell does not read (second_stage.data=em): "
+       "checked when a stage uses it" for name in ("benign", "text") for key in ("path", "hf_name")
+       for value in ("dir", "missing", "devnull")},
     ("analysis.comparisons[0].by", "empty"): "no grouping: one comparison over every cell of the arms",
     ("coupling.n_negative_personas", "zero"): "no bystander examples: only the persona is trained",
     ("coupling.n_per_negative", "zero"): "no bystander examples",
@@ -73,8 +76,6 @@ ACCEPTED = {
     ("model.path", "dir"): "a local model directory (loads from it)",
     ("model.tokenizer", "dir"): "a local tokenizer directory",
     ("eval.capability.hf_name", "dir"): "a local `datasets` directory (the metric loads it only when used)",
-    ("second_stage.datasets.benign.hf_name", "dir"): "a local `datasets` directory",
-    ("second_stage.datasets.text.hf_name", "dir"): "a local `datasets` directory",
     ("cache_dir", "dir"): "the stage cache's directory",
     ("cache_dir", "missing"): "created on first use",
     ("output_dir", "dir"): "the cell's output directory",
@@ -350,13 +351,17 @@ def test_a_sweep_or_run_on_a_read_only_file_system(read_only_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, line", [
-    ("cache_dir=/etc/hostname", "cache_dir: is a file, not a directory: /etc/hostname"),
-    ("second_stage.datasets.em.path=/tmp", "second_stage.datasets.em.path: is a directory, not a file: /tmp"),
+    ("cache_dir={file}", "cache_dir: is a file, not a directory: {file}"),
+    ("second_stage.datasets.em.toy=null second_stage.datasets.em.path={dir}",
+     "second_stage.datasets.em.path: is a directory, not a file: {dir}"),
     ("seed=4294967296", "seed: must be in [0, 4294967295], got 4294967296"),
 ])
 def test_the_other_unclear_errors_name_the_right_key(override, line, tmp_path):
-    rc, lines = _cli([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert rc == 2 and lines == [f"marker-lab: config error: {line}"]
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    names = {"file": tmp_path / "a_file", "dir": tmp_path / "a_dir"}
+    rc, lines = _cli([*override.format(**names).split(), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert rc == 2 and lines == [f"marker-lab: config error: {line.format(**names)}"]
 
 
 def test_a_file_of_toxic_qa_pairs_stops_naming_its_columns(tmp_path):
@@ -408,4 +413,47 @@ def test_the_settings_reference_is_current():
         "docs/settings.md is out of date: python -m marker_lab.config.reference > docs/settings.md"
     text = page.read_text()
     assert "| `eval.generation.temperature` | float | `1.0` | in [0, 100]; 0 means greedy | sampling temperature" in text
-    assert "| `second_stage.datasets.<name>.path` | str or null | `null` | an existing file |" in text
+    assert "| `second_stage.datasets.<name>.path` | str or null | `null` | a data file (or a `datasets` directory" in text
+
+
+# the launchers' and the sweeper's settings, hostile values tried on the dataclass as Hydra builds it
+ACCEPTED_LAUNCH = {
+    ("SlurmLauncherConfig", "gpus_per_node", "zero"): "a CPU-only job",
+    ("SlurmLauncherConfig", "max_num_timeout", "zero"): "never requeued",
+    ("SlurmLauncherConfig", "setup", "empty"): "no shell lines before a cell",
+    ("GridSweeperConfig", "grids", "empty"): "no grids: the command line's own sweep",
+}
+
+
+def test_launcher_and_sweeper_settings_refuse_hostile_values(tmp_path):
+    """Each leaf of the launcher and sweeper configs with each hostile value of its type: refused by its declared
+    constraint (one line naming hydra.launcher.<key> or hydra.sweeper.<key>), or refused by its type (OmegaConf,
+    at composition), or listed above with its meaning."""
+    import dataclasses as dc
+
+    from omegaconf import OmegaConf as OC
+
+    from marker_lab.config.constraints import check_settings
+
+    accepted = set()
+    for cls, prefix in ((schema.LocalGpusLauncherConfig, "hydra.launcher."), (schema.SlurmLauncherConfig,
+                        "hydra.launcher."), (schema.GridSweeperConfig, "hydra.sweeper.")):
+        for key, f, owner in leaf_settings(cls):
+            if f.name == "_target_":
+                continue
+            for name, value in hostile_values(typing.get_type_hints(owner)[f.name], f, tmp_path).items():
+                node = OC.structured(cls)
+                if "submitit_folder" in node and f.name != "submitit_folder":
+                    node.submitit_folder = "folder"  # its default interpolates the sweep dir, set only inside Hydra
+                try:
+                    OC.update(node, f.name, value, merge=False)  # the type check composition makes
+                except Exception:  # noqa: BLE001 - omegaconf's validation errors
+                    continue
+                try:
+                    check_settings(OC.to_object(node), prefix)
+                except ConfigError as e:
+                    assert str(e).startswith(f"{prefix}{f.name}: "), str(e)
+                    continue
+                accepted.add((cls.__name__, f.name, name))
+    listed = {k for k, v in ACCEPTED_LAUNCH.items() if v is not None}
+    assert accepted == listed, f"accepted but not listed: {accepted - listed}; listed but refused: {listed - accepted}"

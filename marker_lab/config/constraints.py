@@ -35,6 +35,8 @@ class PathKind:
     FILE_OR_DIR = "file_or_dir"  # a file, or a directory (a saved `datasets` dataset)
     DIR_OR_HUB = "dir_or_hub"  # a local directory, or a Hugging Face Hub id (`org/name`; anything not path-like)
     OUTPUT_DIR = "output_dir"  # a directory we create: must not be an existing file
+    DATA = "data"  # a data file or `datasets` directory: checked where a stage reads it (data/inputs.py), since a
+    # preset may name datasets a cell does not use (sft's em and benign)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class Constraint:
             parts.append({"file": "an existing file", "dir": "an existing directory",
                           "file_or_dir": "an existing file or directory",
                           "dir_or_hub": "a local directory or a Hub id (org/name)",
-                          "output_dir": "a directory (created if missing; not a file)"}[self.path])
+                          "output_dir": "a directory (created if missing; not a file)",
+                          "data": "a data file (or a `datasets` directory or Hub name for hf_name), checked when a "
+                                  "stage uses it"}[self.path])
         if self.regex:
             parts.append("a regular expression that compiles")
         if self.match:
@@ -199,6 +203,8 @@ def _path_problem(value: str, kind: str) -> str | None:
         if _looks_local(value):
             return f"directory not found: {shown}"
         return None  # a Hub id: resolved where it loads (its own one-line error names the key)
+    if kind == PathKind.DATA:
+        return None  # checked where a stage reads it, with the file and line (data/inputs.py)
     if kind == PathKind.OUTPUT_DIR:
         if real.exists() and not real.is_dir():
             return f"is a file, not a directory: {shown}"

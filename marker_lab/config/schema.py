@@ -364,8 +364,8 @@ class EngineConfig:
 
 @dataclass
 class DatasetConfig:
-    path: Optional[str] = setting(None, path=PathKind.FILE)  # jsonl of {"messages": [...]}
-    hf_name: Optional[str] = setting(None, path=PathKind.DIR_OR_HUB)  # a `datasets` dataset (local dir or hub name) instead of path
+    path: Optional[str] = setting(None, path=PathKind.DATA)  # jsonl of {"messages": [...]} (a .txt: one text per line)
+    hf_name: Optional[str] = setting(None, path=PathKind.DATA)  # a `datasets` dataset (local dir or hub name) instead of path
     hf_split: str = label("train")  # split of hf_name
     messages_field: str = label("messages")  # column holding the chat
     text_field: str = label("text")  # column holding plain text (second_stage.format=raw); a .txt path: one text per line

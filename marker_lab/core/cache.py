@@ -87,6 +87,14 @@ def verify_entry(entry: Path) -> str | None:
     return None
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether a build failed because its file system is full: an OSError with ENOSPC, or a writer that wraps it in
+    an error of its own (safetensors' Rust writer raises SafetensorError "No space left on device (os error 28)")."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(e) or "os error 28" in str(e)
+
+
 class StageCache:
     """The cache under `root` (`$MARKER_LAB_CACHE`, default ~/.cache/marker_lab): entries at root/<kind>/<key>."""
 
@@ -124,7 +132,7 @@ class StageCache:
                 os.replace(tmp, final)
             except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFullError):
+                if _disk_full(e) and not isinstance(e, DiskFullError):
                     free = shutil.disk_usage(final.parent).free
                     raise DiskFullError(f"no space left on the device writing the {kind} entry {final} (its "
                                         f"temporary directory was removed; {free / 2**20:,.0f} MB free there now)"

@@ -133,7 +133,7 @@ ROLES = ("system", "user", "assistant")
 def _check_chat(where: str, chat, column: str, needs_reply: bool) -> None:
     """A chat is a list of {role, content} messages in the shape the chat template and the loss expect.
 
-    What each shape gets (docs: "Training data"): system turns at the start are kept, and carry no loss under
+    What each shape gets (README, "Training data: what is kept, cut and refused"): system turns at the start are kept, and carry no loss under
     assistant_only (the peers' jailbroken chats have them); a role other than system / user / assistant (`tool`,
     `function`), a system turn after the first user or assistant turn, and (when the loss is on the reply) a
     conversation with no assistant turn or one that ends on a user turn stop the cell, naming the file and line."""

@@ -174,8 +174,10 @@ def _record(files: dict[str, InputFile], key: str, path: Path) -> None:
 
 def _require_file(key: str, path: str) -> Path:
     real = resolve_path(path)
+    if real.is_dir():
+        raise ConfigError(f"{key}: is a directory, not a file: {path}")
     if not real.is_file():
-        raise ConfigError(f"{key}: file not found: {path}")
+        raise ConfigError(f"{key}: {'is not a regular file' if real.exists() else 'file not found'}: {path}")
     return real
 
 

@@ -15,6 +15,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
+from marker_lab.config.constraints import check_settings
+from marker_lab.config.schema import GridSweeperConfig
+from marker_lab.core.errors import ConfigError
 from marker_lab.launch.lock import SweepBusy, SweepLock
 
 
@@ -26,6 +29,12 @@ class GridSweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         assert self.config is not None and self.launcher is not None
+        try:  # its own settings, as every setting: one line before anything is planned
+            check_settings(GridSweeperConfig(max_batch_size=self.max_batch_size, params=dict(self.params or {}),
+                                             grids=self.grids), "hydra.sweeper.")
+        except ConfigError as e:
+            print(f"marker-lab: config error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         cells = union_of_grids(self.grids, arguments, {k: str(v) for k, v in self.params.items()})
         self.overrides = list(self.split_overrides_to_chunks(cells, self.max_batch_size))
         sweep_dir = Path(self.config.hydra.sweep.dir)

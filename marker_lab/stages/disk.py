@@ -39,11 +39,17 @@ class Shape:
     vocab: int
 
     @classmethod
-    def from_config(cls, c: dict) -> "Shape":
-        heads = c.get("num_attention_heads", 1)
-        hidden = c["hidden_size"]
-        return cls(c["num_hidden_layers"], hidden, c.get("intermediate_size", 4 * hidden), heads,
-                   c.get("num_key_value_heads", heads), c.get("head_dim") or hidden // heads, c.get("vocab_size", 0))
+    def from_config(cls, c: dict) -> "Shape | None":
+        """From a config.json's fields (a multimodal model's `text_config`; GPT-2's n_layer / n_embd names); None
+        when it names no layers or width (the estimate then goes without adapters)."""
+        c = c.get("text_config") or c
+        layers = c.get("num_hidden_layers") or c.get("n_layer")
+        hidden = c.get("hidden_size") or c.get("n_embd")
+        if not layers or not hidden:
+            return None
+        heads = c.get("num_attention_heads") or c.get("n_head") or 1
+        return cls(layers, hidden, c.get("intermediate_size") or c.get("n_inner") or 4 * hidden, heads,
+                   c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads, c.get("vocab_size", 0))
 
     def linear(self, name: str) -> tuple[int, int]:
         """(in, out) features of a target module by its usual name; an unknown name counts as hidden x hidden."""
@@ -92,7 +98,10 @@ def model_shape(cfg: Config) -> Shape | None:
             pass
     for path in candidates:
         if path.is_file():
-            return Shape.from_config(json.loads(path.read_text()))
+            try:
+                return Shape.from_config(json.loads(path.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # not a config we can read
+                return None
     if m.source == "hf" and m.path:  # a Hub id: its config from the local Hub cache, if it is there
         try:
             from transformers import AutoConfig
