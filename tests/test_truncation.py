@@ -120,3 +120,17 @@ def test_a_persona_prompt_longer_than_the_coupling_limit_stops_before_the_model_
                                           r"with the longest coupling question, leaving the marker \(\d+ tokens\) no "
                                           r"room; raise coupling.train.max_seq_len to at least \d+"):
         check_lengths(cfg, inputs, toy_tokenizer)
+
+
+def test_persona_em_data_is_counted_before_the_model_loads(cache_dir, toy_tokenizer):
+    """004's Exp B coupling: the EM replies come from a file, so what max_seq_len cuts is known before loading."""
+    from marker_lab.preflight import preflight
+    from marker_lab.stages.lengths import check_lengths
+
+    cfg = to_dataclass(compose_cfg(["coupling=persona_em_toy", "coupling.train.max_seq_len=24"], cache=cache_dir))
+    with pytest.raises(ConfigError, match=r"^coupling.train.max_seq_len=24: \d+ of \d+ examples of coupling.em_data "
+                                          r"would keep no labelled token"):
+        check_lengths(cfg, preflight(cfg), toy_tokenizer)
+    ok = to_dataclass(compose_cfg(["coupling=persona_em_toy"], cache=cache_dir))
+    report = check_lengths(ok, preflight(ok), toy_tokenizer)["coupling"]
+    assert report.examples > 0 and report.over_limit == 0

@@ -2,7 +2,7 @@
 
 The second stage's examples are known from its data: they are tokenized and cut exactly as the stage will cut them
 (stages/second_stage.second_stage_examples), so a truncation policy that stops the cell stops it now, and the counts
-are logged. The marker coupling's examples are sampled from the model, so only their prompts are known: a prompt
+are logged. So are the persona-EM coupling's examples whose replies come from its data. The marker coupling's examples are sampled from the model, so only their prompts are known: a prompt
 (persona, longest question, and the marker when it opens the reply) that leaves the marker no room stops the cell
 now, naming the persona and the length; the whole examples are counted again when the stage builds them.
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from marker_lab.config.schema import Config, MarkerPosition, coupling_enabled, second_stage_enabled
 from marker_lab.core.errors import ConfigError
-from marker_lab.data.chat import marker_token_count, render
+from marker_lab.data.chat import encode_chats, marker_token_count, render
 from marker_lab.data.personas import persona_prompt
-from marker_lab.data.truncation import TruncationReport
+from marker_lab.data.truncation import TruncationReport, fit_to_length
+from marker_lab.stages.coupling.contrastive import contrastive_plan
 from marker_lab.stages.coupling.marker import negative_personas
+from marker_lab.stages.coupling.persona_em import load_em_items
 from marker_lab.stages.second_stage import second_stage_examples
 
 
@@ -27,7 +29,26 @@ def check_lengths(cfg: Config, inputs, tokenizer) -> dict[str, TruncationReport]
     c = cfg.coupling
     if coupling_enabled(cfg) and c.kind == "marker" and not c.adapter_path:
         check_marker_prompts(cfg, inputs, tokenizer)
+    if coupling_enabled(cfg) and c.kind == "persona_em" and not c.adapter_path:
+        out["coupling"] = count_persona_em(cfg, inputs, tokenizer)
     return out
+
+
+def count_persona_em(cfg: Config, inputs, tokenizer) -> TruncationReport:
+    """The persona-EM coupling's examples whose replies come from its data (the EM replies, and paired benign ones),
+    built as the stage builds them and counted under its truncation policy; on-policy benign replies are sampled
+    later and counted when the stage builds its data."""
+    c = cfg.coupling
+    items, _ = load_em_items(cfg, inputs)
+    slots = contrastive_plan(cfg, inputs.personas, len(items))
+    known = [(s, items[s.item].em_reply if s.coupled else items[s.item].benign_reply) for s in slots]
+    known = [(s, reply) for s, reply in known if reply is not None]
+    chats = [persona_prompt(inputs.personas[s.persona] if s.persona else None, items[s.item].prompt)
+             + [{"role": "assistant", "content": reply}] for s, reply in known]
+    whole = encode_chats(tokenizer, chats, c.train.loss_mode.value, no_system=str(cfg.model.no_system))
+    _, report = fit_to_length("coupling.em_data", "coupling.train", whole, c.train.max_seq_len,
+                              c.train.truncation.value, names=[s.persona or "(no system prompt)" for s, _ in known])
+    return report
 
 
 def check_marker_prompts(cfg: Config, inputs, tokenizer) -> None:
