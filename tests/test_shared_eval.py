@@ -197,9 +197,9 @@ def test_two_evals_on_one_sweep(cache_dir, tmp_path):
     assert all(load_result(c / contract.RESULT_FILE) is not None for c in cells)
 
 
-def test_engine_per_base_needs_merged_stages():
-    proc = subprocess.run([*CLI, "run", "engine_per=base", "merge_between_stages=false"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 1
+def test_engine_per_base_needs_merged_stages(tmp_path):
+    proc = subprocess.run([*CLI, "run", "engine_per=base", "merge_between_stages=false",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2  # a config error
     assert proc.stderr.strip().splitlines()[-1].startswith("marker-lab: config error: engine_per=base with "
                                                            "merge_between_stages=false")
