@@ -96,18 +96,7 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     use_compile_cache(cfg.cache_dir)  # compiled graphs and kernel choices shared by every cell of the cache
     # the result's timing: phases that add up to the cell's time, and "phase.part" keys inside them
     timing: dict[str, float] = {"setup": time.perf_counter() - started}  # config, input checks, cache lookups
-    log.info("cell size: %s", cell_size(cfg, inputs).line())
-    for key, shape in data_shapes(cfg, inputs).items():
-        log.info("training data %s: %s", key, shape)
-    if second_stage_enabled(cfg):  # the dose against the data: how many times the stage sees each example
-        t, rows = cfg.second_stage.train, len(inputs.datasets[f"second_stage.datasets.{cfg.second_stage.data}"].rows)
-        steps = resolve_steps(t, rows, cfg.dose)
-        per_step = t.per_device_batch_size * t.grad_accum
-        log.info("second stage: %d steps x %d examples a step = %.2f passes over its %d rows", steps, per_step,
-                 steps * per_step / rows, rows)
-    note = question_system_note(cfg, inputs)
-    if note:
-        log.warning(note)
+    announce(cfg, inputs)
     readouts = ModelReadouts(cfg, inputs, cache)  # geometry and probe: read from every model of the cell
     with timed(timing, "setup"):  # free space for what the cell writes; what max_seq_len cuts: before the model loads
         writes = check_disk(cfg)
@@ -174,6 +163,22 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     contract.write_result(out_dir, result)
     log_summary(cfg, result, out_dir)
     return result
+
+
+def announce(cfg: Config, inputs: CellInputs) -> None:
+    """What the cell will do, said before anything loads: its size, its training data's shape, its dose against the
+    data, and a question file's system prompts that replace the personas'."""
+    log.info("cell size: %s", cell_size(cfg, inputs).line())
+    for key, shape in data_shapes(cfg, inputs).items():
+        log.info("training data %s: %s", key, shape)
+    if second_stage_enabled(cfg):  # how many times the stage sees each example
+        t, rows = cfg.second_stage.train, len(inputs.datasets[f"second_stage.datasets.{cfg.second_stage.data}"].rows)
+        steps, per_step = resolve_steps(t, rows, cfg.dose), t.per_device_batch_size * t.grad_accum
+        log.info("second stage: %d steps x %d examples a step = %.2f passes over its %d rows", steps, per_step,
+                 steps * per_step / rows, rows)
+    note = question_system_note(cfg, inputs)
+    if note:
+        log.warning(note)
 
 
 @contextmanager
