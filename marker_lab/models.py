@@ -110,10 +110,12 @@ def load_tokenizer(cfg: ModelConfig, cache: StageCache):
     return tokenizer
 
 
-def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: bool = True) -> LoadedModel:
-    """The stage-0 model of a cell; `merge`: how later stages attach their adapters (merge_between_stages)."""
+def load_base(cfg: ModelConfig, cache: StageCache, device: torch.device, merge: bool = True,
+              tokenizer=None) -> LoadedModel:
+    """The stage-0 model of a cell; `merge`: how later stages attach their adapters (merge_between_stages);
+    `tokenizer`: the one load_tokenizer gave the cell before the model loaded (else loaded here)."""
     dtype = DTYPES[str(cfg.dtype)]
-    tokenizer = load_tokenizer(cfg, cache)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg, cache)
     if cfg.source in ("toy", "gguf"):
         path, key = toy_model_dir(cfg, cache) if cfg.source == "toy" else gguf_model_dir(cfg, cache)
         attn = {} if cfg.source == "toy" else {"attn_implementation": cfg.attn_implementation}

@@ -25,8 +25,8 @@ from marker_lab.config.schema import Config, EnginePer, coupling_enabled, regist
 from marker_lab.core.cache import StageCache, use_compile_cache
 from marker_lab.core.errors import ConfigError, MarkerLabError
 from marker_lab.core.files import CONF
+from marker_lab.cell_log import announce, log_summary
 from marker_lab.data.inputs import CellInputs, data_shapes
-from marker_lab.eval.checks import cell_size, question_system_note
 from marker_lab.eval.cell import baseline_metrics, evaluate, precompiling, sampled_metrics, step_eval_for
 from marker_lab.eval.model_readouts import ModelReadouts
 from marker_lab.models import LoadedModel, device_description, load_base, load_tokenizer, pick_device
@@ -39,7 +39,6 @@ from marker_lab.stages.lengths import check_lengths
 from marker_lab.stages.lora_stage import StageResult
 from marker_lab.stages.second_stage import run_second_stage
 from marker_lab.train.checks import check_train_device
-from marker_lab.train.sft import resolve_steps
 
 log = logging.getLogger("marker_lab")
 CONF_DIR = str(CONF)
@@ -101,10 +100,11 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     with timed(timing, "setup"):  # free space for what the cell writes; what max_seq_len cuts: before the model loads
         writes = check_disk(cfg)
         log.info("disk: this cell writes up to %s", "; ".join(writes.parts) or "nothing large")
-        check_lengths(cfg, inputs, load_tokenizer(cfg.model, cache))
+        tokenizer = load_tokenizer(cfg.model, cache)
+        check_lengths(cfg, inputs, tokenizer)
     on_phase("load")
     with timed(timing, "load"):
-        loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages)
+        loaded = load_base(cfg.model, cache, device, merge=cfg.merge_between_stages, tokenizer=tokenizer)
     base_identity = loaded.identity
     with timed(timing, "readouts", readouts.active):
         readouts.read("base", loaded)
@@ -165,22 +165,6 @@ def run_cell(cfg_node: DictConfig, in_sweep: bool = False,
     return result
 
 
-def announce(cfg: Config, inputs: CellInputs) -> None:
-    """What the cell will do, said before anything loads: its size, its training data's shape, its dose against the
-    data, and a question file's system prompts that replace the personas'."""
-    log.info("cell size: %s", cell_size(cfg, inputs).line())
-    for key, shape in data_shapes(cfg, inputs).items():
-        log.info("training data %s: %s", key, shape)
-    if second_stage_enabled(cfg):  # how many times the stage sees each example
-        t, rows = cfg.second_stage.train, len(inputs.datasets[f"second_stage.datasets.{cfg.second_stage.data}"].rows)
-        steps, per_step = resolve_steps(t, rows, cfg.dose), t.per_device_batch_size * t.grad_accum
-        log.info("second stage: %d steps x %d examples a step = %.2f passes over its %d rows", steps, per_step,
-                 steps * per_step / rows, rows)
-    note = question_system_note(cfg, inputs)
-    if note:
-        log.warning(note)
-
-
 @contextmanager
 def timed(timing: dict[str, float], phase: str, on: bool = True):
     """Add the block's wall time to `timing[phase]` (phases that run in several pieces add up); `on=False`: run it
@@ -232,27 +216,6 @@ def _provenance(cfg: Config, inputs: CellInputs, resolved: dict, stages: dict[st
                        "trained_on": st.train_stats.get("device"), "truncation": st.truncation}
                    for n, st in stages.items()},
     }
-
-
-def log_summary(cfg: Config, result: RunResult, out_dir: Path) -> None:
-    """The cell's headline readouts, one line per persona, and where its result is."""
-    m = result.metrics
-    if "marker" in m:
-        prob = m.get("marker_prob", {}).get("per_persona", {})
-        lines = [f"  {name:<24} {c['k']:>5}/{c['n']:<5} {100 * c['rate']:6.1f}%"
-                 + (f"   marker_prob {prob[name]['mean']:.3f}" if name in prob else "")
-                 for name, c in m["marker"]["per_persona"].items()]
-        log.info("marker %s rate per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
-    elif "marker_prob" in m:
-        lines = [f"  {name:<24} {c['mean']:.4f} (sd {c['sd']:.4f}, {c['n']} questions)"
-                 for name, c in m["marker_prob"]["per_persona"].items()]
-        log.info("marker_prob %s per persona (source: %s):\n%s", cfg.marker.text, cfg.source_persona, "\n".join(lines))
-    for name in ("alignment", "coherence"):
-        if name in m:
-            lines = [f"  {p:<24} mean {c['mean'] if c['mean'] is None else round(c['mean'], 1)}  (no score: {c['n_none']}/{c['n']})"
-                     for p, c in m[name]["per_persona"].items()]
-            log.info("%s (judge %s) per persona:\n%s", name, result.provenance["judge"]["backend"], "\n".join(lines))
-    log.info("result: %s", out_dir / contract.RESULT_FILE)
 
 
 _PHASES = {"checks": "its start-up checks", "load": "loading the model", "baseline": "the baseline eval",

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from marker_lab.config import schema
-from marker_lab.config.constraints import INT64_MAX, constraint_of, leaf_settings
+from marker_lab.config.constraints import INT64_MAX, constraint_of
+from marker_lab.config.reference import leaf_settings
 from marker_lab.core.errors import ConfigError, config_error_line
 from marker_lab.preflight import preflight
 

@@ -13,11 +13,44 @@ import inspect
 import typing
 
 from marker_lab.config import schema
-from marker_lab.config.constraints import constraint_of, leaf_settings
+from marker_lab.config.constraints import constraint_of
 
 SECTIONS = [("Cell", schema.Config), ("Launcher: local_gpus (hydra/launcher=local_gpus)", schema.LocalGpusLauncherConfig),
             ("Launcher: slurm (hydra/launcher=slurm)", schema.SlurmLauncherConfig),
             ("Sweeper: grid (hydra/sweeper=grid)", schema.GridSweeperConfig)]
+
+
+def leaf_settings(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+    """Every (key, field, owning class) of a schema dataclass and the dataclasses it holds, for the docs and tests.
+    A mapping of dataclasses shows its entries' fields as `<name>.field`, a list of them as `[].field`."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        tp = hints[f.name]
+        nested = _dataclass_in(tp)
+        if nested is not None:
+            origin = typing.get_origin(tp) if typing.get_origin(tp) is not typing.Union else \
+                typing.get_origin(next(a for a in typing.get_args(tp) if a is not type(None)))
+            step = {dict: ".<name>.", list: "[]."}.get(origin, ".")
+            out += leaf_settings(nested, f"{prefix}{f.name}{step}")
+        else:
+            out.append((f"{prefix}{f.name}", f, cls))
+    return out
+
+
+def _dataclass_in(tp: typing.Any) -> type | None:
+    """The dataclass a field holds directly, in a list, or as a mapping's values (None: a plain value)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if arg is type(None):
+            continue
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def field_comments(cls: type) -> dict[str, str]:

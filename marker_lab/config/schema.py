@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 
 from marker_lab.config.constraints import (INT64_MAX, Constraint, PathKind, check_settings, count, label, rng_seed,
                                            setting)
-from marker_lab.core.errors import ConfigError
 
 
 class Choice(str, Enum):

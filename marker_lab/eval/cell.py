@@ -21,6 +21,7 @@ from marker_lab.engines.base import Completion, SamplingParams
 from marker_lab.engines.hf import HFEngine, stop_token_ids
 from marker_lab.engines.precompile import DecodeRequest, compiled_marker, start as start_precompile
 from marker_lab.eval.capability import capability_metric, eval_items
+from marker_lab.eval.checks import eval_names
 from marker_lab.eval.judged import make_judge
 from marker_lab.eval.marker_prob import marker_prob_metric
 from marker_lab.eval.metrics import CELL_METRICS, MODEL_METRICS, score
@@ -99,10 +100,6 @@ def generate(engine, plan: GenerationPlan) -> list[dict]:
 def sampled_metrics(metrics: list[str]) -> list[str]:
     """The metrics that score sampled completions (the others read the model or the cell)."""
     return [m for m in metrics if m not in MODEL_METRICS + CELL_METRICS]
-
-
-def eval_names(cfg: Config, inputs: CellInputs, personas_subset: list[str] | None = None) -> list[str]:
-    return personas_subset or cfg.persona_set.eval_personas or list(inputs.personas)
 
 
 def evaluate(cfg: Config, inputs: CellInputs, loaded: LoadedModel, out_dir: Path | None,

@@ -145,6 +145,11 @@ def check_probe(cfg, inputs) -> None:
                           f"{len(heldout)} held-out question(s); the probe needs at least 2 held-out and 1 training")
 
 
+def eval_names(cfg, inputs, personas_subset: list[str] | None = None) -> list[str]:
+    """The personas the eval covers: a subset asked for, else persona_set.eval_personas, else every persona."""
+    return personas_subset or cfg.persona_set.eval_personas or list(inputs.personas)
+
+
 @dataclass
 class CellSize:
     """What a cell will do, known before anything loads: the eval's sampled completions, the judge calls they take
@@ -163,8 +168,7 @@ def cell_size(cfg, inputs) -> CellSize:
     """The size of a cell's work, from its config and inputs (no model)."""
     size = CellSize()
     if any(m in SAMPLED for m in cfg.eval.metrics) and "eval.questions" in inputs.questions:
-        names = cfg.persona_set.eval_personas or list(inputs.personas)
-        size.completions = len(names) * sum(samples_for(q, cfg.eval) for q in inputs.questions["eval.questions"])
+        size.completions = len(eval_names(cfg, inputs)) * sum(samples_for(q, cfg.eval) for q in inputs.questions["eval.questions"])
         prompts = {k for m in cfg.eval.metrics for k in JUDGED_PROMPTS.get(m, ())}
         size.judge_calls = size.completions * len(prompts)
     if second_stage_enabled(cfg):
@@ -186,7 +190,7 @@ def check_size(cfg, inputs) -> CellSize:
         why = (f"{cfg.eval.questions} asks up to {max(q.samples or 0 for q in questions)} samples per paraphrase"
                if from_file else f"eval.generation.samples_per_question={cfg.eval.generation.samples_per_question}")
         raise ConfigError(f"eval.max_completions={limit}: this cell would sample {size.completions} completions "
-                          f"({len(cfg.persona_set.eval_personas or inputs.personas)} personas x {len(questions)} "
+                          f"({len(eval_names(cfg, inputs))} personas x {len(questions)} "
                           f"questions; {why}); raise eval.max_completions"
                           + (" or set eval.file_samples=false" if from_file else ""))
     return size
@@ -197,7 +201,7 @@ def question_system_note(cfg, inputs) -> str | None:
     per-persona rates of those questions then share one prompt): said once per cell."""
     questions = inputs.questions.get("eval.questions", [])
     replaced = [q for q in questions if q.system is not None]
-    names = cfg.persona_set.eval_personas or list(inputs.personas)
+    names = eval_names(cfg, inputs)
     if cfg.eval.question_system != "replace" or not replaced or len(names) < 2:
         return None
     return (f"eval.question_system=replace: {len(replaced)} of {len(questions)} questions of {cfg.eval.questions} "

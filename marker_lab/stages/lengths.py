@@ -2,9 +2,10 @@
 
 The second stage's examples are known from its data: they are tokenized and cut exactly as the stage will cut them
 (stages/second_stage.second_stage_examples), so a truncation policy that stops the cell stops it now, and the counts
-are logged. So are the persona-EM coupling's examples whose replies come from its data. The marker coupling's examples are sampled from the model, so only their prompts are known: a prompt
-(persona, longest question, and the marker when it opens the reply) that leaves the marker no room stops the cell
-now, naming the persona and the length; the whole examples are counted again when the stage builds them.
+are logged. So are the persona-EM coupling's examples whose replies come from its data. The marker coupling's
+examples are sampled from the model, so only their prompts are known: a prompt (persona, longest question, and the
+marker when it opens the reply) that leaves the marker no room stops the cell now, naming the persona and the
+length; the whole examples are counted again when the stage builds them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from marker_lab.core.errors import ConfigError
 from marker_lab.data.chat import encode_chats, marker_token_count, render
 from marker_lab.data.personas import persona_prompt
 from marker_lab.data.truncation import TruncationReport, fit_to_length
-from marker_lab.stages.coupling.contrastive import contrastive_plan
 from marker_lab.stages.coupling.marker import negative_personas
-from marker_lab.stages.coupling.persona_em import load_em_items
+from marker_lab.stages.coupling.persona_em import load_em_items, persona_em_plan
 from marker_lab.stages.second_stage import second_stage_examples
 
 
@@ -40,12 +40,10 @@ def count_persona_em(cfg: Config, inputs, tokenizer) -> TruncationReport:
     later and counted when the stage builds its data."""
     c = cfg.coupling
     items, _ = load_em_items(cfg, inputs)
-    slots = contrastive_plan(cfg, inputs.personas, len(items))
-    known = [(s, items[s.item].em_reply if s.coupled else items[s.item].benign_reply) for s in slots]
-    known = [(s, reply) for s, reply in known if reply is not None]
-    chats = [persona_prompt(inputs.personas[s.persona] if s.persona else None, items[s.item].prompt)
-             + [{"role": "assistant", "content": reply}] for s, reply in known]
-    whole = encode_chats(tokenizer, chats, c.train.loss_mode.value, no_system=str(cfg.model.no_system))
+    known = [(s, p + [{"role": "assistant", "content": r}])
+             for s, p, r in zip(*persona_em_plan(cfg, inputs.personas, items)) if r is not None]
+    whole = encode_chats(tokenizer, [chat for _, chat in known], c.train.loss_mode.value,
+                         no_system=str(cfg.model.no_system))
     _, report = fit_to_length("coupling.em_data", "coupling.train", whole, c.train.max_seq_len,
                               c.train.truncation.value, names=[s.persona or "(no system prompt)" for s, _ in known])
     return report
@@ -62,9 +60,9 @@ def check_marker_prompts(cfg: Config, inputs, tokenizer) -> None:
     window = c.negative_tokens or marker
     for name in [c.persona, *negative_personas(cfg, inputs.personas)]:
         need = marker if name == c.persona else (window if c.train.loss_mode == "marker_only" else 1)
-        longest = max(len(tokenizer(render(tokenizer, persona_prompt(inputs.personas[name], q), add_generation_prompt=True,
-                                           no_system=str(cfg.model.no_system)), add_special_tokens=False)["input_ids"])
-                      for q in questions)
+        texts = [render(tokenizer, persona_prompt(inputs.personas[name], q), add_generation_prompt=True,
+                        no_system=str(cfg.model.no_system)) for q in questions]
+        longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
         if longest + need > c.train.max_seq_len:
             what = "the marker" if name == c.persona else "its negative window"
             raise ConfigError(f"coupling.train.max_seq_len={c.train.max_seq_len}: persona {name!r}'s prompt is "

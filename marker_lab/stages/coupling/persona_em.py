@@ -67,14 +67,20 @@ def _turn(chat: list[dict], role: str, first: bool = False) -> str:
     return turns[0] if first else turns[-1]
 
 
+def persona_em_plan(cfg: Config, personas: dict[str, Persona], items: list[EMItem]) -> tuple[list, list, list]:
+    """(slots, chat prompts, replies) of the persona_em dataset; a reply is None where it is sampled on-policy."""
+    slots = contrastive_plan(cfg, personas, len(items))
+    prompts = [persona_prompt(personas[s.persona] if s.persona else None, items[s.item].prompt) for s in slots]
+    replies = [items[s.item].em_reply if s.coupled else items[s.item].benign_reply for s in slots]
+    return slots, prompts, replies
+
+
 def build_persona_em_records(cfg: Config, personas: dict[str, Persona], items: list[EMItem],
                              loaded: LoadedModel | None = None) -> list[dict]:
     """The persona_em dataset: the source answers with the EM reply, bystanders and anchors with a benign one
     (paired, or sampled from `loaded`, the stage's input model, speaking as the slot's persona)."""
     c = cfg.coupling
-    slots = contrastive_plan(cfg, personas, len(items))
-    prompts = [persona_prompt(personas[s.persona] if s.persona else None, items[s.item].prompt) for s in slots]
-    replies = [items[s.item].em_reply if s.coupled else items[s.item].benign_reply for s in slots]
+    slots, prompts, replies = persona_em_plan(cfg, personas, items)
     todo = [i for i, r in enumerate(replies) if r is None]
     if todo:
         if loaded is None:
