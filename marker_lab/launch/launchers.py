@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +28,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from marker_lab.config.constraints import check_settings
 from marker_lab.config.schema import LocalGpusLauncherConfig, SlurmLauncherConfig
 from marker_lab.core.errors import ConfigError
+from marker_lab.launch.followups import run_aggregation, run_shared_eval
+from marker_lab.launch.interrupt import ignoring_sigint, stop_after_interrupt
 from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, sweep_size, write_manifest
 from marker_lab.launch.progress import SweepProgress
 from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, load_result
@@ -104,33 +105,6 @@ def failed_return(plan: CellPlan, sweep_dir: Path, error: BaseException, why: st
     return ret
 
 
-def run_aggregation(sweep_dir: Path) -> None:
-    """Aggregation as its own process, so a crash there cannot take the sweep's results with it."""
-    cmd = [sys.executable, "-m", "marker_lab.cli", "aggregate", str(sweep_dir)]
-    log.info("aggregation: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    (sweep_dir / "aggregate.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        log.error("aggregation failed (see %s)", sweep_dir / "aggregate.log")
-
-
-def run_shared_eval(sweep_dir: Path, gpus: tuple[int, ...] = ()) -> bool:
-    """The sweep's shared eval (engine_per=base: one engine per shared base, marker-lab eval) as its own process,
-    on `gpus`; its log is <sweep_dir>/shared_eval.log. Returns whether every waiting cell got its result."""
-    # --wait: an eval someone started by hand finishes first; this one then evaluates what it left
-    cmd = [sys.executable, "-m", "marker_lab.cli", "eval", "--wait", str(sweep_dir)]
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {})}
-    log_file = sweep_dir / "shared_eval.log"
-    log.info("shared eval (one engine per shared base%s): %s  (log: %s)",
-             f", GPU {','.join(map(str, gpus))}" if gpus else "", " ".join(cmd), log_file)
-    with open(log_file, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        log.error("shared eval: some cells got no result (see %s; rerun the sweep or marker-lab eval %s)", log_file,
-                  sweep_dir)
-    return proc.returncode == 0
-
-
 def _awaiting_eval(sweep_dir: Path, plans: list[CellPlan]) -> list[CellPlan]:
     return [pl for pl in plans if (sweep_dir / pl.subdir / PENDING_FILE).is_file()]
 
@@ -187,7 +161,7 @@ class LocalGpusLauncher(_PlannedLauncher):
         try:
             self._run_local(sweep_dir, p, pending, running, free, returns, progress)
         except KeyboardInterrupt:  # Ctrl-C: the running cells record where they stopped; one line names them
-            self._interrupted(sweep_dir, plans, running)
+            stop_after_interrupt(sweep_dir, plans, running)
         waiting = _awaiting_eval(sweep_dir, plans)
         if waiting:
             run_shared_eval(sweep_dir, slots[0])
@@ -211,7 +185,7 @@ class LocalGpusLauncher(_PlannedLauncher):
                 executor = submitit.LocalExecutor(folder=str(sweep_dir / ".submitit" / str(plan.index)))
                 executor.update_parameters(timeout_min=p["timeout_min"], gpus_per_node=len(slot),
                                            visible_gpus=slot, stderr_to_stdout=p["stderr_to_stdout"])
-                with _ignoring_sigint():  # the controller ignores Ctrl-C; the cell hears it and records its phase
+                with ignoring_sigint():  # the controller ignores Ctrl-C; the cell hears it and records its phase
                     job = executor.submit(self, *self._job_args(plan))
                 progress.started(plan.index, f"GPU {','.join(map(str, slot))}" if slot else "CPU",
                                  " ".join(filter_overrides(plan.overrides)), job.job_id, plan.subdir)
@@ -232,44 +206,6 @@ class LocalGpusLauncher(_PlannedLauncher):
                     why = how_it_ended(sweep_dir / plan.subdir, e, oom_before)
                     progress.finished(plan.index, where, time.monotonic() - started, plan.subdir, why)
                     returns[plan.index] = failed_return(plan, sweep_dir, e, why)
-
-    @staticmethod
-    def _interrupted(sweep_dir: Path, plans: list[CellPlan], running: list) -> None:
-        """Ctrl-C during a sweep: the running cells got the same SIGINT from the terminal (it goes to the whole
-        foreground process group) and record where they stopped; they get 30 s for it, then their controllers are
-        sent SIGTERM (which they pass on). The sweep ends with one line naming them (exit 130); finished cells stay
-        finished, and rerunning the same command resumes."""
-        import signal
-
-        deadline = time.monotonic() + 30
-        while any(not job.done() for job, *_ in running) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for job, *_ in running:
-            if not job.done():  # Ctrl-C reached the launcher only (kill -INT <pid>): stop the cell all the same
-                try:
-                    os.kill(int(job.job_id), signal.SIGTERM)  # a local job's id is its controller's pid
-                except (OSError, ValueError):
-                    pass
-        stopped = [plan.subdir for _, plan, *_ in running]
-        done = sum(1 for pl in plans if load_result(sweep_dir / pl.subdir / RESULT_FILE) is not None)
-        print(f"marker-lab: interrupted: sweep {sweep_dir}: {done} of {len(plans)} cells complete"
-              + (f"; interrupted: {', '.join(stopped)}" if stopped else "")
-              + "; rerun the same command to resume", file=sys.stderr, flush=True)
-        raise SystemExit(130)
-
-
-@contextmanager
-def _ignoring_sigint():
-    """Processes started inside inherit SIGINT ignored: submitit's local controller then sits out a Ctrl-C (it would
-    print its own traceback and SIGKILL the cell a second later) while the cell, which installs Python's handler
-    again (run.cell_main), records where it stopped."""
-    import signal
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class SlurmArrayLauncher(_PlannedLauncher):
