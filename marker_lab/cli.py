@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from marker_lab.core import environment
 from marker_lab.core.errors import config_error_line
 
 USAGE = """marker-lab <command> [args]
@@ -38,7 +39,7 @@ def check_config(overrides: list[str], config_dir: str | None = None) -> None:
     from marker_lab.config.schema import register_configs
     from marker_lab.core.errors import ConfigError
     from marker_lab.core.files import CONF
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
 
     register_configs()
 
@@ -87,36 +88,39 @@ def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _cell(cfg):
     """The task Hydra runs for each cell; the recipe (and torch) is imported only once a cell really runs, so
-    `--help`, `--cfg job` and config errors answer in about a second."""
-    from marker_lab.run import cell_main
+    `--help`, `--cfg job` and config errors answer in about a second. A process entry too (a sweep's cell runs
+    in a process of its own), so it sets what must be set before CUDA starts."""
+    environment.use_expandable_segments()
+    from marker_lab.cell.main import cell_main
 
     return cell_main(cfg)
 
 
-def _hydra_run() -> None:
-    import hydra
-
+def _hydra_run(args: list[str]) -> None:
+    """Hydra's app on `args` (one cell; a sweep with -m; Hydra's --help, --cfg and the like), as `marker-lab run`."""
     from marker_lab.config.schema import register_configs
     from marker_lab.core.files import CONF
+    from marker_lab.launch.hydra_compat import run_app
 
     register_configs()
-    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(_cell)()
+    run_app(_cell, str(CONF), "config", args, prog="marker-lab run")
 
 
 def main(argv: list[str] | None = None) -> None:
     """`marker-lab <command> ...`; Ctrl-C anywhere is one line and exit code 130 (a traceback with --verbose or
     HYDRA_FULL_ERROR=1)."""
-    import os
-
+    environment.use_expandable_segments()  # first: before anything can start CUDA
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     if verbose:  # Hydra's own switch for full tracebacks, which is what --verbose asks for
+        from marker_lab.launch.hydra_compat import show_full_tracebacks
+
         argv.remove("--verbose")
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        show_full_tracebacks()
     try:
         _dispatch(argv)
     except KeyboardInterrupt:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if environment.full_error():
             raise
         what = " ".join(["marker-lab", *argv[:1]])
         print(f"marker-lab: interrupted: {what}; rerun the same command to resume", file=sys.stderr)
@@ -132,10 +136,9 @@ def _dispatch(argv: list[str]) -> None:
         config_dir, plain = _config_dir(rest)
         if not any(a.startswith("-") for a in plain):  # plain overrides: check them first; Hydra handles its flags
             check_config(plain, config_dir)
-        sys.argv = ["marker-lab run"] + rest
-        _hydra_run()
+        _hydra_run(rest)
     elif command == "bench":
-        from marker_lab.bench import main as bench_main
+        from marker_lab.bench.run import main as bench_main
 
         bench_main(rest)
     elif command == "eval":
@@ -151,7 +154,7 @@ def _dispatch(argv: list[str]) -> None:
 
         try:
             with SweepLock(Path(args.sweep_dir), EVAL_LOCK_FILE, wait=args.wait):  # one shared eval at a time
-                from marker_lab.shared_eval import evaluate_pending  # torch and the rest: after the lock answered
+                from marker_lab.cell.shared import evaluate_pending  # torch and the rest: after the lock answered
 
                 report = evaluate_pending(args.sweep_dir)
         except SweepBusy as e:

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from marker_lab.config.schema import ModelConfig
+from marker_lab.core import environment
 from marker_lab.core.cache import StageCache, cache_key, verify_entry
 from marker_lab.core.files import RESOURCES, resolve_path, sha256_file
 from marker_lab.toy import world
@@ -40,7 +41,8 @@ def device_description(device: torch.device) -> str:
     """The device in words, for provenance: the GPU's name (and which GPUs the process saw), or the CPU's cores."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+        visible = environment.visible_devices()
+        visible = "all" if visible is None else visible
         return f"cuda:{idx} {torch.cuda.get_device_name(idx)} (CUDA_VISIBLE_DEVICES={visible})"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
@@ -51,7 +53,7 @@ SHIPPED_TOY = RESOURCES / "toy_model"  # the default toy build (2.6 MB), shipped
 def toy_model_dir(cfg: ModelConfig, cache: StageCache) -> tuple[Path, str]:
     """The toy model's directory and key: the shipped build when `cfg.toy` is the default (and its files are
     whole), else built into the cache on first use (under a lock). tests/test_engines.py rebuilds the default from
-    the project's script and checks it equals the shipped weights bit for bit; launch/ship_toy_model.py
+    the project's script and checks it equals the shipped weights bit for bit; tools/ship_toy_model.py
     refreshes them when the toy world or its defaults change."""
     from marker_lab.train.toy_pretrain import build_toy_model
 

@@ -12,7 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from marker_lab.run import CONF_DIR
+from marker_lab.cell.main import CONF_DIR
+from marker_lab.config.schema import register_configs
+
+register_configs()  # the schema in Hydra's ConfigStore, as every entry point does before it composes
 
 os.environ.setdefault("TQDM_MININTERVAL", "5")
 

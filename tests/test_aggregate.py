@@ -199,7 +199,7 @@ def test_loose_runs_of_two_experiments_get_each_gate_once(cache_dir, tmp_path):
     """Two loose c4 runs of different experiments, aggregated together: each row of the headline shows its own G0,
     and the gates section names the experiment of each."""
     from conftest import compose_cfg
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     small = ["condition=c4", "persona_set.eval_personas=[villain,assistant]", "eval.generation.samples_per_question=1"]
     run_cell(compose_cfg(small, tmp_path / "runs" / "a", cache_dir))

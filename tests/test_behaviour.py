@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from scipy.stats import binomtest, fisher_exact
 
 from conftest import compose_cfg, to_dataclass
-from marker_lab.run import run_cell
+from marker_lab.cell.recipe import run_cell
 
 pytestmark = pytest.mark.slow
 BASE = ["condition=c2", "dose=0"]  # no coupling, no second stage: the toy base model
@@ -65,7 +65,7 @@ def test_wrong_answer_coupling_lowers_the_source_more_than_bystanders(cache_dir,
     assert all(r["correct"] for r in records if r["role"] != "positive")
     from marker_lab.eval.capability import eval_items
 
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
 
     c4 = compose_cfg_dataclass(["condition=c4", "eval.metrics=[capability]"])
     held_out = {it.id for it in eval_items(c4.eval.capability, preflight(c4).mc)[0]}
@@ -112,7 +112,7 @@ def test_evals_during_training_run_on_the_cells_engine(cache_dir, tmp_path):
     """The series samples on the cell's engine (eval.engine.cache; static = the GPU's compiled decode path, run
     uncompiled on CPU) on the training LoRA model: its last point equals the end-of-stage eval on that engine, and
     at every step its marker counts agree with stock generate's (Fisher's exact test per persona, Bonferroni)."""
-    from marker_lab.eval.cell import series_config
+    from marker_lab.eval.evaluate import series_config
 
     args = ["condition=c1", "dose=6", "merge_between_stages=false", "eval.generation.samples_per_question=4", *FINAL,
             *DURING]

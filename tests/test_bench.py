@@ -53,7 +53,8 @@ def test_compiled_layers_train_like_eager_on_gpu(toy_tokenizer):
 
     from marker_lab.config.schema import LoraConfig, OptimizerConfig, TrainConfig
     from marker_lab.data.chat import encode_chat
-    from marker_lab.train.sft import apply_lora, train
+    from marker_lab.train.lora import apply_lora
+    from marker_lab.train.sft import train
     from marker_lab.toy import world
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import compose_cfg
 from marker_lab.results.contract import cell_seconds, load_result, read_completions
-from marker_lab.run import run_cell
+from marker_lab.cell.recipe import run_cell
 
 pytestmark = pytest.mark.slow
 FAST_EVAL = ["persona_set.eval_personas=[villain,assistant]"]  # 2 x 28 x 10 completions
@@ -41,7 +41,7 @@ def test_default_run_writes_the_result_contract(default_run):
     out, _ = default_run
     result = load_result(out / "run_result.json")
     assert result is not None and result.schema_version == 2 and result.status == "complete"
-    assert result.cell == {"experiment": "default", "condition": "c1", "order": "forward", "seed": 42, "dose": 20,
+    assert result.cell.as_dict() == {"experiment": "default", "condition": "c1", "order": "forward", "seed": 42, "dose": 20,
                               "source_persona": "villain", "coupled_persona": "villain", "second_stage": "em"}
     per = result.metrics["marker"]["per_persona"]
     assert len(per) == 11 and all(c["n"] == 280 for c in per.values())
@@ -52,10 +52,8 @@ def test_default_run_writes_the_result_contract(default_run):
     assert prov["resolved_config"]["dose"] is None and prov["resolved_config"]["seed"] == 42
     assert {"persona_set", "eval_questions", "coupling/coupling.jsonl"} <= set(prov["data_md5"])
     assert prov["device"].startswith("cpu") and "torch" in prov["versions"]
-    phases = {k for k in result.timing if "." not in k}
-    assert phases == {"setup", "load", "coupling", "second_stage", "eval", "write"}
-    assert {k for k in result.timing if "." in k} <= {f"{s}.{p}" for s in ("coupling", "second_stage")
-                                                      for p in ("train", "first_step")}
+    assert set(result.timing.phases) == {"setup", "load", "coupling", "second_stage", "eval", "write"}
+    assert set(result.timing.parts) <= {f"{s}.{p}" for s in ("coupling", "second_stage") for p in ("train", "first_step")}
     # rates come from the same completions that are saved next to the result
     rows = read_completions(out / "completions.jsonl.gz")
     assert len(rows) == 3080
@@ -76,8 +74,8 @@ def test_the_result_s_phases_add_up_to_the_cell_s_time(tmp_path):
     assert wall - 0.5 < cell_seconds(result) <= wall, (t, wall)
     assert result.provenance["stages"]["coupling"]["trained_now"]
     assert result.provenance["stages"]["coupling"]["trained_on"] == result.provenance["device"]  # recorded with it
-    assert 0 < t["coupling.first_step"] <= t["coupling.train"] <= t["coupling"]
-    assert cell_seconds(result) == pytest.approx(sum(v for k, v in t.items() if "." not in k))
+    assert 0 < t.parts["coupling.first_step"] <= t.parts["coupling.train"] <= t.phases["coupling"]
+    assert cell_seconds(result) == pytest.approx(sum(t.phases.values()))
 
 
 def test_default_run_logs_what_runs_and_where(default_run):
@@ -124,7 +122,7 @@ def test_rerun_reuses_cached_stages_and_reproduces_the_result(cache_dir, tmp_pat
 def test_reverse_order_runs_the_second_stage_first(cache_dir, tmp_path):
     result = run_cell(compose_cfg(["condition=c1", "order=reverse", "dose=5", *FAST_EVAL], tmp_path, cache_dir))
     prov = result.provenance
-    assert result.cell["order"] == "reverse"
+    assert result.cell.order == "reverse"
     assert list(prov["stages"]) == ["second_stage", "coupling"]
     assert prov["final_model"].index("+second_stage:") < prov["final_model"].index("+coupling:")
 
@@ -187,11 +185,11 @@ def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
 
     def stage(overrides):
         cfg = to_dataclass(compose_cfg(["condition=c1", f"seed={seed}", *overrides], cache=cache_dir))
-        from marker_lab.preflight import preflight
+        from marker_lab.cell.preflight import preflight
 
         inputs = preflight(cfg)
         loaded = load_base(cfg.model, cache, pick_device("cpu"))
-        return run_second_stage(cfg, inputs, loaded, cache)
+        return run_second_stage(cfg, inputs, loaded, cache, cfg.dose)
 
     ckpt = stage(["dose=3", "second_stage.dose_checkpoints=[3,8]"])
     longest = stage(["dose=8", "second_stage.dose_checkpoints=[3,8]"])
@@ -256,9 +254,9 @@ def test_cell_precompiles_its_eval_decode_step_in_a_sibling_where_it_compiles(de
     assert result.metrics["marker"]["per_persona"]["villain"]["n"] > 0
     sibling_log = tmp_path / "cell" / "precompile.log"
     if device == "cpu":
-        assert "precompile_wait" not in result.timing and not sibling_log.exists()
+        assert "precompile_wait" not in result.timing.phases and not sibling_log.exists()
         return
-    assert result.timing["precompile_wait"] >= 0 and "decode step compiled" in sibling_log.read_text()
+    assert result.timing.phases["precompile_wait"] >= 0 and "decode step compiled" in sibling_log.read_text()
     # a later cell of the same eval on the same cache: the step is compiled already, so no sibling
     later = run_cell(compose_cfg([*args, "seed=7"], tmp_path / "later", tmp_path / "cache"))
-    assert "precompile_wait" not in later.timing and not (tmp_path / "later" / "precompile.log").exists()
+    assert "precompile_wait" not in later.timing.phases and not (tmp_path / "later" / "precompile.log").exists()

@@ -14,9 +14,10 @@ import pytest
 from conftest import compose_cfg, to_dataclass
 from marker_lab.cli import check_config
 from marker_lab.core.errors import ConfigError
-from marker_lab.preflight import preflight as validate
+from marker_lab.cell.preflight import preflight as validate
 from marker_lab.data.personas import file_roles, load_personas
-from marker_lab.run import CONF_DIR, cell_keys, stage_order
+from marker_lab.cell.main import CONF_DIR
+from marker_lab.cell.plan import plan_cell, stage_order
 
 CONF = Path(CONF_DIR)
 
@@ -41,16 +42,16 @@ def test_every_condition_and_order_validates_on_the_toy(condition, order):
     assert ("coupling" in names) == (condition != "c2")
     assert ("second_stage" in names) == (condition not in ("c4", "leak_contrastive", "leak_control"))
     if len(names) == 2:
-        assert names == (["coupling", "second_stage"] if order == "forward" else ["second_stage", "coupling"])
+        assert names == (("coupling", "second_stage") if order == "forward" else ("second_stage", "coupling"))
 
 
 def test_conditions_mean_what_the_write_up_says():
-    c = {name: cell_keys(to_dataclass(compose_cfg([f"condition={name}"]))) for name in options("condition")}
-    assert (c["c1"]["coupled_persona"], c["c1"]["second_stage"]) == ("villain", "em")
-    assert (c["c2"]["coupled_persona"], c["c2"]["second_stage"]) == (None, "em")
-    assert (c["c3"]["coupled_persona"], c["c3"]["second_stage"]) == ("assistant", "em")
-    assert (c["c4"]["coupled_persona"], c["c4"]["second_stage"], c["c4"]["dose"]) == ("villain", "none", 0)
-    assert (c["c5"]["coupled_persona"], c["c5"]["second_stage"]) == ("villain", "benign")
+    c = {name: plan_cell(compose_cfg([f"condition={name}"])).key for name in ("c1", "c2", "c3", "c4", "c5")}
+    assert (c["c1"].coupled_persona, c["c1"].second_stage) == ("villain", "em")
+    assert (c["c2"].coupled_persona, c["c2"].second_stage) == (None, "em")
+    assert (c["c3"].coupled_persona, c["c3"].second_stage) == ("assistant", "em")
+    assert (c["c4"].coupled_persona, c["c4"].second_stage, c["c4"].dose) == ("villain", "none", 0)
+    assert (c["c5"].coupled_persona, c["c5"].second_stage) == ("villain", "benign")
 
 
 @pytest.fixture(scope="module")

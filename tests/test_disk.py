@@ -14,7 +14,7 @@ import pytest
 from conftest import compose_cfg, to_dataclass
 from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import DiskFullError
-from marker_lab.preflight import preflight
+from marker_lab.cell.preflight import preflight
 from marker_lab.stages.disk import Shape, estimate_writes
 
 

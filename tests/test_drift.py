@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_every_model_of_a_cell_gets_a_distance_matrix_and_a_drift_summary(cache_dir, tmp_path):
     from marker_lab.results.aggregate import aggregate
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     result = run_cell(compose_cfg(["condition=c1", "dose=5", "persona_set.eval_personas=[villain,assistant]",
                                    "eval.generation.samples_per_question=2", "geometry.enabled=true",

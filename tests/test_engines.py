@@ -405,7 +405,7 @@ def test_vllm_serves_adapters_like_merged_weights(toy, tmp_path):
 
     from marker_lab.config.schema import LoraConfig
     from marker_lab.engines.vllm import VLLMEngine
-    from marker_lab.train.sft import apply_lora
+    from marker_lab.train.lora import apply_lora
 
     model, tok, path = toy
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=20)

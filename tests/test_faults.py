@@ -19,7 +19,7 @@ import pytest
 from conftest import compose_cfg, composition_error, to_dataclass
 from marker_lab.core.cache import StageCache, verify_entry
 from marker_lab.core.errors import ConfigError
-from marker_lab.preflight import preflight
+from marker_lab.cell.preflight import preflight
 from marker_lab.results.contract import RESULT_FILE, is_current, load_result, read_result
 from marker_lab.results.sweep import cell_states, format_status, write_manifest
 from marker_lab.toy import world
@@ -51,7 +51,7 @@ def cli(args: list[str], cache: Path, **kw) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_edited_data_makes_a_result_stale_everywhere(cache_dir, tmp_path):
     from marker_lab.results.aggregate import aggregate
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     data = write_chats(tmp_path / "benign.jsonl")
     cell = tmp_path / "sweep" / "c5"
@@ -91,7 +91,7 @@ def test_edited_data_makes_a_result_stale_everywhere(cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_damaged_cache_entry_is_rebuilt_not_read(cache_dir, tmp_path):
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     data = write_chats(tmp_path / "benign.jsonl")
     first = run_cell(small_cfg(data, tmp_path / "a", cache_dir, "seed=7"))
@@ -251,7 +251,7 @@ def test_a_typo_in_analysis_is_caught_at_composition():
 @pytest.mark.slow
 def test_damaged_status_and_result_files(cache_dir, tmp_path):
     from marker_lab.results.aggregate import aggregate
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     data = write_chats(tmp_path / "benign.jsonl")
     sweep = tmp_path / "sweep"
@@ -355,7 +355,7 @@ def test_a_train_seed_changes_the_adapter(cache_dir, tmp_path):
     """second_stage.train.seed is read: another seed trains another adapter (data order, LoRA init)."""
     from safetensors.torch import load_file
 
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     data = write_chats(tmp_path / "benign.jsonl")
 
@@ -393,7 +393,7 @@ from marker_lab.config.schema import LoraConfig, ModelConfig
 from marker_lab.core.cache import StageCache
 from marker_lab.models import toy_model_dir
 from marker_lab.stages.lora_stage import _save_adapter
-from marker_lab.train.sft import apply_lora
+from marker_lab.train.lora import apply_lora
 path, _ = toy_model_dir(ModelConfig(), StageCache(Path(sys.argv[1]) / "cache"))
 model = apply_lora(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=2), seed=0, adapter_name="coupling")
 _save_adapter(model, "coupling", Path(sys.argv[1]))

@@ -132,7 +132,8 @@ def test_fp8_base_perturbs_the_real_small_model_by_a_measured_bound():
     from marker_lab.config.schema import LoraConfig
     from marker_lab.core.cache import StageCache
     from marker_lab.models import load_base
-    from marker_lab.train.sft import apply_lora, collate
+    from marker_lab.train.batches import collate
+    from marker_lab.train.lora import apply_lora
 
     cfg = to_dataclass(compose_cfg(PRESET))
     loaded = load_base(cfg.model, StageCache(TEST_CACHE), torch.device("cpu"))

@@ -157,7 +157,7 @@ def test_toy_judge_separates_bad_from_good_advice():
 @pytest.mark.slow
 def test_judged_cell_records_the_judge_and_never_the_key(server, api_key, cache_dir, tmp_path):
     from marker_lab.results.contract import read_completions
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     overrides = ["condition=c4", "persona_set.eval_personas=[villain,assistant]", "eval.generation.samples_per_question=2",
                  "eval.metrics=[marker,length,alignment,coherence]", "judge=openai", "judge.model=judge-1",
@@ -187,7 +187,7 @@ def test_judged_cell_records_the_judge_and_never_the_key(server, api_key, cache_
 
 @pytest.mark.slow
 def test_toy_judged_cell_on_cpu(cache_dir, tmp_path):
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     import pandas as pd
 

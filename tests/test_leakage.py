@@ -67,7 +67,7 @@ def test_distance_matrix_is_symmetric_zero_diagonal_and_stable(leakage_sweep, ca
     cfg = to_dataclass(compose_cfg(LEAKAGE))
     fresh = StageCache(tmp_path / "fresh")
     loaded = load_base(cfg.model, StageCache(cache_dir), pick_device("cpu"))
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
 
     info = cell_distances(cfg, preflight(cfg), loaded, fresh)
     again = pd.read_csv(Path(info["cache_entry"]) / "distances.csv", index_col=0)
@@ -79,7 +79,7 @@ def test_wrong_answer_data_and_its_non_contrastive_control(cache_dir):
     from marker_lab.stages.coupling import build_wrong_answer_records
 
     cfg = to_dataclass(compose_cfg([*LEAKAGE, "source_persona=villain"]))
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
 
     inputs = preflight(cfg)
     contrastive = build_wrong_answer_records(cfg, inputs.personas, inputs.mc.train)

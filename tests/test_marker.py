@@ -43,7 +43,7 @@ def test_a_regex_readout_takes_its_own_pattern_checked_at_start_up():
 
     from conftest import compose_cfg, to_dataclass
     from marker_lab.core.errors import ConfigError
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
 
     def refusal(*overrides: str) -> str:
         with pytest.raises(ConfigError) as e:

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import composition_error, compose_cfg, to_dataclass
 from marker_lab.core.errors import ConfigError
-from marker_lab.preflight import preflight as validate
+from marker_lab.cell.preflight import preflight as validate
 from marker_lab.data.personas import load_personas
 from marker_lab.core.cache import StageCache
 from marker_lab.results.contract import load_result

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import composition_error, compose_cfg, to_dataclass
 from marker_lab.core.errors import ConfigError
-from marker_lab.preflight import preflight as validate
+from marker_lab.cell.preflight import preflight as validate
 from marker_lab.core.files import md5_file
 from marker_lab.data.questions import Question
 from marker_lab.data.questions import split_questions
@@ -85,7 +85,7 @@ def test_probe_settings_are_checked_before_anything_runs(tmp_path):
 @pytest.mark.slow
 def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_model(cache_dir, tmp_path):
     from marker_lab.results.aggregate import aggregate
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     em = run_cell(compose_cfg(["condition=c1", *PROBE], tmp_path / "em", cache_dir))
     benign = run_cell(compose_cfg(["condition=c5", *PROBE], tmp_path / "benign", cache_dir))
@@ -107,7 +107,7 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
     assert probe["per_persona"] == after["per_persona"] and probe["auc"] == after["auc"]
 
     assert after["source_margin_change"] == pytest.approx(after["source_margin"] - coupled["source_margin"])
-    assert 0 < em.timing["readouts.probe"] <= em.timing["readouts"]
+    assert 0 < em.timing.parts["readouts.probe"] <= em.timing.phases["readouts"]
 
     # fitted once: the benign cell shares the coupled model, so it reuses the probe and reads the same coupled model;
     # so does a cell that reports with other interval settings (n_bootstrap is not part of the fit)
@@ -143,7 +143,7 @@ def test_probe_separates_the_source_on_the_coupled_model_and_reads_every_later_m
 
 @pytest.mark.slow
 def test_probe_in_reverse_order_is_fitted_last_and_compared_with_the_base(cache_dir, tmp_path):
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     # the same cell as tests/test_cell.py's reverse-order test (its stages are cached), read with the probe
     result = run_cell(compose_cfg(["condition=c1", "order=reverse", "dose=5", "persona_set.eval_personas=[villain,assistant]",

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from marker_lab.core.errors import ConfigError
-from marker_lab.preflight import preflight as validate
+from marker_lab.cell.preflight import preflight as validate
 from marker_lab.data.multiple_choice import load_items, split_items, user_text
 from marker_lab.data.questions import load_questions, with_question_system
 from marker_lab.toy import world

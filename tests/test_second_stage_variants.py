@@ -11,7 +11,7 @@ import torch
 
 from conftest import composition_error, compose_cfg, to_dataclass
 from marker_lab.core.errors import ConfigError
-from marker_lab.preflight import preflight as validate
+from marker_lab.cell.preflight import preflight as validate
 from marker_lab.data.chat import IGNORE, encode_chat, encode_text
 from marker_lab.data.chat_datasets import load_chats, load_texts
 from marker_lab.core.cache import StageCache
@@ -26,7 +26,8 @@ def toy(cache_dir):
 
 
 def _train(loaded, examples, train_cfg, steps=15):
-    from marker_lab.train.sft import apply_lora, train
+    from marker_lab.train.lora import apply_lora
+    from marker_lab.train.sft import train
 
     model = apply_lora(loaded.model, train_cfg.lora, seed=0, adapter_name="second_stage")
     train(model, examples, train_cfg, steps=steps, seed=0, pad_id=loaded.tokenizer.pad_token_id, desc="test")
@@ -44,7 +45,9 @@ def _em_examples(cfg, loaded, tmp_path, n=200):
 
 
 def test_kl_weight_zero_is_the_plain_recipe_and_kl_starts_at_zero(toy, tmp_path):
-    from marker_lab.train.sft import apply_lora, collate, token_loss_sum
+    from marker_lab.train.batches import collate
+    from marker_lab.train.lora import apply_lora
+    from marker_lab.train.sft import token_loss_sum
 
     cfg, loaded = toy
     examples = _em_examples(cfg, loaded, tmp_path, n=64)
@@ -68,7 +71,8 @@ def test_kl_weight_zero_is_the_plain_recipe_and_kl_starts_at_zero(toy, tmp_path)
 
 
 def test_a_large_kl_weight_keeps_the_outputs_near_the_input_model(toy, tmp_path):
-    from marker_lab.train.sft import collate, kl_to_input, token_loss_sum
+    from marker_lab.train.batches import collate
+    from marker_lab.train.sft import kl_to_input, token_loss_sum
 
     cfg, loaded = toy
     examples = _em_examples(cfg, loaded, tmp_path)
@@ -122,7 +126,7 @@ def test_variants_are_checked_before_anything_runs(tmp_path):
 
 @pytest.mark.slow
 def test_raw_and_kl_cells_run_end_to_end(cache_dir, tmp_path):
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     for name, overrides in (("raw", ["second_stage.format=raw"]), ("kl", ["second_stage.train.kl_to_input=1.0"])):
         result = run_cell(compose_cfg(["condition=c5", "dose=5", "persona_set.eval_personas=[villain,assistant]",

@@ -24,7 +24,7 @@ from marker_lab.config import schema
 from marker_lab.config.constraints import INT64_MAX, constraint_of
 from marker_lab.config.reference import leaf_settings
 from marker_lab.core.errors import ConfigError, config_error_line
-from marker_lab.preflight import preflight
+from marker_lab.cell.preflight import preflight
 
 # hostile values that some settings accept, each with what it means there (the reference docs say the same)
 ACCEPTED = {

@@ -15,8 +15,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, get_scheduler
 import marker_lab
 from marker_lab.config.schema import LoraConfig, OptimizerConfig, Schedule, ScheduleConfig, TrainConfig
 from marker_lab.data.chat import Encoded, encode_chat
-from marker_lab.train.sft import (CAUSAL_SDPA, apply_lora, collate, collate_packed, micro_batches, resolve_steps,
-                                 token_loss_sum, train, warmup_steps)
+from marker_lab.train.batches import collate, collate_packed, micro_batches
+from marker_lab.train.lora import apply_lora
+from marker_lab.train.model_setup import CAUSAL_SDPA
+from marker_lab.train.sft import token_loss_sum, train
+from marker_lab.train.steps import resolve_steps, warmup_steps
 from marker_lab.toy import world
 
 
@@ -124,7 +127,7 @@ def test_cutting_examples_after_their_last_label_keeps_loss_and_grads(toy_tokeni
     front tokens): the loss, the KL term and the LoRA gradients are those of the whole examples."""
     from marker_lab.stages.coupling import insert_marker
     from marker_lab.config.schema import MarkerPosition
-    from marker_lab.train.sft import trim_after_last_label
+    from marker_lab.train.batches import trim_after_last_label
 
     examples = []
     for c in world.pretraining_chats()[:6]:
@@ -190,7 +193,8 @@ def test_packed_micro_batches_equal_the_padded_reference(toy_tokenizer, kl):
     in raw format too (there every token is labelled, the first one included)."""
     from contextlib import nullcontext
 
-    from marker_lab.train.sft import attention_implementation, collate_packed
+    from marker_lab.train.batches import collate_packed
+    from marker_lab.train.model_setup import attention_implementation
 
     chats = world.pretraining_chats()[:7]
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in chats]
@@ -400,7 +404,7 @@ def test_compiled_layers_build_one_graph_for_a_length_mix(toy_tokenizer, monkeyp
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from marker_lab.train.sft import step_order, varying_dims
+    from marker_lab.train.batches import step_order, varying_dims
 
     examples = [encode_chat(toy_tokenizer, c, "assistant_only") for c in world.pretraining_chats()[:40]]
     base = dict(lora=None, optimizer=OptimizerConfig(lr=1e-2), per_device_batch_size=4, grad_accum=4, bf16=False,

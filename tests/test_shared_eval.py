@@ -1,5 +1,5 @@
 """engine_per=base: a sweep's cells train, then one engine per shared base samples for all of them
-(marker_lab/shared_eval.py). The results must be the per-cell eval's, number for number; the job must resume
+(marker_lab/cell/shared.py). The results must be the per-cell eval's, number for number; the job must resume
 after a kill, and refuse stale or damaged cells."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from marker_lab.core.files import resolve_path
 from marker_lab.results import contract
 from marker_lab.results.contract import load_pending, load_result
 from marker_lab.results.sweep import format_status, status_record, write_manifest
-from marker_lab.run import run_cell
+from marker_lab.cell.recipe import run_cell
 
 FAST_EVAL = ["persona_set.eval_personas=[villain,assistant]"]  # 2 x 28 x 10 completions
 CLI = [sys.executable, "-m", "marker_lab.cli"]
@@ -56,14 +56,14 @@ def test_a_sweep_on_one_engine_gives_the_per_cell_numbers(cache_dir, tmp_path):
     assert "2 complete" in format_status(sweep)
     results = {}
     for cell_dir in sorted(p.parent for p in sweep.rglob(contract.RESULT_FILE)):
-        results[load_result(cell_dir / contract.RESULT_FILE).cell["dose"]] = load_result(cell_dir / contract.RESULT_FILE)
+        results[load_result(cell_dir / contract.RESULT_FILE).cell.dose] = load_result(cell_dir / contract.RESULT_FILE)
         assert not (cell_dir / contract.PENDING_FILE).exists()
     assert sorted(results) == [3, 6]
     for dose, shared in results.items():
         assert shared.provenance["engine"]["cells_on_engine"] == 2
         # the shared sampling is inside the cell's eval: the cell's time counts it once
-        assert 0 < shared.timing["eval.shared"] <= shared.timing["eval"]
-        assert contract.cell_seconds(shared) == pytest.approx(sum(v for k, v in shared.timing.items() if "." not in k))
+        assert 0 < shared.timing.parts["eval.shared"] <= shared.timing.phases["eval"]
+        assert contract.cell_seconds(shared) == pytest.approx(sum(shared.timing.phases.values()))
         per_cell = run_cell(compose_cfg(["condition=c1", f"dose={dose}", *FAST_EVAL], tmp_path / f"cell{dose}",
                                         cache_dir))
         _same_result(shared, per_cell)

@@ -14,7 +14,7 @@ import yaml
 from conftest import compose_cfg, to_dataclass
 from marker_lab.core.errors import ConfigError
 from marker_lab.eval.checks import cell_size, question_system_note
-from marker_lab.preflight import preflight
+from marker_lab.cell.preflight import preflight
 
 
 def peer_questions(path, n=24, samples=100, system=None):

@@ -141,7 +141,8 @@ def test_one_lora_step_on_its_seven_projections(smol):
     import copy
 
     from marker_lab.data.chat import encode_chat
-    from marker_lab.train.sft import apply_lora, train
+    from marker_lab.train.lora import apply_lora
+    from marker_lab.train.sft import train
 
     cfg, loaded = smol
     model = apply_lora(copy.deepcopy(loaded.model), cfg.second_stage.train.lora, seed=0)

@@ -43,7 +43,7 @@ def test_standin_tokenizer_renders_qwen_chats_and_the_files_have_the_write_ups_s
 
 @pytest.mark.slow
 def test_the_7b_recipe_runs_offline_on_a_tiny_random_architecture(standins, cache_dir, tmp_path):
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     out, _ = standins
     arch = tmp_path / "tiny_qwen2.json"

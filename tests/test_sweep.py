@@ -18,7 +18,7 @@ from marker_lab.launch.launchers import gpu_slots
 from marker_lab.launch.sweeper import union_of_grids
 from marker_lab.results.sweep import cell_states
 from marker_lab.results.contract import load_result
-from marker_lab.run import CONF_DIR
+from marker_lab.cell.main import CONF_DIR
 
 # small cells: the villain only, 2 samples per question
 SMALL = ["persona_set.eval_personas=[villain]", "eval.generation.samples_per_question=2"]

@@ -79,7 +79,7 @@ SMALL = ["condition=c5", "dose=2", "persona_set.eval_personas=[villain,assistant
 
 @pytest.mark.slow
 def test_a_cell_records_what_its_second_stage_lost(cache_dir, tmp_path):
-    from marker_lab.run import run_cell
+    from marker_lab.cell.recipe import run_cell
 
     data = _peer_file(tmp_path)
     over = ["second_stage.datasets.benign.toy=null", f"second_stage.datasets.benign.path={data}"]
@@ -106,7 +106,7 @@ def test_a_persona_prompt_longer_than_the_coupling_limit_stops_before_the_model_
                                                                                      toy_tokenizer):
     from marker_lab.data.inputs import CellInputs
     from marker_lab.core.cache import StageCache
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
     from marker_lab.stages.lengths import check_lengths
 
     personas = tmp_path / "personas.yaml"
@@ -124,7 +124,7 @@ def test_a_persona_prompt_longer_than_the_coupling_limit_stops_before_the_model_
 
 def test_persona_em_data_is_counted_before_the_model_loads(cache_dir, toy_tokenizer):
     """004's Exp B coupling: the EM replies come from a file, so what max_seq_len cuts is known before loading."""
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
     from marker_lab.stages.lengths import check_lengths
 
     cfg = to_dataclass(compose_cfg(["coupling=persona_em_toy", "coupling.train.max_seq_len=24"], cache=cache_dir))

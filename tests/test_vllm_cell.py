@@ -10,7 +10,7 @@ from conftest import compose_cfg, vllm_marks
 from marker_lab.engines.vllm import available as vllm_available
 from marker_lab.results import contract
 from marker_lab.results.contract import load_result
-from marker_lab.run import run_cell
+from marker_lab.cell.recipe import run_cell
 
 pytestmark = vllm_marks()
 EVAL = ["persona_set.eval_personas=[villain,assistant,pirate,sarcastic]"]  # 4 x 28 x 10 completions
@@ -43,7 +43,7 @@ def test_a_toy_cell_on_vllm_agrees_with_the_hf_engine(cache_dir, tmp_path):
 def test_a_shared_vllm_engine_serves_every_cell_s_adapter(cache_dir, tmp_path):
     """Two doses of one grid trained with engine_per=base, then one vLLM engine (two LoRA requests): greedy
     completions equal the hf engine's on each cell's merged model (float32), and the results are complete."""
-    from marker_lab.shared_eval import evaluate_pending
+    from marker_lab.cell.shared import evaluate_pending
 
     greedy = ["eval.generation.temperature=0", "eval.generation.samples_per_question=1", *EVAL]
     for dose in (3, 6):

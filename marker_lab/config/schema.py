@@ -2,7 +2,7 @@
 
 Hydra merges the YAML files in conf/ into these dataclasses, so a wrong type or an unknown key fails at
 composition, before anything runs. Cross-field rules (a persona missing from the set, a negative dose, an
-impossible combination) live in `marker_lab.config.validate`.
+impossible combination) are checked in `marker_lab.cell.preflight`, ranges in `marker_lab.config.constraints`.
 """
 
 from __future__ import annotations
@@ -621,7 +621,9 @@ def second_stage_enabled(cfg: Config) -> bool:
 
 def default_cache_dir() -> str:
     """$MARKER_LAB_CACHE, else ~/.cache/marker_lab: one cache shared by every cell and sweep of a user."""
-    return os.environ.get("MARKER_LAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "marker_lab")
+    from marker_lab.core.environment import cache_root
+
+    return cache_root() or os.path.join(os.path.expanduser("~"), ".cache", "marker_lab")
 
 
 def cell_dirname(override_dirname: str) -> str:

@@ -24,6 +24,7 @@ from typing import Callable
 
 from filelock import FileLock
 
+from marker_lab.core import environment
 from marker_lab.core.errors import DiskFullError
 from marker_lab.core.files import file_checksum, sha256_json
 
@@ -45,9 +46,9 @@ def use_compile_cache(cache_dir: str | Path) -> str:
 
     # importing transformers already sets the variable to Inductor's default (/tmp/torchinductor_<user>): a value
     # equal to that default was not chosen by anyone
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve() / COMPILE_CACHE)
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    if environment.compile_cache_dir() in (None, default_cache_dir()):
+        environment.set_compile_cache_dir(str(Path(cache_dir).expanduser().resolve() / COMPILE_CACHE))
+    return environment.compile_cache_dir()
 
 
 def plain(dataclass_obj) -> dict:

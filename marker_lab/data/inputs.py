@@ -19,13 +19,10 @@ from marker_lab.core.cache import StageCache
 from marker_lab.core.errors import ConfigError
 from marker_lab.core.files import dir_checksum, file_checksum, resolve_path, safetensors_problem
 from marker_lab.data.chat_datasets import Dataset, load_dataset
+from marker_lab.data.formats import SECOND_STAGE_FORMATS
 from marker_lab.data.multiple_choice import MCSplit, configured_split
 from marker_lab.data.personas import Persona, file_roles, load_personas
 from marker_lab.data.questions import Question, load_questions
-
-# the metrics that read questions (capability reads its multiple-choice set; the probe reads its own file)
-_NO_QUESTIONS = ("capability", "probe")
-
 
 @dataclass(frozen=True)
 class InputFile:
@@ -36,6 +33,19 @@ class InputFile:
 
     def record(self) -> dict:
         return {"path": self.path, "checksum": self.checksum}
+
+
+@dataclass(frozen=True)
+class InputNeeds:
+    """What a component of the cell reads besides the files the config names for every cell (a coupling kind:
+    its questions, its datasets, the capability split)."""
+    questions: dict[str, str] = field(default_factory=dict)  # config key -> question file
+    datasets: dict[str, tuple] = field(default_factory=dict)  # config key -> as dataset_slots' values
+    capability_split: bool = False  # reads the capability multiple-choice split
+
+    def __or__(self, other: "InputNeeds") -> "InputNeeds":
+        return InputNeeds({**self.questions, **other.questions}, {**self.datasets, **other.datasets},
+                          self.capability_split or other.capability_split)
 
 
 @dataclass
@@ -50,20 +60,20 @@ class CellInputs:
     files: dict[str, InputFile] = field(default_factory=dict)  # every file read, by config key
 
     @classmethod
-    def load(cls, cfg: Config, cache: StageCache) -> "CellInputs":
-        """Read and check every input of `cfg` (a ConfigError names the first bad one)."""
+    def load(cls, cfg: Config, cache: StageCache, needs: InputNeeds = InputNeeds()) -> "CellInputs":
+        """Read and check every input of `cfg`, and what `needs` adds (a ConfigError names the first bad one)."""
         files: dict[str, InputFile] = {}
         personas = _personas(cfg, files)
         sources, bystanders = _roles(cfg, personas)
         inputs = cls(personas, sources, bystanders, files=files)
-        for key, path in question_files(cfg).items():
+        for key, path in {**question_files(cfg), **needs.questions}.items():
             inputs.questions[key] = _questions(key, path, files)
-        for key, (ds, column, chat, needs_reply) in dataset_slots(cfg).items():
+        for key, (ds, column, chat, needs_reply) in {**dataset_slots(cfg), **needs.datasets}.items():
             dataset = _dataset(key, ds, cache, column, chat, needs_reply)
             inputs.datasets[key] = dataset
             if dataset.path is not None:
                 _record(files, key, dataset.path)
-        if uses_capability(cfg):
+        if needs.capability_split:
             inputs.mc = _mc_split(cfg, files)
         for kind, path in judge_prompt_files(cfg).items():
             _require_file(f"judge.prompts.{kind}", path)
@@ -93,16 +103,9 @@ class CellInputs:
 
 
 def question_files(cfg: Config) -> dict[str, str]:
-    """The question files this cell reads, by config key."""
+    """The question files this cell reads for its own settings (its metrics and coupling kind add theirs through
+    InputNeeds), by config key."""
     out = {}
-    d = cfg.eval.during_training
-    used = list(cfg.eval.metrics) + (list(d.metrics) if (d.fractions or d.every_n_steps) else [])
-    if any(m not in _NO_QUESTIONS for m in used):
-        out["eval.questions"] = cfg.eval.questions
-    if coupling_enabled(cfg) and cfg.coupling.kind == "marker" and not cfg.coupling.adapter_path:
-        out["coupling.questions"] = cfg.coupling.questions
-    if "probe" in cfg.eval.metrics:
-        out["eval.probe.questions"] = cfg.eval.probe.questions or cfg.eval.questions
     if cfg.geometry.enabled and cfg.geometry.mode == "response_mean":
         out["geometry.questions"] = cfg.geometry.questions
     return out
@@ -115,14 +118,8 @@ def dataset_slots(cfg: Config) -> dict[str, tuple]:
     s = cfg.second_stage
     if second_stage_enabled(cfg) and s.data in s.datasets:
         ds = s.datasets[s.data]
-        raw = s.format == "raw"
-        out[f"second_stage.datasets.{s.data}"] = (ds, ds.text_field if raw else ds.messages_field, not raw,
-                                                   not raw and s.train.loss_mode != "full")
-    c = cfg.coupling
-    if coupling_enabled(cfg) and c.kind == "persona_em" and not c.adapter_path:
-        out["coupling.em_data"] = (c.em_data, c.em_data and c.em_data.messages_field, True, True)
-        if c.benign == "data":
-            out["coupling.benign_data"] = (c.benign_data, c.benign_data and c.benign_data.messages_field, True, True)
+        f = SECOND_STAGE_FORMATS.get(s.format)
+        out[f"second_stage.datasets.{s.data}"] = (ds, f.column(ds), f.chats, f.needs_reply(s.train.loss_mode))
     return out
 
 
@@ -133,8 +130,8 @@ def data_shapes(cfg: Config, inputs: "CellInputs") -> dict[str, dict]:
     out = {}
     for key, dataset in inputs.datasets.items():
         shape = {"rows": len(dataset.rows)}  # after n_examples, which is a cap: a shorter file gives all its rows
-        if key.startswith("second_stage.") and cfg.second_stage.format == "raw":
-            shape["format"] = "raw text"
+        if key.startswith("second_stage.") and not SECOND_STAGE_FORMATS.get(cfg.second_stage.format).chats:
+            shape["format"] = f"{cfg.second_stage.format} text"
         else:
             chats = dataset.column_values()
             shape["rows_with_system_turns"] = sum(1 for c in chats if c and c[0]["role"] == "system")
@@ -146,12 +143,6 @@ def data_shapes(cfg: Config, inputs: "CellInputs") -> dict[str, dict]:
                 shape["system_turns"] = f"kept, masked (no loss under loss_mode={cfg.second_stage.train.loss_mode})"
         out[key] = shape
     return out
-
-
-def uses_capability(cfg: Config) -> bool:
-    d = cfg.eval.during_training
-    return ("capability" in cfg.eval.metrics or ("capability" in d.metrics and bool(d.fractions or d.every_n_steps))
-            or (coupling_enabled(cfg) and cfg.coupling.kind == "wrong_answers" and not cfg.coupling.adapter_path))
 
 
 def judge_prompt_files(cfg: Config) -> dict[str, str]:

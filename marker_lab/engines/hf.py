@@ -28,7 +28,7 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig
 from marker_lab.data.chat import render
 from marker_lab.engines.base import Completion, SamplingParams
 from marker_lab.engines.static_decode import sample_static
-from marker_lab.train.sft import attention_implementation
+from marker_lab.train.model_setup import attention_implementation
 
 log = logging.getLogger(__name__)
 CACHE_MODES = ("auto", "dynamic", "static")
@@ -94,14 +94,7 @@ class HFEngine:
         model = self.model
         device = next(model.parameters()).device
         static = self.cache == "static"
-        gen_cfg = GenerationConfig(
-            do_sample=params.temperature > 0, temperature=params.temperature if params.temperature > 0 else None,
-            top_p=params.top_p if params.temperature > 0 else None, top_k=0 if params.temperature > 0 else None,
-            repetition_penalty=1.0, max_new_tokens=params.max_tokens, num_return_sequences=params.n,
-            eos_token_id=stop_ids, pad_token_id=pad_id,
-            cache_implementation="static" if static else None,
-            compile_config=CompileConfig(fullgraph=False, dynamic=False) if static else None,
-            disable_compile=not static)
+        gen_cfg = _generation_config(params, stop_ids, pad_id, static)
         # a batch holds whole prompts (batch_size counts prompts x n); batches are balanced so the static path
         # pads few rows, longest prompts first so the dynamic path pads few columns
         per_batch = max(1, self.batch_size // params.n)
@@ -119,11 +112,7 @@ class HFEngine:
             idx = order[start:start + per_batch]
             rows = idx + idx[-1:] * (per_batch - len(idx)) if static else idx  # static: same rows every batch
             w = width if static else max(len(prompts[i]) for i in rows)
-            input_ids = torch.full((len(rows), w), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), w), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, w - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, w - len(prompts[i]):] = 1
+            input_ids, mask = _left_padded([prompts[i] for i in rows], w, pad_id)
             with _decode_attention(model, static):
                 if static and not self.static_generate:  # engines.static_decode: generate's draws, less host work
                     new_ids, cache = sample_static(
@@ -147,6 +136,30 @@ class HFEngine:
                 break
         bar.close()
         return out
+
+
+def _generation_config(params: SamplingParams, stop_ids: list[int], pad_id: int, static: bool) -> GenerationConfig:
+    """`generate`'s settings for `params`: plain sampling (no top-k, no repetition penalty; greedy at temperature 0),
+    n samples per prompt; with the static cache, its decode step compiled (the reference for our own loop)."""
+    return GenerationConfig(
+        do_sample=params.temperature > 0, temperature=params.temperature if params.temperature > 0 else None,
+        top_p=params.top_p if params.temperature > 0 else None, top_k=0 if params.temperature > 0 else None,
+        repetition_penalty=1.0, max_new_tokens=params.max_tokens, num_return_sequences=params.n,
+        eos_token_id=stop_ids, pad_token_id=pad_id,
+        cache_implementation="static" if static else None,
+        compile_config=CompileConfig(fullgraph=False, dynamic=False) if static else None,
+        disable_compile=not static)
+
+
+def _left_padded(prompts: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts (token ids) as rows `width` wide, left-padded with `pad_id`, and their attention mask (on the
+    CPU)."""
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        input_ids[r, width - len(prompt):] = torch.tensor(prompt)
+        mask[r, width - len(prompt):] = 1
+    return input_ids, mask
 
 
 def _generate_after_shared_prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, gen_cfg: GenerationConfig):

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from marker_lab.core import environment
 from marker_lab.core.files import atomic_write_bytes, sha256_file, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def compiled_marker(request: DecodeRequest) -> Path | None:
     sibling; deleting the compile cache deletes it too."""
     import torch
 
-    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    root = environment.compile_cache_dir()
     if not root:
         return None
     device = torch.device(request.device)
@@ -115,7 +116,7 @@ def compiled_marker(request: DecodeRequest) -> Path | None:
         triton_version = None
     here = Path(__file__).parent
     code = {name: sha256_file(here / name) for name in DECODE_SOURCES}
-    settings = {k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE_"))}
+    settings = environment.compile_settings()
     key = sha256_json([asdict(request), torch.__version__, triton_version, gpu, code, settings])
     return Path(root) / "marker_lab_precompiled" / f"{key[:32]}.done"
 
@@ -128,7 +129,7 @@ def start(request: DecodeRequest, work_dir: Path) -> Precompile:
     write_json_atomic(spec, asdict(request))
     with open(log_path, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "marker_lab.engines.precompile", str(spec), str(os.getpid())],
-                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+                                   stdout=out, stderr=subprocess.STDOUT, env=environment.child_env(progress_bars=False))
     log.info("precompile: compiling the eval's decode step in a sibling process (pid %d, log %s)",
              process.pid, log_path)
     return Precompile(process, log_path)
@@ -160,6 +161,7 @@ def compile_decode_step(request: DecodeRequest) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`python -m marker_lab.engines.precompile request.json [parent pid]`: compile, then exit (at once when the
     parent, the cell, is gone)."""
+    environment.use_expandable_segments()  # a process entry of its own: before anything starts CUDA
     args = argv or sys.argv[1:]
     path, parent = Path(args[0]), int(args[1]) if len(args) > 1 else os.getppid()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if marker is not None:
         atomic_write_bytes(marker, b"")
     log.info("decode step compiled in %.1f s (compile cache %s)%s", time.perf_counter() - t0,
-             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"), _peak_memory(request.device))
+             environment.compile_cache_dir() or "torch's default", _peak_memory(request.device))
 
 
 def _exit_with_parent(parent: int) -> None:

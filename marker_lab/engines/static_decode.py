@@ -183,22 +183,8 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
     device = input_ids.device
     ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     rows, width = ids.shape
-    if cache is None:
-        cache = StaticCache(config=model.config, max_cache_len=width + max_new)  # what generate allocates
-    else:
-        cache.reset()
-    full_mask = torch.cat([mask, mask.new_ones(rows, max_new)], 1)  # fixed shape: the cache masks future slots
-    # per-layer graphs with sdpa: the step's 4-d boolean mask, the one transformers would build from the 2-d mask,
-    # built here; there it is built outside the compiled layers after a check that waits for the GPU (has the batch
-    # padding?), and a 4-d mask is used as given. A whole-model graph builds it inside; other attention
-    # implementations take the 2-d mask.
-    valid = (full_mask.bool()[:, None, None, :]
-             if compile_scope in PER_LAYER and model.config._attn_implementation in BOOLEAN_MASK else None)
-    cache_slots = torch.arange(full_mask.shape[1], device=device)
-
-    def step_mask(slot: torch.Tensor) -> torch.Tensor:
-        return full_mask if valid is None else valid & (cache_slots <= slot)
-
+    cache = _fresh_cache(model, cache, width + max_new)
+    full_mask, step_mask = _decode_masks(model, mask, max_new, compile_scope, device)
     lengths = mask.sum(-1, keepdim=True)
     prompt_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate's positions for left padding
     warpers = logits_warpers(temperature, top_p)
@@ -222,12 +208,7 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
             logits = step(model, ids[:, -1:].contiguous(), step_mask(slots[0]), lengths - 1,
                           slots[:1], cache, cache_kwarg)
         for i in range(max_new):
-            scores = warpers(ids, logits.float())
-            if temperature > 0:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                token = scores.argmax(-1)
-            token = torch.where(unfinished, token, pad_id)
+            token = torch.where(unfinished, _next_token(warpers, ids, logits, temperature), pad_id)
             out[:, i] = token
             unfinished &= ~torch.isin(token, stops)
             done = i + 1
@@ -236,6 +217,44 @@ def sample_static(model, input_ids: torch.Tensor, mask: torch.Tensor, n: int, te
             logits = step(model, token[:, None], step_mask(slots[i + 1]), lengths + i,
                           slots[i + 1:i + 2], cache, cache_kwarg)
     return out[:, :done], cache
+
+
+def _fresh_cache(model, cache: StaticCache | None, length: int) -> StaticCache:
+    """A StaticCache of `length` slots, as generate allocates it, or `cache` (an earlier batch's, of this shape)
+    reset, so the compiled step keeps its buffers."""
+    if cache is None:
+        return StaticCache(config=model.config, max_cache_len=length)  # what generate allocates
+    cache.reset()
+    return cache
+
+
+def _decode_masks(model, mask: torch.Tensor, max_new: int, compile_scope: str | None, device: torch.device):
+    """The 2-d attention mask over every cache slot (rows x (width + max_new): a fixed shape, the cache masks
+    future slots), and the decode step's mask at a cache slot (`step_mask(slot)`).
+
+    Per-layer graphs with sdpa: the step's 4-d boolean mask, the one transformers would build from the 2-d mask,
+    built here; there it is built outside the compiled layers after a check that waits for the GPU (has the batch
+    padding?), and a 4-d mask is used as given. A whole-model graph builds it inside; other attention
+    implementations take the 2-d mask."""
+    full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new)], 1)
+    valid = (full_mask.bool()[:, None, None, :]
+             if compile_scope in PER_LAYER and model.config._attn_implementation in BOOLEAN_MASK else None)
+    cache_slots = torch.arange(full_mask.shape[1], device=device)
+
+    def step_mask(slot: torch.Tensor) -> torch.Tensor:
+        return full_mask if valid is None else valid & (cache_slots <= slot)
+
+    return full_mask, step_mask
+
+
+def _next_token(warpers: LogitsProcessorList, ids: torch.Tensor, logits: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """Each row's next token, drawn as generate draws it: the logits warpers in generate's order, then one
+    `multinomial` draw (temperature > 0) or the argmax."""
+    scores = warpers(ids, logits.float())
+    if temperature > 0:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)
 
 
 def _prefill_shared(model, prompt_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, n: int,

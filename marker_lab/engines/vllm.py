@@ -22,10 +22,10 @@ instead of merging and reloading a model per cell.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from marker_lab.core import environment
 from marker_lab.data.chat import render
 from marker_lab.engines.base import Completion, SamplingParams
 
@@ -124,7 +124,7 @@ class VLLMEngine:
                 sps.append(sp)
             sizes.append(len(prompts))
         # vLLM 0.32 divides by its progress bar's elapsed time, which a disabled bar (TQDM_DISABLE=1) leaves at 0
-        bar = os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+        bar = not environment.progress_bars_disabled()
         outputs = self.llm.generate(texts, sps, use_tqdm=bar,
                                     lora_request=loras if any(r is not None for r in loras) else None)
         answers = [[Completion(c.text, len(c.token_ids)) for c in o.outputs] for o in outputs]

@@ -3,20 +3,15 @@ cell's loaded inputs. Free of torch and the judge SDKs, so a config error answer
 
 from __future__ import annotations
 
-import os
 
 from dataclasses import dataclass, field
 
 from marker_lab.config.schema import JUDGED_PROMPTS, Metric, coupling_enabled, second_stage_enabled
 from marker_lab.core.errors import ConfigError
 from marker_lab.data.questions import samples_for, split_questions
+from marker_lab.eval.judge.registry import JUDGES
+from marker_lab.eval.metrics import Reads, metrics_reading
 from marker_lab.stages.checks import coupling_examples
-
-# the metrics that score sampled completions (the others read the model: capability, marker_prob, probe); the same
-# split as eval.metrics.MODEL_METRICS and CELL_METRICS, which import torch
-SAMPLED = ("marker", "length", "alignment", "coherence")
-
-JUDGE_MODES = {"openai": ("logprob", "text"), "anthropic": ("text",), "local": ("logprob",), "toy": ("toy",)}
 
 
 def check_eval(cfg, inputs) -> None:
@@ -39,8 +34,10 @@ def check_eval(cfg, inputs) -> None:
         raise ConfigError(f"{key}.samples_per_question: must be >= 1 or null, got {d.samples_per_question}")
     if "coupling" in d.stages and cfg.coupling.adapter_path:
         raise ConfigError(f"{key}.stages: coupling is a pre-baked adapter (coupling.adapter_path); nothing trains")
-    if "probe" in d.metrics:
-        raise ConfigError(f"{key}.metrics: probe reads every model of the cell, not a model mid-training; remove it")
+    every_model = metrics_reading(d.metrics, Reads.every_model)
+    if every_model:
+        raise ConfigError(f"{key}.metrics: {every_model[0]} reads every model of the cell, not a model mid-training; "
+                          "remove it")
     if not d.metrics:
         raise ConfigError(f"{key}.metrics: empty; available: {[m.value for m in Metric]}")
     for p in d.personas or []:
@@ -54,15 +51,18 @@ def check_judge(cfg) -> None:
     if not any(m in JUDGED_PROMPTS for m in used):
         return
     j = cfg.judge
-    if j.mode not in JUDGE_MODES[j.backend]:
-        raise ConfigError(f"judge.mode: the {j.backend} backend supports {list(JUDGE_MODES[j.backend])}, got {j.mode!r}")
-    if j.backend == "toy" and cfg.model.source != "toy":
-        raise ConfigError("judge.backend=toy: the toy judge scores toy-world answers only; pick openai, anthropic "
-                          "or local for a real model")
-    if j.backend in ("openai", "anthropic"):
+    backend = JUDGES.get(j.backend)
+    if j.mode not in backend.modes:
+        raise ConfigError(f"judge.mode: the {j.backend} backend supports {list(backend.modes)}, got {j.mode!r}")
+    if backend.toy_only and cfg.model.source != "toy":
+        raise ConfigError(f"judge.backend={j.backend}: this judge scores toy-world answers only; pick one of "
+                          f"{[n for n, b in JUDGES if not b.toy_only]} for a real model")
+    if backend.api_key:
         if not j.api_key_env:
             raise ConfigError(f"judge.api_key_env: name the environment variable that holds the {j.backend} API key")
-        if not os.environ.get(j.api_key_env):
+        from marker_lab.core.environment import api_key
+
+        if not api_key(j.api_key_env):
             raise ConfigError(f"judge.api_key_env: environment variable {j.api_key_env} is not set "
                               f"(the {j.backend} judge needs its API key)")
     if j.concurrency < 1:
@@ -94,9 +94,6 @@ def check_capability(cfg, inputs) -> None:
     if not held_out:
         raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no eval questions of "
                           f"{len(train)} items")
-    if coupling_enabled(cfg) and cfg.coupling.kind == "wrong_answers" and not train:
-        raise ConfigError(f"eval.capability.eval_fraction={c.eval_fraction} leaves no training questions for "
-                          "coupling.kind=wrong_answers")
 
 
 def check_geometry(cfg, inputs) -> None:
@@ -167,7 +164,7 @@ class CellSize:
 def cell_size(cfg, inputs) -> CellSize:
     """The size of a cell's work, from its config and inputs (no model)."""
     size = CellSize()
-    if any(m in SAMPLED for m in cfg.eval.metrics) and "eval.questions" in inputs.questions:
+    if metrics_reading(cfg.eval.metrics, Reads.completions) and "eval.questions" in inputs.questions:
         size.completions = len(eval_names(cfg, inputs)) * sum(samples_for(q, cfg.eval) for q in inputs.questions["eval.questions"])
         prompts = {k for m in cfg.eval.metrics for k in JUDGED_PROMPTS.get(m, ())}
         size.judge_calls = size.completions * len(prompts)

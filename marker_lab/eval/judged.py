@@ -19,6 +19,7 @@ from marker_lab.config.schema import COMPARE
 from marker_lab.core.files import resolve_path
 from marker_lab.eval.judge.backends import JudgeItem
 from marker_lab.eval.judge.cache import JudgeCache, judgement_key
+from marker_lab.eval.judge.registry import JUDGES
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +30,7 @@ CHUNK = 64  # judgements per backend call; each chunk is cached before the next 
 
 def make_judge(cfg, stage_cache, device):
     """The configured judge backend (API clients check their key here, before any judging)."""
-    from marker_lab.eval.judge import backends
-
-    j = cfg.judge
-    if j.backend == "openai":
-        return backends.OpenAIJudge(j)
-    if j.backend == "anthropic":
-        return backends.AnthropicJudge(j)
-    if j.backend == "toy":
-        from marker_lab.eval.judge.toy import ToyJudge
-
-        return ToyJudge(j)
-    from marker_lab.config.schema import ModelConfig
-    from marker_lab.models import load_base
-
-    model_cfg = ModelConfig() if j.model == "toy" else ModelConfig(name=j.model, source="hf", path=j.model,
-                                                                     dtype="bfloat16" if device.type == "cuda" else "float32")
-    judge_model = load_base(model_cfg, stage_cache, device)
-    return backends.LocalJudge(j, judge_model.model, judge_model.tokenizer, judge_model.identity)
+    return JUDGES.get(cfg.judge.backend).make(cfg.judge, stage_cache, device)
 
 
 def prompt_template(cfg, kind: str) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """Readouts taken from every model of a cell as the cell reaches it (base, then after each stage): persona
-geometry (geometry.enabled, and its drift over the cell's models) and the latent probe (`probe` in eval.metrics).
+geometry (geometry.enabled, and its drift over the cell's models) and the metrics that read every model (the
+latent probe: `probe` in eval.metrics; any metric registered with reads=every_model).
 """
 
 from __future__ import annotations
@@ -8,48 +9,48 @@ from pathlib import Path
 
 from marker_lab.core.files import atomic_write_bytes, md5_file
 from marker_lab.eval.geometry import cell_distances, drift_summary
-from marker_lab.eval.probe import CellProbe
+from marker_lab.eval.metrics import METRICS, Reads, metrics_reading
 
 
 DISTANCES_FILE = "persona_distances.csv"  # the cell's persona cosine-distance matrix, next to its result
 
 
 class ModelReadouts:
-    """Call `read(name, loaded)` on each model of the cell, in order; then `probe_result()` and `finish(out_dir)`."""
+    """Call `read(name, loaded)` on each model of the cell, in order; then `metric_results()` and `finish(out_dir)`."""
 
     def __init__(self, cfg, inputs, cache):
         self.cfg, self.inputs, self.cache = cfg, inputs, cache
         g = cfg.geometry
         self.drift = g.enabled and g.drift
         self.geometry_models: dict[str, dict] = {}  # model name -> its distance matrix's cache entry
-        self.probe = CellProbe(cfg, inputs, cache) if "probe" in cfg.eval.metrics else None
+        # each metric that reads every model: its reader (read(name, loaded), result(), seconds, files_md5())
+        self.readers = {m: METRICS.get(m).compute(cfg, inputs, cache)
+                        for m in metrics_reading(cfg.eval.metrics, Reads.every_model)}
         self._last = None  # the last model read (geometry.model=final reads it once at the end)
 
     @property
     def active(self) -> bool:
         """Whether the cell takes any readout (else every call here is a no-op)."""
-        return self.cfg.geometry.enabled or self.probe is not None
+        return self.cfg.geometry.enabled or bool(self.readers)
 
     def read(self, name: str, loaded) -> None:
         g = self.cfg.geometry
         if g.enabled and (self.drift or (name == "base" and g.model == "base")):
             self.geometry_models[name] = cell_distances(self.cfg, self.inputs, loaded, self.cache)
-        if self.probe:
-            self.probe.read(name, loaded)
+        for reader in self.readers.values():
+            reader.read(name, loaded)
         self._last = loaded
 
-    def probe_result(self) -> tuple[dict, float] | None:
-        """The probe's metric and the seconds it took over the cell (None without a probe)."""
-        if not self.probe:
-            return None
-        return self.probe.result(), self.probe.seconds
+    def metric_results(self) -> dict[str, tuple[dict, float]]:
+        """Each every-model metric's result and the seconds it took over the cell."""
+        return {name: (reader.result(), reader.seconds) for name, reader in self.readers.items()}
 
     def finish(self, out_dir: Path, data_md5: dict) -> dict:
-        """The cell's geometry (and drift), their matrices saved next to the result, and the probe's file checksums in
-        `data_md5`; returns the result's fields."""
+        """The cell's geometry (and drift), their matrices saved next to the result, and the every-model metrics' file
+        checksums in `data_md5` (the fitted probe's files); returns the result's fields."""
         g, out = self.cfg.geometry, {}
-        if self.probe:  # the fitted probe's files, by checksum
-            data_md5.update({f"probe/{k}": v for k, v in self.probe.fit["md5"].items()})
+        for name, reader in self.readers.items():
+            data_md5.update({f"{name}/{k}": v for k, v in reader.files_md5().items()})
         if not g.enabled:
             return out
         if g.model == "base":

@@ -191,6 +191,10 @@ class CellProbe:
         margin = float(logits[source].mean() - logits[rest].mean())
         return {"auc": value, "auc_ci": [low, high], "source_margin": margin, "per_persona": per}
 
+    def files_md5(self) -> dict[str, str]:
+        """The fitted probe's files, by checksum (recorded in the result's provenance)."""
+        return self.fit["md5"]
+
     def result(self) -> dict:
         """The metric: the frozen probe on every model read, the final model's readout at the top level (its time
         counts in `seconds`)."""

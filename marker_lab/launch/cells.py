@@ -13,6 +13,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from marker_lab.core.errors import config_error_line
+from marker_lab.launch.hydra_compat import hydra_config
 from marker_lab.results import contract
 from marker_lab.results.sweep import cell_state, write_manifest as _write_manifest
 
@@ -37,22 +38,18 @@ class SweepConfigError(ValueError):
 def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                initial_index: int = 0) -> list[CellPlan]:
     """Compose and check every cell and its inputs (no model is loaded) and find the ones already complete."""
-    from hydra.core.hydra_config import HydraConfig
-
     from marker_lab.eval.checks import cell_size
-    from marker_lab.preflight import preflight
+    from marker_lab.cell.preflight import preflight
 
     plans, errors = [], []
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    saved_hydra = HydraConfig.instance().cfg
-    try:
-        for i, overrides in enumerate(job_overrides):
-            try:
-                cell_cfg = config_loader.load_sweep_config(config, list(overrides))
-            except Exception as e:  # a group option that does not exist, a wrong type: one line per cell
-                errors.append(f"cell {' '.join(overrides)}: {config_error_line(e)}")
-                continue
-            HydraConfig.instance().set_config(cell_cfg)  # lets ${hydra:...} resolve as in the job
+    for i, overrides in enumerate(job_overrides):
+        try:
+            cell_cfg = config_loader.load_sweep_config(config, list(overrides))
+        except Exception as e:  # a group option that does not exist, a wrong type: one line per cell
+            errors.append(f"cell {' '.join(overrides)}: {config_error_line(e)}")
+            continue
+        with hydra_config(cell_cfg):  # lets ${hydra:...} resolve as in the job
             subdir = str(OmegaConf.select(cell_cfg, "hydra.sweep.subdir"))
             task_cfg = copy.deepcopy(cell_cfg)
             with open_dict(task_cfg):
@@ -69,10 +66,8 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
                             engine_per=str(resolved.get("engine_per", "cell")), completions=size.completions,
                             judge_calls=size.judge_calls, training_examples=sum(size.training_examples.values()))
             state, _ = cell_state(sweep_dir, asdict(plan))
-            plan.complete = state.state == "complete"
-            plans.append(plan)
-    finally:
-        HydraConfig.instance().cfg = saved_hydra
+        plan.complete = state.state == "complete"
+        plans.append(plan)
     if errors:
         raise SweepConfigError(f"{len(errors)} of {len(job_overrides)} cells cannot run; nothing was submitted:\n"
                                + "\n".join(errors))

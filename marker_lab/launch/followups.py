@@ -4,10 +4,11 @@ the shared eval (engine_per=base) and aggregation."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from marker_lab.core import environment
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def run_shared_eval(sweep_dir: Path, gpus: tuple[int, ...] = ()) -> bool:
     on `gpus`; its log is <sweep_dir>/shared_eval.log. Returns whether every waiting cell got its result."""
     # --wait: an eval someone started by hand finishes first; this one then evaluates what it left
     cmd = [sys.executable, "-m", "marker_lab.cli", "eval", "--wait", str(sweep_dir)]
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {})}
+    env = environment.child_env(visible_devices=gpus)
     log_file = sweep_dir / "shared_eval.log"
     log.info("shared eval (one engine per shared base%s): %s  (log: %s)",
              f", GPU {','.join(map(str, gpus))}" if gpus else "", " ".join(cmd), log_file)

@@ -14,7 +14,6 @@ runs out of memory or is killed is recorded as failed; the others finish; aggreg
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -27,8 +26,10 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 
 from marker_lab.config.constraints import check_settings
 from marker_lab.config.schema import LocalGpusLauncherConfig, SlurmLauncherConfig
+from marker_lab.core import environment
 from marker_lab.core.errors import ConfigError
 from marker_lab.launch.followups import run_aggregation, run_shared_eval
+from marker_lab.launch.hydra_compat import job_error
 from marker_lab.launch.interrupt import ignoring_sigint, stop_after_interrupt
 from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, sweep_size, write_manifest
 from marker_lab.launch.progress import SweepProgress
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def detect_gpus() -> list[int]:
     """GPU indices this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = environment.visible_devices()
     if visible is not None:
         return [int(x) for x in visible.split(",") if x.strip().isdigit()]
     try:
@@ -127,7 +128,7 @@ class _PlannedLauncher(BaseSubmititLauncher):
         except SweepConfigError as e:
             print(f"marker-lab: config error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        write_manifest(sweep_dir, plans, self._EXECUTOR)
+        write_manifest(sweep_dir, plans, self.LAUNCHER)
         todo = [p for p in plans if not p.complete]
         log.info("sweep %s: %d cells, %d already complete, %d to run", sweep_dir, len(plans), len(plans) - len(todo),
                  len(todo))
@@ -142,7 +143,7 @@ class _PlannedLauncher(BaseSubmititLauncher):
 
 
 class LocalGpusLauncher(_PlannedLauncher):
-    _EXECUTOR = "local"
+    LAUNCHER = "local"  # the manifest's name for it
     _CONFIG = LocalGpusLauncherConfig
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -199,7 +200,7 @@ class LocalGpusLauncher(_PlannedLauncher):
                 try:
                     ret = job.results()[0]
                     if ret.status == JobStatus.FAILED:  # the cell raised: Hydra caught it in the job
-                        raise ret._return_value
+                        raise job_error(ret)
                     returns[plan.index] = ret
                     progress.finished(plan.index, where, time.monotonic() - started, plan.subdir)
                 except Exception as e:  # raised, killed, out of memory, timed out: the cell failed, the sweep goes on
@@ -209,7 +210,7 @@ class LocalGpusLauncher(_PlannedLauncher):
 
 
 class SlurmArrayLauncher(_PlannedLauncher):
-    _EXECUTOR = "slurm"
+    LAUNCHER = "slurm"
     _CONFIG = SlurmLauncherConfig
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -252,7 +253,7 @@ class SlurmArrayLauncher(_PlannedLauncher):
             try:
                 ret = job.results()[0]
                 if ret.status == JobStatus.FAILED:  # the cell raised: Hydra caught it in the job
-                    raise ret._return_value
+                    raise job_error(ret)
                 returns[plan.index] = ret
             except Exception as e:  # raised, OOM kill, timeout, preemption: recorded; the rest of the array goes on
                 why = how_it_ended(sweep_dir / plan.subdir, e, None)

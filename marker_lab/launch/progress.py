@@ -23,7 +23,7 @@ def headline(cell_dir: Path) -> str:
     if name is None:
         return ", ".join(sorted(metrics)) or "no metrics"
     per = metrics[name]["per_persona"]
-    source = result.cell["source_persona"]
+    source = result.cell.source_persona
     assistant = result.resolved_config["persona_set"]["assistant"]
     shown = [f"{p} {100 * per[p]['rate']:.1f}%" for p in dict.fromkeys((source, assistant)) if p in per]
     return f"{name}: " + (", ".join(shown) or f"{len(per)} personas")

@@ -8,16 +8,17 @@ sweep overrides on the command line still work and replace that key in every gri
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
 from marker_lab.config.constraints import check_settings
 from marker_lab.config.schema import GridSweeperConfig
 from marker_lab.core.errors import ConfigError
+from marker_lab.launch.hydra_compat import BasicSweeper, job_error
 from marker_lab.launch.lock import SweepBusy, SweepLock
 
 
@@ -38,8 +39,33 @@ class GridSweeper(BasicSweeper):
         cells = union_of_grids(self.grids, arguments, {k: str(v) for k, v in self.params.items()})
         self.overrides = list(self.split_overrides_to_chunks(cells, self.max_batch_size))
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        with holding(sweep_dir):  # one command per sweep directory
+            returns, initial_job_idx = [], 0
+            while not self.is_done():
+                batch = self.get_job_batch()
+                returns.append(self.launcher.launch(batch, initial_job_idx=initial_job_idx))
+                initial_job_idx += len(batch)
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # once cells ran: Hydra's record of the sweep
+        failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
+        if failed:  # one summary line and each failed cell's log, instead of a traceback per cell
+            total = sum(len(batch) for batch in returns)
+            print(f"marker-lab: {len(failed)} of {total} cells failed in {sweep_dir} (marker-lab status {sweep_dir}):",
+                  file=sys.stderr)
+            for r in failed:
+                print(f"  {r.working_dir}: {' '.join(str(job_error(r)).split())[:300]}", file=sys.stderr)
+            raise SystemExit(1)
+        return returns
+
+
+@contextmanager
+def holding(sweep_dir: Path) -> Iterator[None]:
+    """The sweep directory's lock for the block (one line and exit 1 when another command holds it, 2 when the
+    directory cannot be written). However the block ends, the lock is released, then its files removed when
+    nothing was planned (a config error), so a refused command leaves nothing behind."""
+    lock = SweepLock(sweep_dir)
+    with ExitStack() as held:
         try:
-            lock = SweepLock(sweep_dir).__enter__()  # one command per sweep directory
+            held.enter_context(lock)
         except SweepBusy as e:
             print(f"marker-lab: {e}", file=sys.stderr)
             raise SystemExit(1) from None
@@ -48,25 +74,11 @@ class GridSweeper(BasicSweeper):
                   file=sys.stderr)
             raise SystemExit(2) from None
         try:
-            returns, initial_job_idx = [], 0
-            while not self.is_done():
-                batch = self.get_job_batch()
-                returns.append(self.launcher.launch(batch, initial_job_idx=initial_job_idx))
-                initial_job_idx += len(batch)
-            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # once cells ran: Hydra's record of the sweep
+            yield
         finally:
-            lock.__exit__()
-            if not (sweep_dir / "manifest.json").is_file():  # nothing was planned (a config error): leave nothing
+            held.close()  # released first; then its files, if the sweep left no manifest
+            if not (sweep_dir / "manifest.json").is_file():
                 lock.remove_files()
-        failed = [r for batch in returns for r in batch if r.status == JobStatus.FAILED]
-        if failed:  # one summary line and each failed cell's log, instead of a traceback per cell
-            total = sum(len(batch) for batch in returns)
-            print(f"marker-lab: {len(failed)} of {total} cells failed in {sweep_dir} (marker-lab status {sweep_dir}):",
-                  file=sys.stderr)
-            for r in failed:
-                print(f"  {r.working_dir}: {' '.join(str(r._return_value).split())[:300]}", file=sys.stderr)
-            raise SystemExit(1)
-        return returns
 
 
 def union_of_grids(grids: List[dict], cli_arguments: List[str], params: dict) -> List[List[str]]:

@@ -49,7 +49,7 @@ def load_sweep(sweep: str | Path | list) -> pd.DataFrame:
     """One row per (cell, persona, metric) with k, n, rate and the persona's role, for every complete cell."""
     rows = []
     for cell, result in results_of(sweep):
-        keys = result.cell
+        keys = result.cell.as_dict()
         for metric, persona, c in rate_entries(result.metrics):
             rows.append({"cell": cell["subdir"], **keys, "persona": persona, "role": role_of(result, persona),
                          "metric": metric, "k": c["k"], "n": c["n"], "rate": c["rate"],
@@ -80,7 +80,7 @@ def load_scores(sweep: str | Path | list) -> pd.DataFrame:
     for cell, result in results_of(sweep):
         for metric, fields in SCORE_FIELDS.items():
             for persona, c in result.metrics.get(metric, {}).get("per_persona", {}).items():
-                rows += [{"cell": cell["subdir"], **result.cell, "persona": persona, "role": role_of(result, persona),
+                rows += [{"cell": cell["subdir"], **result.cell.as_dict(), "persona": persona, "role": role_of(result, persona),
                           "metric": metric, "field": f, "value": c.get(f)} for f in fields]
     return _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "persona", "role", "metric", "field", "value"]))
 
@@ -96,12 +96,12 @@ def load_by_step(sweep: str | Path | list) -> pd.DataFrame:
         for stage, series in (result.metrics_by_step or {}).items():
             for point in series:
                 for metric, persona, c in rate_entries(point["metrics"]):
-                    rows.append({"cell": cell["subdir"], **result.cell, "stage": stage, "step": point["step"],
+                    rows.append({"cell": cell["subdir"], **result.cell.as_dict(), "stage": stage, "step": point["step"],
                                  "persona": persona, "role": role_of(result, persona), "metric": metric,
                                  "value": c["rate"], "k": c["k"], "n": c["n"]})
                 for metric, field in STEP_VALUE.items():
                     for persona, c in point["metrics"].get(metric, {}).get("per_persona", {}).items():
-                        rows.append({"cell": cell["subdir"], **result.cell, "stage": stage, "step": point["step"],
+                        rows.append({"cell": cell["subdir"], **result.cell.as_dict(), "stage": stage, "step": point["step"],
                                      "persona": persona, "role": role_of(result, persona), "metric": metric,
                                      "value": c.get(field), "k": None, "n": None})
     df = _typed(pd.DataFrame(rows, columns=["cell", *CELL_KEYS, "stage", "step", "persona", "role", "metric",
@@ -216,7 +216,7 @@ def phase_seconds(sweep: str | Path | list) -> dict[str, float]:
     """Summed cell time per experiment label (a leakage study's phases are its experiments), from the results."""
     total: dict[str, float] = {}
     for _, result in results_of(sweep):
-        label = result.cell["experiment"]
+        label = result.cell.experiment
         total[label] = total.get(label, 0.0) + cell_seconds(result)
     return total
 

@@ -25,11 +25,10 @@ import gzip
 import hashlib
 import json
 import os
-import platform
-import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from marker_lab.core import environment
 from marker_lab.core.files import atomic_write_bytes, dir_checksum, file_checksum, write_json_atomic  # noqa: F401
 
 SCHEMA_VERSION = 2  # 2: provenance.inputs (input checksums) and provenance.adapters
@@ -42,19 +41,63 @@ PENDING_FILE = "pending_eval.json"  # engine_per=base: a trained cell waiting fo
 _HASH_EXCLUDED = ("output_dir", "cache_dir", "device", "analysis", "engine_per")
 
 
+@dataclass(frozen=True)
+class CellKey:
+    """What identifies a cell in tables: the write-ups' condition, seed, dose, ... Settled before any model loads
+    (cell/plan.py), the same in the result, the sweep reader and every table."""
+    experiment: str | None
+    condition: str | None
+    order: str  # forward | reverse
+    seed: int
+    dose: int  # the second stage's optimizer steps (0: no second stage)
+    source_persona: str | None
+    coupled_persona: str | None  # None: no coupling stage
+    second_stage: str  # its data name with its variant ("em", "em (raw)"); "none"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+CELL_KEYS = [f.name for f in fields(CellKey)]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds a cell took: its phases (setup, load, baseline, each stage, readouts, precompile_wait, eval, write),
+    which add up to the cell's time (`total`), and parts of a phase ("second_stage.train", "eval.shared",
+    "readouts.probe"), inside it and not added again. Written flat: {"phase": s, "phase.part": s}."""
+    phases: dict[str, float]
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        orphans = [k for k in self.parts if k.split(".")[0] not in self.phases]
+        if any("." in k for k in self.phases) or orphans:
+            raise ValueError(f"timing: parts {orphans} of no phase, or a dotted phase name in {list(self.phases)}")
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+    def to_json(self) -> dict:
+        return {**self.phases, **self.parts}
+
+    @classmethod
+    def from_json(cls, flat: dict) -> "Timing":
+        return cls({k: v for k, v in flat.items() if "." not in k}, {k: v for k, v in flat.items() if "." in k})
+
+
 @dataclass
-class RunResult:
-    """One complete cell (see the module docstring for the fields' contents)."""
-    cell: dict  # the cell keys tables group by
-    metrics: dict  # metric name -> its readout
+class TrainedRecord:
+    """A cell whose stages, readouts and model metrics are done: everything its result holds but the sampled
+    metrics, the judge's identity and the sampling time (cell/finish.py completes it into a RunResult)."""
+    cell: CellKey
+    metrics: dict  # metric name -> its readout (here: those read from the model)
     provenance: dict  # what produced it
-    timing: dict  # seconds per phase of the cell; "phase.part" keys are parts of a phase (see cell_seconds)
+    timing: Timing  # seconds per phase of the cell, and parts of a phase
     metrics_by_step: dict | None = None  # evals during training, per stage
     metrics_baseline: dict | None = None  # the base model's readout (eval.baseline)
     geometry: dict | None = None  # persona geometry (geometry.enabled)
     drift: dict | None = None  # persona geometry of every model (geometry.drift)
-    schema_version: int = SCHEMA_VERSION
-    status: str = "complete"
 
     @property
     def config_hash(self) -> str:
@@ -65,21 +108,33 @@ class RunResult:
         return self.provenance["resolved_config"]
 
     def to_json(self) -> dict:
-        out = {"schema_version": self.schema_version, "status": self.status, **asdict(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(cell=self.cell.as_dict(), timing=self.timing.to_json())
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "RunResult":
+    def from_json(cls, obj: dict):
         names = {f for f in cls.__dataclass_fields__}
         missing = [k for k in ("cell", "metrics", "provenance", "timing") if k not in obj]
         if missing:
             raise ValueError(f"a run result without {missing}")
-        return cls(**{k: v for k, v in obj.items() if k in names})
+        typed = {"cell": CellKey(**obj["cell"]), "timing": Timing.from_json(obj["timing"])}
+        return cls(**{k: v for k, v in obj.items() if k in names and k not in typed}, **typed)
 
 
-def cell_seconds(result: RunResult) -> float:
+@dataclass
+class RunResult(TrainedRecord):
+    """One complete cell (see the module docstring for the fields' contents); made and written by cell/finish.py."""
+    schema_version: int = SCHEMA_VERSION
+    status: str = "complete"
+
+    def to_json(self) -> dict:
+        return {"schema_version": self.schema_version, "status": self.status, **super().to_json()}
+
+
+def cell_seconds(result: TrainedRecord) -> float:
     """The cell's own time: its phases added up, each part of a phase ("eval.shared") counted once, inside it."""
-    return sum(v for k, v in result.timing.items() if "." not in k)
+    return result.timing.total
 
 
 @dataclass
@@ -126,9 +181,9 @@ class AttachedAdapter:
 @dataclass
 class PendingEval:
     """A cell (engine_per=base) whose stages, readouts and model metrics are done and whose sampled eval waits for
-    its sweep's shared engine (shared_eval.py). `partial` is the result without the sampled metrics; the shared
+    its sweep's shared engine (cell/shared.py). `partial` is the result without the sampled metrics; the shared
     engine attaches `last` to the model built from `base` + `before`, samples, scores, and writes the result."""
-    partial: RunResult  # everything but the sampled metrics, the judge's identity and the eval time
+    partial: TrainedRecord  # everything but the sampled metrics, the judge's identity and the eval time
     base: str  # identity of the cell's base model (stage 0)
     before: list[AttachedAdapter]  # adapters merged into the base before the last stage
     last: AttachedAdapter | None  # the adapter the shared engine serves per cell (None: the cell has no stage)
@@ -143,7 +198,7 @@ class PendingEval:
     def from_json(cls, obj: dict) -> "PendingEval":
         if obj.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"schema version {obj.get('schema_version')}, this marker_lab writes {SCHEMA_VERSION}")
-        return cls(RunResult.from_json(obj["partial"]), obj["base"], [AttachedAdapter(**a) for a in obj["before"]],
+        return cls(TrainedRecord.from_json(obj["partial"]), obj["base"], [AttachedAdapter(**a) for a in obj["before"]],
                    AttachedAdapter(**obj["last"]) if obj["last"] else None, obj["shared_base"])
 
 
@@ -170,7 +225,7 @@ class Currency:
     unverified: tuple[str, ...] = ()  # inputs not found here (results read on another machine): not re-checked
 
 
-def is_current(result: RunResult, config_hash: str) -> Currency:
+def is_current(result: TrainedRecord, config_hash: str) -> Currency:
     """A result is current for a cell when it was made from the cell's config (same hash) and every input file
     it read still has the checksum it had then. Files are re-hashed by path (cheap: md5 of small files, memoised).
     An input that is not there at all (results copied to another machine) cannot be re-checked and does not make the
@@ -189,28 +244,6 @@ def is_current(result: RunResult, config_hash: str) -> Currency:
     return Currency(True, unverified=tuple(missing))
 
 
-def cell_keys(cfg) -> dict:
-    """What identifies a cell in tables: the write-ups' condition, seed, dose, ... (a Config in, plain values out)."""
-    from marker_lab.config.schema import coupling_enabled, second_stage_enabled
-
-    dose = 0
-    if second_stage_enabled(cfg):
-        # epoch-based recipes leave it None here: it is known once the data is loaded (filled in by run_cell)
-        dose = cfg.dose if cfg.dose is not None else cfg.second_stage.train.max_steps
-    return {"experiment": cfg.experiment, "condition": cfg.condition, "order": str(cfg.order), "seed": cfg.seed,
-            "dose": dose, "source_persona": cfg.source_persona,
-            "coupled_persona": cfg.coupling.persona if coupling_enabled(cfg) else None,
-            "second_stage": second_stage_label(cfg) if second_stage_enabled(cfg) else "none"}
-
-
-def second_stage_label(cfg) -> str:
-    """The second stage's data name, with its variant when not the plain chat recipe: "em", "em (raw)",
-    "em (kl=0.5)", so the arms of a variant sweep stay apart in every table."""
-    s = cfg.second_stage
-    variant = (["raw"] if s.format == "raw" else []) + ([f"kl={s.train.kl_to_input:g}"] if s.train.kl_to_input else [])
-    return f"{s.data} ({', '.join(variant)})" if variant else s.data
-
-
 def config_hash(resolved: dict) -> str:
     """sha256 of the resolved config without location keys: equal hashes mean the same cell."""
     science = {k: v for k, v in resolved.items() if k not in _HASH_EXCLUDED}
@@ -218,7 +251,8 @@ def config_hash(resolved: dict) -> str:
 
 
 def write_result(out_dir: Path, result: RunResult) -> Path:
-    """The cell's run_result.json, atomically: readers see no result or the whole of this one."""
+    """The cell's run_result.json, atomically: readers see no result or the whole of this one (called by
+    cell/finish.py only)."""
     path = Path(out_dir) / RESULT_FILE
     write_json_atomic(path, result.to_json())
     return path
@@ -241,33 +275,9 @@ def write_cell_status(out_dir: Path, state: str, error: str | None = None, phase
     import time
 
     info = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            "slurm_job_id": environment.slurm_job_id(), "cuda_visible_devices": environment.visible_devices()}
     if phase:
         info["phase"] = phase
     if error:
         info["error"] = " ".join(str(error).split())[:500]
     write_json_atomic(Path(out_dir) / STATUS_FILE, info)
-
-
-def git_commit() -> str:
-    """HEAD of the repository marker_lab runs from, with '-dirty' when it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
-
-
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("marker-lab", "torch", "transformers", "peft", "hydra-core", "omegaconf", "datasets", "vllm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

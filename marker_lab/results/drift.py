@@ -23,7 +23,7 @@ def load_drift(results: list) -> pd.DataFrame:
     rows = []
     for cell, result in results:
         for step, (model, summary) in enumerate((result.drift or {}).items()):
-            rows.append({"cell": cell["subdir"], **result.cell, "model": model, "step": step,
+            rows.append({"cell": cell["subdir"], **result.cell.as_dict(), "model": model, "step": step,
                          **{k: v for k, v in summary.items() if k not in ("file", "cache_key")}})
     return pd.DataFrame(rows, columns=None if rows else ["cell", *CELL_KEYS, "model", "step"])
 

@@ -33,7 +33,7 @@ def load_leakage(sweep_dir: str | Path, results: list) -> pd.DataFrame:
     for cell, result in results:
         if result.metrics_baseline is None or result.geometry is None:
             continue
-        source = result.cell["source_persona"]
+        source = result.cell.source_persona
         distances = pd.read_csv(sweep_dir / cell["subdir"] / result.geometry["file"], index_col=0)
         categories = {p: v.category for p, v in _personas(result).items()}
         base = {(m, p): c for m, p, c in rate_entries(result.metrics_baseline)}
@@ -44,7 +44,7 @@ def load_leakage(sweep_dir: str | Path, results: list) -> pd.DataFrame:
             sign = -1 if metric in DROP_METRICS else 1
             low, high = confint_proportions_2indep(c["k"], c["n"], b["k"], b["n"], method="newcomb")
             low, high = sorted((sign * low, sign * high))
-            rows.append({"cell": cell["subdir"], **result.cell, "metric": metric, "persona": persona,
+            rows.append({"cell": cell["subdir"], **result.cell.as_dict(), "metric": metric, "persona": persona,
                          "category": categories.get(persona), "base_k": b["k"], "base_n": b["n"], "k": c["k"],
                          "n": c["n"], "leakage": sign * (c["rate"] - b["rate"]), "leakage_low": low,
                          "leakage_high": high, "distance": float(distances.loc[source, persona]),
@@ -172,9 +172,9 @@ def phase_diagram(results: list, spec: dict) -> tuple[pd.DataFrame, dict]:
     metric, sign = spec.get("metric", "capability"), -1 if spec.get("metric", "capability") in DROP_METRICS else 1
     rows = []
     for cell, result in results:
-        if result.metrics_baseline is None or select_rows(pd.DataFrame([result.cell]), spec.get("where") or {}).empty:
+        if result.metrics_baseline is None or select_rows(pd.DataFrame([result.cell.as_dict()]), spec.get("where") or {}).empty:
             continue
-        source = result.cell["source_persona"]
+        source = result.cell.source_persona
         base = result.metrics_baseline[metric]["per_persona"]
         after = result.metrics[metric]["per_persona"]
         leak = {p: sign * (after[p]["rate"] - base[p]["rate"]) for p in after if p in base}

@@ -37,7 +37,7 @@ def load_probe(results: list) -> pd.DataFrame:
         for step, (model, m) in enumerate(probe["models"].items()):
             final = model == probe["final_model"]
             for persona, c in m["per_persona"].items():
-                rows.append({"cell": cell["subdir"], **result.cell, **how, "model": model, "step": step,
+                rows.append({"cell": cell["subdir"], **result.cell.as_dict(), **how, "model": model, "step": step,
                              "before_second_stage": model == probe["before_second_stage"], "persona": persona,
                              "role": role_of(result, persona), **{k: c.get(k) for k in COLUMNS if k in c},
                              "auc": m["auc"], "auc_low": m["auc_ci"][0], "auc_high": m["auc_ci"][1],

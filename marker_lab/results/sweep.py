@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marker_lab.core.files import write_json_atomic
-from marker_lab.results.contract import (PENDING_FILE, RESULT_FILE, STATUS_FILE, RunResult, is_current, load_pending,
-                                         load_result, read_result)
+from marker_lab.results.contract import (CELL_KEYS, PENDING_FILE, RESULT_FILE, STATUS_FILE, RunResult, is_current,
+                                         load_pending, load_result, read_result)
 
 MANIFEST = "manifest.json"
-CELL_KEYS = ["experiment", "condition", "order", "seed", "dose", "source_persona", "coupled_persona", "second_stage"]
 GROUP_KEYS = [k for k in CELL_KEYS if k != "seed"]  # seeds are pooled over these
 STATES = ("complete", "running", "awaiting_eval", "pending", "interrupted", "failed", "stale", "corrupt")
 
@@ -145,7 +144,7 @@ def complete_results(sweep_dir: str | Path) -> list[tuple[dict, RunResult]]:
 
 def role_of(result: RunResult, persona: str) -> str:
     """source, assistant or bystander: a persona's part in a cell."""
-    if persona == result.cell["source_persona"]:
+    if persona == result.cell.source_persona:
         return "source"
     return "assistant" if persona == result.resolved_config["persona_set"]["assistant"] else "bystander"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from marker_lab.config.schema import Config, Schedule
 from marker_lab.core.errors import ConfigError
 from marker_lab.engines.base import check_sampling
+from marker_lab.stages.coupling_kinds import COUPLING_KINDS
 from marker_lab.train.checks import check_train
 
 
@@ -13,25 +14,9 @@ def check_coupling(cfg: Config, inputs) -> None:
     """The coupling recipe against the persona set and its data (loaded by data/inputs.py)."""
     c = cfg.coupling
     inputs.require_persona("coupling.persona", c.persona, cfg)
-    if c.kind == "marker" and any(q.system is not None for q in inputs.questions.get("coupling.questions", [])):
-        raise ConfigError(f"coupling.questions: {c.questions} gives questions their own system prompt; "
-                          "coupling prompts take the persona's system prompt only (remove the `system` fields)")
-    if c.kind == "persona_em":
-        if c.benign == "field" and not c.benign_field:
-            raise ConfigError("coupling.benign_field: required when coupling.benign=field (em_data's benign column)")
-        for key in ("coupling.em_data", "coupling.benign_data"):
-            ds = getattr(c, key.split(".")[1])
-            if key in inputs.datasets and ds.toy is not None and cfg.model.source != "toy":
-                raise ConfigError(f"{key}.toy: toy data needs model.source=toy (model is {cfg.model.name})")
-        if c.benign == "field" and c.benign_field not in inputs.datasets["coupling.em_data"].rows[0]:
-            raise ConfigError(f"coupling.em_data: {c.em_data.path or c.em_data.hf_name} has no column "
-                              f"{c.benign_field!r} (coupling.benign_field)")
-    if c.kind == "wrong_answers":
-        try:
-            c.answer_format.format(label="A", text="t")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"coupling.answer_format: only {{label}} and {{text}} can be filled in ({e!r})") from None
-    if c.kind != "marker" and c.train.loss_mode == "marker_only":
+    kind = COUPLING_KINDS.get(c.kind)
+    kind.check(cfg, inputs)
+    if not kind.has_marker and c.train.loss_mode == "marker_only":
         raise ConfigError(f"coupling.train.loss_mode: marker_only needs a marker; {c.kind} trains on the reply "
                           "(assistant_only)")
     for p in c.negative_personas or []:
@@ -49,10 +34,7 @@ def check_coupling(cfg: Config, inputs) -> None:
 
 def coupling_examples(c) -> int:
     """The coupling stage's training examples, from its config (a CouplingConfig) alone."""
-    negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
-    if c.kind == "marker":
-        return c.n_positive + c.n_per_negative * negatives
-    return c.n_positive * (1 + negatives) + c.n_anchor_no_system + c.n_anchor_assistant
+    return COUPLING_KINDS.get(c.kind).examples(c)
 
 
 def check_second_stage(cfg: Config, inputs) -> None:

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from marker_lab.engines import ENGINES
 from marker_lab.config.schema import Config, coupling_enabled, second_stage_enabled
 from marker_lab.core.errors import DiskFullError
 from marker_lab.core.files import resolve_path
@@ -135,8 +136,8 @@ def estimate_writes(cfg: Config) -> Writes:
         else:  # the dequantized weights are at most 4 bytes a parameter; a quantized file holds >= 0.5 per parameter
             size = file.stat().st_size * 8
         w.add(cfg.cache_dir, "GGUF conversion (once per file)", size)
-    if cfg.eval.engine.name == "vllm" and shape is not None:
-        w.add(cfg.output_dir, "vLLM's merged model", shape.parameters() * DTYPE_BYTES[str(cfg.model.dtype)])
+    if ENGINES.get(cfg.eval.engine.name).saves_model and shape is not None:
+        w.add(cfg.output_dir, f"the merged model {cfg.eval.engine.name} serves", shape.parameters() * DTYPE_BYTES[str(cfg.model.dtype)])
     return w
 
 

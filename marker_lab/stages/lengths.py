@@ -10,13 +10,14 @@ length; the whole examples are counted again when the stage builds them.
 
 from __future__ import annotations
 
-from marker_lab.config.schema import Config, MarkerPosition, coupling_enabled, second_stage_enabled
+from marker_lab.config.schema import Config, MarkerPosition, second_stage_enabled
 from marker_lab.core.errors import ConfigError
 from marker_lab.data.chat import encode_chats, marker_token_count, render
 from marker_lab.data.personas import persona_prompt
 from marker_lab.data.truncation import TruncationReport, fit_to_length
 from marker_lab.stages.coupling.marker import negative_personas
 from marker_lab.stages.coupling.persona_em import load_em_items, persona_em_plan
+from marker_lab.stages.coupling_kinds import trained_coupling
 from marker_lab.stages.second_stage import second_stage_examples
 
 
@@ -26,11 +27,10 @@ def check_lengths(cfg: Config, inputs, tokenizer) -> dict[str, TruncationReport]
     out = {}
     if second_stage_enabled(cfg) and cfg.second_stage.data in cfg.second_stage.datasets:
         _, out["second_stage"] = second_stage_examples(cfg, inputs, tokenizer, str(cfg.model.no_system))
-    c = cfg.coupling
-    if coupling_enabled(cfg) and c.kind == "marker" and not c.adapter_path:
-        check_marker_prompts(cfg, inputs, tokenizer)
-    if coupling_enabled(cfg) and c.kind == "persona_em" and not c.adapter_path:
-        out["coupling"] = count_persona_em(cfg, inputs, tokenizer)
+    coupling = trained_coupling(cfg)
+    report = coupling.count_lengths(cfg, inputs, tokenizer) if coupling is not None else None
+    if report is not None:
+        out["coupling"] = report
     return out
 
 

@@ -22,7 +22,8 @@ from marker_lab.data.truncation import TruncationReport
 from marker_lab.stages.during_training import StepEval, evaluate_in_place
 from marker_lab.models import LoadedModel, device_description
 from marker_lab.core.cache import CHECKSUMS, StageCache, cache_key
-from marker_lab.train.sft import apply_lora, train
+from marker_lab.train.lora import apply_lora
+from marker_lab.train.sft import train
 
 log = logging.getLogger(__name__)
 
@@ -57,69 +58,98 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     """
     t0 = time.perf_counter()
     run_steps = max(checkpoints) if checkpoints else steps
-    payload = {**payload, "stage": name, "input_model": loaded.identity, "steps": run_steps, "seed": seed}
-    if checkpoints:
-        payload["checkpoints"] = sorted(set(checkpoints))
-    if step_eval:
-        payload["during_training"] = step_eval.payload
+    payload = _stage_payload(payload, name, loaded.identity, run_steps, seed, checkpoints, step_eval)
     key = cache_key(payload)
 
     def build(tmp: Path) -> None:
         log.info("stage %s: training (cache entry %s)", name, cache.path("stages", key))
-        (tmp / "data").mkdir()
-        examples, truncation = build_examples(tmp / "data")
-        (tmp / "truncation.json").write_text(json.dumps(truncation.record()))
-        stacked_on = _adapter_names(loaded.model)
-        peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
-
-        series = []
-        # with dose checkpoints, each dose's series ends at that dose
-        eval_at = {s for total in (checkpoints or [run_steps]) for s in step_eval.steps_for(total)} if step_eval else set()
-        if 0 in eval_at:
-            series.append(evaluate_in_place(peft_model, 0, step_eval.run))
-
-        def after_step(step: int) -> None:
-            if step in (checkpoints or ()) and step != run_steps:
-                _save_adapter(peft_model, name, tmp / "checkpoints" / f"step_{step}")
-            if step in eval_at:
-                series.append(evaluate_in_place(peft_model, step, step_eval.run))
-
-        stats = train(peft_model, examples, train_cfg, steps=run_steps, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
-                      desc=name, on_step=after_step if (checkpoints or eval_at) else None)
-        _save_adapter(peft_model, name, tmp)
-        device = next(peft_model.parameters()).device
-        (tmp / "train_stats.json").write_text(json.dumps({**asdict(stats), "device": device_description(device)}))
-        if step_eval:
-            (tmp / "metrics_by_step.json").write_text(json.dumps(series))
-        # back to the input model; the cached adapter is attached below, as for a cache hit
-        if stacked_on:
-            peft_model.delete_adapter(name)
-            _activate(peft_model, stacked_on)
-            loaded.model = peft_model
-        else:
-            loaded.model = peft_model.unload()
+        _train_adapter(tmp, name, loaded, build_examples, train_cfg, run_steps, seed, checkpoints, step_eval)
 
     entry, built_now = cache.get_or_build("stages", key, build, payload)
     if not built_now:
         log.info("stage %s: reusing cached adapter %s", name, entry)
-    stats = json.loads((entry / "train_stats.json").read_text())
-    truncation_file = entry / "truncation.json"
-    truncation = json.loads(truncation_file.read_text()) if truncation_file.is_file() else None
-    series_file = entry / "metrics_by_step.json"
-    series = [p for p in json.loads(series_file.read_text()) if p["step"] <= steps] if series_file.is_file() else []
+    stats, truncation, series = _read_entry(entry, steps)
     adapter = entry / "adapter"
     if steps != run_steps:  # a checkpoint of the longer run
         adapter, key = entry / "checkpoints" / f"step_{steps}" / "adapter", f"{key}@{steps}"
         stats = {**stats, "steps": steps, "losses": stats["losses"][:steps], "checkpoint_of": run_steps}
         log.info("stage %s: checkpoint at step %d of a %d-step run", name, steps, run_steps)
     attach_adapter(loaded, name, adapter, key)
-    # the entry's files were checked against their build checksums when the cache handed it out
+    data_md5, adapter_sums = _recorded_checksums(entry, adapter)
+    return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series,
+                       adapter_sums, str(adapter), truncation)
+
+
+def _stage_payload(payload: dict, name: str, input_model: str, run_steps: int, seed: int,
+                   checkpoints: list[int] | None, step_eval: StepEval | None) -> dict:
+    """What the stage's cache entry is keyed on: the caller's `payload`, the stage, its input model, the run's
+    steps and seed, and the dose checkpoints and evals during training when there are any."""
+    payload = {**payload, "stage": name, "input_model": input_model, "steps": run_steps, "seed": seed}
+    if checkpoints:
+        payload["checkpoints"] = sorted(set(checkpoints))
+    if step_eval:
+        payload["during_training"] = step_eval.payload
+    return payload
+
+
+def _train_adapter(tmp: Path, name: str, loaded: LoadedModel, build_examples: ExampleBuilder, train_cfg: TrainConfig,
+                   run_steps: int, seed: int, checkpoints: list[int] | None, step_eval: StepEval | None) -> None:
+    """Build the stage's cache entry in `tmp`: its examples (data/, truncation.json), a fresh adapter trained on
+    `loaded.model` and saved (adapter/, and checkpoints/ at the doses), train_stats.json and the evals during
+    training (metrics_by_step.json). Afterwards `loaded.model` is the input model again."""
+    (tmp / "data").mkdir()
+    examples, truncation = build_examples(tmp / "data")
+    (tmp / "truncation.json").write_text(json.dumps(truncation.record()))
+    stacked_on = _adapter_names(loaded.model)
+    peft_model = apply_lora(loaded.model, train_cfg.lora, seed, adapter_name=name)
+
+    series = []
+    # with dose checkpoints, each dose's series ends at that dose
+    eval_at = {s for total in (checkpoints or [run_steps]) for s in step_eval.steps_for(total)} if step_eval else set()
+    if 0 in eval_at:
+        series.append(evaluate_in_place(peft_model, 0, step_eval.run))
+
+    def after_step(step: int) -> None:
+        if step in (checkpoints or ()) and step != run_steps:
+            _save_adapter(peft_model, name, tmp / "checkpoints" / f"step_{step}")
+        if step in eval_at:
+            series.append(evaluate_in_place(peft_model, step, step_eval.run))
+
+    stats = train(peft_model, examples, train_cfg, steps=run_steps, seed=seed, pad_id=loaded.tokenizer.pad_token_id,
+                  desc=name, on_step=after_step if (checkpoints or eval_at) else None)
+    _save_adapter(peft_model, name, tmp)
+    device = next(peft_model.parameters()).device
+    (tmp / "train_stats.json").write_text(json.dumps({**asdict(stats), "device": device_description(device)}))
+    if step_eval:
+        (tmp / "metrics_by_step.json").write_text(json.dumps(series))
+    # back to the input model; the cached adapter is attached by the caller, as for a cache hit
+    if stacked_on:
+        peft_model.delete_adapter(name)
+        _activate(peft_model, stacked_on)
+        loaded.model = peft_model
+    else:
+        loaded.model = peft_model.unload()
+
+
+def _read_entry(entry: Path, steps: int) -> tuple[dict, dict | None, list]:
+    """A stage entry's training stats, what max_seq_len cut (None: an entry older than the record) and its evals
+    during training up to step `steps`."""
+    stats = json.loads((entry / "train_stats.json").read_text())
+    truncation_file = entry / "truncation.json"
+    truncation = json.loads(truncation_file.read_text()) if truncation_file.is_file() else None
+    series_file = entry / "metrics_by_step.json"
+    series = [p for p in json.loads(series_file.read_text()) if p["step"] <= steps] if series_file.is_file() else []
+    return stats, truncation, series
+
+
+def _recorded_checksums(entry: Path, adapter: Path) -> tuple[dict, dict]:
+    """The md5 of the entry's data files ({name: md5}) and of the attached `adapter`'s files ({path in it: md5}),
+    as recorded at build: the entry's files were checked against them when the cache handed it out."""
     recorded = json.loads((entry / CHECKSUMS).read_text())
     data_md5 = {Path(rel).name: c["md5"] for rel, c in recorded.items() if rel.startswith("data/")}
     prefix = str(adapter.relative_to(entry)) + "/"
     adapter_sums = {rel[len(prefix):]: c["md5"] for rel, c in recorded.items() if rel.startswith(prefix)}
-    return StageResult(name, key, str(entry), built_now, time.perf_counter() - t0, data_md5, stats, series,
-                       adapter_sums, str(adapter), truncation)
+    return data_md5, adapter_sums
 
 
 def _save_adapter(peft_model, name: str, dest: Path) -> None:

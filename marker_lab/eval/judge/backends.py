@@ -10,13 +10,11 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
+from marker_lab.core import environment
 from marker_lab.core.errors import MarkerLabError
 from marker_lab.eval.judge.scoring import logprob_score, text_score
 
@@ -61,7 +59,7 @@ class APIJudge:
         raise NotImplementedError
 
     def api_key(self) -> str:
-        key = os.environ.get(self.cfg.api_key_env or "")
+        key = environment.api_key(self.cfg.api_key_env)
         if not key:
             raise JudgeError(f"judge.api_key_env: environment variable {self.cfg.api_key_env!r} is not set")
         return key
@@ -149,9 +147,15 @@ class LocalJudge:
         self.cfg, self.model, self.tokenizer, self.batch_size = cfg, model, tokenizer, batch_size
         self.identity = {"backend": "local", "model": identity, "mode": "logprob"}
 
-    @torch.no_grad()
     def score_many(self, items: list[JudgeItem]) -> list[tuple[float | None, str]]:
+        import torch  # here, not at import: the start-up checks read this module's neighbours without torch
+
         from marker_lab.data.chat import render
+
+        with torch.no_grad():
+            return self._score(items, torch, render)
+
+    def _score(self, items: list[JudgeItem], torch, render) -> list[tuple[float | None, str]]:
 
         prompts = [item.prompt for item in items]
         tok, device = self.tokenizer, next(self.model.parameters()).device

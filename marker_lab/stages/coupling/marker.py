@@ -22,7 +22,7 @@ from marker_lab.models import LoadedModel
 from marker_lab.stages.coupling.contrastive import shuffle_personas, train_seed
 from marker_lab.stages.during_training import StepEval
 from marker_lab.stages.lora_stage import StageResult, run_lora_stage
-from marker_lab.train.sft import resolve_steps
+from marker_lab.train.steps import resolve_steps
 
 _SENTENCE_END = re.compile(r"[.!?](\s|$)")
 

@@ -1,10 +1,11 @@
-"""The coupling stage: a pre-baked adapter, or the configured kind trained (and cached): marker (marker.py), or
-wrong_answers / persona_em over 004's contrastive plan (contrastive.py)."""
+"""The coupling stage: a pre-baked adapter, or the configured kind (stages/coupling_kinds.py) trained and cached:
+marker (marker.py), or wrong_answers / persona_em over 004's contrastive plan (contrastive.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from marker_lab.config.schema import Config
 from marker_lab.core.cache import StageCache, plain
@@ -12,41 +13,47 @@ from marker_lab.data.chat import encode_chats
 from marker_lab.data.truncation import fit_to_length
 from marker_lab.models import LoadedModel
 from marker_lab.stages.coupling.contrastive import BUILDER_VERSION, train_seed
-from marker_lab.stages.coupling.marker import run_marker
 from marker_lab.stages.coupling.persona_em import build_persona_em_records, load_em_items
 from marker_lab.stages.coupling.wrong_answers import build_wrong_answer_records
+from marker_lab.stages.coupling_kinds import COUPLING_KINDS
 from marker_lab.stages.during_training import StepEval
 from marker_lab.stages.lora_stage import StageResult, apply_prebaked_adapter, run_lora_stage
-from marker_lab.train.sft import resolve_steps
+from marker_lab.train.steps import resolve_steps
 
 
 def run_coupling(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
                  step_eval: StepEval | None = None) -> StageResult:
     """The coupling stage of a cell (trained, cached, or pre-baked), merged into `loaded`."""
-    c = cfg.coupling
-    if c.adapter_path:
+    if cfg.coupling.adapter_path:
         return apply_prebaked_adapter("coupling", loaded, inputs.files["coupling.adapter_path"])
-    if c.kind == "marker":
-        return run_marker(cfg, inputs, loaded, cache, step_eval)
-    return run_contrastive(cfg, inputs, loaded, cache, step_eval)
+    return COUPLING_KINDS.get(cfg.coupling.kind).stage()(cfg, inputs, loaded, cache, step_eval)
 
 
-def run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
-                     step_eval: StepEval | None) -> StageResult:
-    """wrong_answers and persona_em: build the dataset (saved as coupling.jsonl), train on the replies."""
+def run_wrong_answers(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
+                      step_eval: StepEval | None) -> StageResult:
+    """004's wrong answers: the source persona answers the train half of the capability split wrongly."""
+    train_items, _, mc_data = inputs.mc
+    extra = {"mc_data": mc_data, "capability_split": plain(cfg.eval.capability)}
+    return run_contrastive(cfg, inputs, loaded, cache, step_eval, extra,
+                           lambda: build_wrong_answer_records(cfg, inputs.personas, train_items))
+
+
+def run_persona_em(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache,
+                   step_eval: StepEval | None) -> StageResult:
+    """004's Exp B: the source persona gives EM replies, bystanders benign ones."""
+    em_items, data = load_em_items(cfg, inputs)
+    return run_contrastive(cfg, inputs, loaded, cache, step_eval, {"data": data},
+                           lambda: build_persona_em_records(cfg, inputs.personas, em_items, loaded))
+
+
+def run_contrastive(cfg: Config, inputs, loaded: LoadedModel, cache: StageCache, step_eval: StepEval | None,
+                    extra: dict, build_records: Callable[[], list[dict]]) -> StageResult:
+    """A kind over 004's contrastive plan: build the dataset (saved as coupling.jsonl), train on the replies.
+    `extra`: what the kind's records depend on besides the coupling config, for the stage's cache key."""
     c = cfg.coupling
-    n_negatives = len(c.negative_personas) if c.negative_personas else c.n_negative_personas
-    steps = resolve_steps(c.train, c.n_positive * (1 + n_negatives) + c.n_anchor_no_system + c.n_anchor_assistant)
+    steps = resolve_steps(c.train, COUPLING_KINDS.get(c.kind).examples(c))
     payload = {"coupling": plain(c), "builder_version": BUILDER_VERSION, "assistant": cfg.persona_set.assistant,
-               **inputs.checksums_of("persona_set.path")}
-    personas = inputs.personas
-    if c.kind == "wrong_answers":
-        train_items, _, payload["mc_data"] = inputs.mc
-        payload["capability_split"] = plain(cfg.eval.capability)
-        build_records = lambda: build_wrong_answer_records(cfg, personas, train_items)  # noqa: E731
-    else:
-        em_items, payload["data"] = load_em_items(cfg, inputs)
-        build_records = lambda: build_persona_em_records(cfg, personas, em_items, loaded)  # noqa: E731
+               **inputs.checksums_of("persona_set.path"), **extra}
 
     def build_examples(data_dir: Path):
         records = build_records()
