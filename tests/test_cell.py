@@ -195,8 +195,8 @@ def test_dose_checkpoint_equals_a_fresh_run_to_that_dose(cache_dir):
     longest = stage(["dose=8", "second_stage.dose_checkpoints=[3,8]"])
     fresh = stage(["dose=3"])
     assert ckpt.built_now and not longest.built_now and ckpt.path == longest.path  # one run served both doses
-    assert ckpt.train_stats["steps"] == 3 and longest.train_stats["steps"] == 8
-    assert ckpt.train_stats["losses"] == pytest.approx(fresh.train_stats["losses"], rel=1e-6)
+    assert ckpt.train_stats.steps == 3 and longest.train_stats.steps == 8
+    assert ckpt.train_stats.losses == pytest.approx(fresh.train_stats.losses, rel=1e-6)
     a = load_file(Path(ckpt.path) / "checkpoints" / "step_3" / "adapter" / "adapter_model.safetensors")
     b = load_file(Path(fresh.path) / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)

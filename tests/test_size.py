@@ -68,10 +68,10 @@ def test_replace_over_several_personas_is_said_once(tmp_path):
 
 
 def test_a_sweep_sums_the_cells_still_to_run():
-    from marker_lab.launch.cells import CellPlan, sweep_size
+    from marker_lab.launch.sweep_plan import PlannedCell, sweep_size
 
-    plans = [CellPlan(0, [], "a", "h", complete=True, completions=3080, judge_calls=0, training_examples=4800),
-             CellPlan(1, [], "b", "h", completions=3080, judge_calls=6160, training_examples=4800),
-             CellPlan(2, [], "c", "h", completions=26400, judge_calls=0, training_examples=0)]
+    plans = [PlannedCell(0, [], "a", "h", complete=True, completions=3080, judge_calls=0, training_examples=4800),
+             PlannedCell(1, [], "b", "h", completions=3080, judge_calls=6160, training_examples=4800),
+             PlannedCell(2, [], "c", "h", completions=26400, judge_calls=0, training_examples=0)]
     assert sweep_size(plans) == ("2 cells to run: 29480 completions to sample, 6160 judge calls, 4800 training "
                                  "examples (stages already in the cache train nothing)")

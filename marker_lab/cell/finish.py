@@ -80,9 +80,9 @@ def provenance(plan: CellPlan, stages: dict[str, StageResult], base_identity: st
         "engine": {"name": str(cfg.eval.engine.name), "per": "cell"},
         # trained_on: the device a cached stage was trained on, which can be another machine's (null: an entry
         # older than the record)
-        "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now, "steps": st.train_stats.get("steps"),
-                       "final_loss": (st.train_stats.get("losses") or [None])[-1],
-                       "trained_on": st.train_stats.get("device"), "truncation": st.truncation}
+        "stages": {n: {"cache_entry": st.path, "trained_now": st.built_now, "steps": st.train_stats.steps,
+                       "final_loss": st.train_stats.final_loss, "trained_on": st.train_stats.device,
+                       "truncation": st.truncation}
                    for n, st in stages.items()},
     }
 

@@ -186,7 +186,7 @@ def timed(timing: dict[str, float], phase: str, on: bool = True):
 
 def _training_parts(name: str, stage: StageResult) -> dict[str, float]:
     """A stage trained now: its training loop and first optimizer step (compile included) as parts of its phase."""
-    steps = stage.train_stats.get("step_seconds") if stage.built_now else None
+    steps = stage.train_stats.step_seconds if stage.built_now else None
     if not steps:
         return {}
-    return {f"{name}.train": stage.train_stats["seconds"], f"{name}.first_step": steps[0]}
+    return {f"{name}.train": stage.train_stats.seconds, f"{name}.first_step": steps[0]}

@@ -279,7 +279,7 @@ class TrainConfig:
     # attention while training, then the model's again (model.attn_implementation); flex_attention (CUDA) keeps
     # packed examples apart with block-sparse document masks instead of sdpa's dense mask; varlen (with pack) by
     # the examples' offsets, no mask (flash's varlen kernel on CUDA, train/packed_attention.py); null = the model's
-    # (a model on sdpa, padded with logits=labelled: sdpa without transformers' mask preparation, sft.training_attention)
+    # (a model on sdpa, padded with logits=labelled: sdpa without transformers' mask preparation, model_setup.training_attention)
     attention: Optional[str] = setting(None, one_of=ATTENTION)
     loss_mode: LossMode = LossMode.assistant_only  # which tokens carry loss
     seed: Optional[int] = rng_seed(None)  # data order and LoRA init; null = the stage's seed (coupling.seed, or the cell's seed)

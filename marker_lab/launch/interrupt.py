@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from marker_lab.launch.cells import CellPlan
+from marker_lab.launch.sweep_plan import PlannedCell
 from marker_lab.results.contract import RESULT_FILE, load_result
 
 
@@ -26,7 +26,7 @@ def ignoring_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def stop_after_interrupt(sweep_dir: Path, plans: list[CellPlan], running: list) -> None:
+def stop_after_interrupt(sweep_dir: Path, plans: list[PlannedCell], running: list) -> None:
     """Ctrl-C during a sweep: the running cells got the same SIGINT from the terminal (it goes to the whole
     foreground process group) and record where they stopped; they get 30 s for it, then their controllers are
     sent SIGTERM (which they pass on). The sweep ends with one line naming them (exit 130); finished cells stay

@@ -31,7 +31,7 @@ from marker_lab.core.errors import ConfigError
 from marker_lab.launch.followups import run_aggregation, run_shared_eval
 from marker_lab.launch.hydra_compat import job_error
 from marker_lab.launch.interrupt import ignoring_sigint, stop_after_interrupt
-from marker_lab.launch.cells import CellPlan, SweepConfigError, plan_cells, sweep_size, write_manifest
+from marker_lab.launch.sweep_plan import PlannedCell, SweepConfigError, plan_cells, sweep_size, write_manifest
 from marker_lab.launch.progress import SweepProgress
 from marker_lab.results.contract import PENDING_FILE, RESULT_FILE, load_result
 
@@ -55,7 +55,7 @@ def gpu_slots(gpus: list[int], gpus_per_cell: int) -> list[tuple[int, ...]]:
     return [tuple(gpus[i:i + gpus_per_cell]) for i in range(0, len(gpus) - gpus_per_cell + 1, gpus_per_cell)]
 
 
-def skipped_return(plan: CellPlan, sweep_dir: Path) -> JobReturn:
+def skipped_return(plan: PlannedCell, sweep_dir: Path) -> JobReturn:
     ret = JobReturn()
     ret.overrides = plan.overrides
     ret.working_dir = str(sweep_dir / plan.subdir)
@@ -92,7 +92,7 @@ def how_it_ended(cell_dir: Path, error: BaseException, oom_before: int | None) -
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
-def failed_return(plan: CellPlan, sweep_dir: Path, error: BaseException, why: str | None = None) -> JobReturn:
+def failed_return(plan: PlannedCell, sweep_dir: Path, error: BaseException, why: str | None = None) -> JobReturn:
     from marker_lab.results import contract
 
     why = why or f"{type(error).__name__}: {error}"
@@ -106,14 +106,14 @@ def failed_return(plan: CellPlan, sweep_dir: Path, error: BaseException, why: st
     return ret
 
 
-def _awaiting_eval(sweep_dir: Path, plans: list[CellPlan]) -> list[CellPlan]:
+def _awaiting_eval(sweep_dir: Path, plans: list[PlannedCell]) -> list[PlannedCell]:
     return [pl for pl in plans if (sweep_dir / pl.subdir / PENDING_FILE).is_file()]
 
 
 class _PlannedLauncher(BaseSubmititLauncher):
     """Shared steps: plan (validate, manifest, skip), then the subclass runs what is left."""
 
-    def _plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[CellPlan]]:
+    def _plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> tuple[Path, list[PlannedCell]]:
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ class _PlannedLauncher(BaseSubmititLauncher):
         log.info("sweep size: %s", sweep_size(plans))
         return sweep_dir, plans
 
-    def _job_args(self, plan: CellPlan) -> tuple:
+    def _job_args(self, plan: PlannedCell) -> tuple:
         return (plan.overrides, "hydra.sweep.dir", plan.index, f"job_id_for_{plan.index}", Singleton.get_state())
 
     def _executor_params(self, exclude: set[str]) -> dict[str, Any]:
@@ -158,7 +158,7 @@ class LocalGpusLauncher(_PlannedLauncher):
         pending = [pl for pl in plans if not pl.complete]
         progress = SweepProgress(sweep_dir, len(plans), len(returns), len(slots))
         free = list(slots)
-        running: list[tuple[Any, CellPlan, tuple[int, ...], float, int | None]] = []  # job, cell, GPUs, start, OOM kills
+        running: list[tuple[Any, PlannedCell, tuple[int, ...], float, int | None]] = []  # job, cell, GPUs, start, OOM kills
         try:
             self._run_local(sweep_dir, p, pending, running, free, returns, progress)
         except KeyboardInterrupt:  # Ctrl-C: the running cells record where they stopped; one line names them

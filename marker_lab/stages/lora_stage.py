@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,28 @@ from marker_lab.train.sft import train
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StageStats:
+    """What a stage's cache entry recorded of its training (train_stats.json): train.sft.TrainStats, the device,
+    and for a dose checkpoint the longer run it was cut from."""
+    steps: int | None = None  # optimizer steps of the attached adapter (None: not trained by marker_lab, pre-baked)
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0  # the training loop's wall time
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time (the first compiles)
+    device: str | None = None  # where it trained (None: an entry older than the record)
+    checkpoint_of: int | None = None  # a dose checkpoint: the steps of the run it was saved from
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "StageStats":
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
 @dataclass
 class StageResult:
     name: str  # coupling | second_stage
@@ -36,7 +58,7 @@ class StageResult:
     built_now: bool
     seconds: float  # wall time of this stage in this process (training, or loading a cached adapter)
     data_md5: dict = field(default_factory=dict)  # data files the stage trained on
-    train_stats: dict = field(default_factory=dict)
+    train_stats: StageStats = field(default_factory=StageStats)
     metrics_by_step: list = field(default_factory=list)  # evals during training: [{step, seconds, metrics}]
     adapter_checksums: dict = field(default_factory=dict)  # the attached adapter's files: {name: checksum}
     adapter: str = ""  # the attached adapter's directory (peft format)
@@ -72,7 +94,7 @@ def run_lora_stage(name: str, loaded: LoadedModel, cache: StageCache, payload: d
     adapter = entry / "adapter"
     if steps != run_steps:  # a checkpoint of the longer run
         adapter, key = entry / "checkpoints" / f"step_{steps}" / "adapter", f"{key}@{steps}"
-        stats = {**stats, "steps": steps, "losses": stats["losses"][:steps], "checkpoint_of": run_steps}
+        stats = replace(stats, steps=steps, losses=stats.losses[:steps], checkpoint_of=run_steps)
         log.info("stage %s: checkpoint at step %d of a %d-step run", name, steps, run_steps)
     attach_adapter(loaded, name, adapter, key)
     data_md5, adapter_sums = _recorded_checksums(entry, adapter)
@@ -131,10 +153,10 @@ def _train_adapter(tmp: Path, name: str, loaded: LoadedModel, build_examples: Ex
         loaded.model = peft_model.unload()
 
 
-def _read_entry(entry: Path, steps: int) -> tuple[dict, dict | None, list]:
+def _read_entry(entry: Path, steps: int) -> tuple[StageStats, dict | None, list]:
     """A stage entry's training stats, what max_seq_len cut (None: an entry older than the record) and its evals
     during training up to step `steps`."""
-    stats = json.loads((entry / "train_stats.json").read_text())
+    stats = StageStats.from_json(json.loads((entry / "train_stats.json").read_text()))
     truncation_file = entry / "truncation.json"
     truncation = json.loads(truncation_file.read_text()) if truncation_file.is_file() else None
     series_file = entry / "metrics_by_step.json"

@@ -1,7 +1,7 @@
 """Attention for packed training rows (`train.pack=true`, `train.attention=varlen`): each example attends only to
 itself, through the examples' offsets in the row, with no mask tensor at all.
 
-A packed micro-batch is one row of whole examples back to back (sft.collate_packed). With sdpa, transformers keeps
+A packed micro-batch is one row of whole examples back to back (batches.collate_packed). With sdpa, transformers keeps
 them apart with a dense block-diagonal mask, which takes sdpa off its flash kernel; flex attention makes the mask
 block-sparse but compiles for about a minute per stage (docs/benchmarks.md). A variable-length kernel needs neither:
 it takes the offsets (`cu_seq_lens`, which collate_packed adds) and runs causal attention within each example.
@@ -41,7 +41,7 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                              **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention interface on one packed row: query (1, H, T, D), key/value (1, KV, T, D) -> output
-    (1, T, H, D). The row's example offsets come as `cu_seq_lens_q` (sft.collate_packed)."""
+    (1, T, H, D). The row's example offsets come as `cu_seq_lens_q` (batches.collate_packed)."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.shape[0] != 1:
         raise ValueError("attention 'varlen' runs packed rows only: train.pack=true (the offsets come from "

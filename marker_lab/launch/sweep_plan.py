@@ -19,7 +19,7 @@ from marker_lab.results.sweep import cell_state, write_manifest as _write_manife
 
 
 @dataclass
-class CellPlan:
+class PlannedCell:
     index: int  # position in the sweep
     overrides: list[str]  # the cell's Hydra overrides
     subdir: str  # its directory under the sweep dir (named from its overrides)
@@ -36,7 +36,7 @@ class SweepConfigError(ValueError):
 
 
 def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequence[str]],
-               initial_index: int = 0) -> list[CellPlan]:
+               initial_index: int = 0) -> list[PlannedCell]:
     """Compose and check every cell and its inputs (no model is loaded) and find the ones already complete."""
     from marker_lab.eval.checks import cell_size
     from marker_lab.cell.preflight import preflight
@@ -62,7 +62,7 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
             except Exception as e:  # ConfigError, or a composition error from omegaconf
                 errors.append(f"cell {' '.join(overrides)}: {' '.join(str(e).split())}")
                 continue
-            plan = CellPlan(initial_index + i, list(overrides), subdir, contract.config_hash(resolved),
+            plan = PlannedCell(initial_index + i, list(overrides), subdir, contract.config_hash(resolved),
                             engine_per=str(resolved.get("engine_per", "cell")), completions=size.completions,
                             judge_calls=size.judge_calls, training_examples=sum(size.training_examples.values()))
             state, _ = cell_state(sweep_dir, asdict(plan))
@@ -74,7 +74,7 @@ def plan_cells(config_loader, config: DictConfig, job_overrides: Sequence[Sequen
     return plans
 
 
-def sweep_size(plans: list[CellPlan]) -> str:
+def sweep_size(plans: list[PlannedCell]) -> str:
     """What the cells still to run will do, summed (logged before any is submitted)."""
     todo = [p for p in plans if not p.complete]
     return (f"{len(todo)} cells to run: {sum(p.completions for p in todo)} completions to sample, "
@@ -82,6 +82,6 @@ def sweep_size(plans: list[CellPlan]) -> str:
             "examples (stages already in the cache train nothing)")
 
 
-def write_manifest(sweep_dir: Path, plans: list[CellPlan], launcher: str) -> None:
+def write_manifest(sweep_dir: Path, plans: list[PlannedCell], launcher: str) -> None:
     """Every expected cell of this command, added to the sweep's manifest before any starts."""
     _write_manifest(sweep_dir, [asdict(p) for p in plans], launcher)
