@@ -19,7 +19,7 @@ from marker_lab.data.formats import SECOND_STAGE_FORMATS
 from marker_lab.data.inputs import CellInputs
 from marker_lab.eval.metrics import Reads, metrics_reading
 from marker_lab.results.contract import CellKey, config_hash
-from marker_lab.train.steps import resolve_steps
+from marker_lab.stages.checks import settled_dose
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,6 @@ def cell_key(cfg: Config, inputs: CellInputs) -> CellKey:
                    dose=settled_dose(cfg, inputs), source_persona=cfg.source_persona,
                    coupled_persona=cfg.coupling.persona if coupling_enabled(cfg) else None,
                    second_stage=second_stage_label(cfg) if second_stage_enabled(cfg) else "none")
-
-
-def settled_dose(cfg: Config, inputs: CellInputs) -> int:
-    """The second stage's optimizer steps: `dose`, else its recipe's max_steps, else its epochs over the loaded
-    data; 0 without a second stage. The one place a cell reads `dose`: the stage trains this many steps."""
-    if not second_stage_enabled(cfg):
-        return 0
-    s = cfg.second_stage
-    return resolve_steps(s.train, len(inputs.datasets[f"second_stage.datasets.{s.data}"].rows), cfg.dose)
 
 
 def second_stage_label(cfg: Config) -> str:

@@ -3,11 +3,12 @@ config error answers in about a second."""
 
 from __future__ import annotations
 
-from marker_lab.config.schema import Config, Schedule
+from marker_lab.config.schema import Config, Schedule, second_stage_enabled
 from marker_lab.core.errors import ConfigError
 from marker_lab.engines.base import check_sampling
 from marker_lab.stages.coupling_kinds import COUPLING_KINDS
 from marker_lab.train.checks import check_train
+from marker_lab.train.steps import resolve_steps
 
 
 def check_coupling(cfg: Config, inputs) -> None:
@@ -37,6 +38,16 @@ def coupling_examples(c) -> int:
     return COUPLING_KINDS.get(c.kind).examples(c)
 
 
+def settled_dose(cfg: Config, inputs) -> int:
+    """The second stage's optimizer steps: `dose`, else its recipe's max_steps, else its epochs over the loaded
+    data; 0 without a second stage. The one place a cell resolves `dose` (its plan's CellKey holds it): the stage
+    trains this many steps."""
+    if not second_stage_enabled(cfg):
+        return 0
+    s = cfg.second_stage
+    return resolve_steps(s.train, len(inputs.datasets[f"second_stage.datasets.{s.data}"].rows), cfg.dose)
+
+
 def check_second_stage(cfg: Config, inputs) -> None:
     """The second stage's recipe: its dataset suits the model, its training and dose checkpoints can run."""
     s = cfg.second_stage
@@ -46,7 +57,7 @@ def check_second_stage(cfg: Config, inputs) -> None:
                           f"{cfg.model.name}); point `path` at a real jsonl")
     check_train("second_stage.train", s.train, cfg.device, cfg.model.dtype.value)
     if s.dose_checkpoints is not None:
-        _check_dose_checkpoints(s, cfg.dose)
+        _check_dose_checkpoints(s, settled_dose(cfg, inputs))
 
 
 def _check_dose_checkpoints(s, dose) -> None:
@@ -60,6 +71,5 @@ def _check_dose_checkpoints(s, dose) -> None:
     if sched.name == Schedule.constant_with_warmup and (sched.warmup_steps is None or sched.warmup_steps >= min(doses)):
         raise ConfigError(f"{key}: needs a fixed second_stage.train.schedule.warmup_steps below the smallest dose "
                           f"({min(doses)}); warmup_ratio scales with the run's length")
-    d = dose if dose is not None else s.train.max_steps
-    if d not in doses:
-        raise ConfigError(f"dose={d} is not one of {key} {doses}")
+    if dose not in doses:
+        raise ConfigError(f"dose={dose} is not one of {key} {doses}")
