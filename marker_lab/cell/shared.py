@@ -61,7 +61,7 @@ def evaluate_pending(root: str | Path) -> SharedEvalReport:
             (cell_dir / contract.PENDING_FILE).unlink(missing_ok=True)  # written by an earlier, interrupted job
             continue
         try:
-            cell = read_trained(cell_dir)
+            cell = read_trained(cell_dir, pending)
         except MarkerLabError as e:
             report.problems.append(str(e))
             continue

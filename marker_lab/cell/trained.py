@@ -48,10 +48,9 @@ class TrainedCell:
                 f"{len(self.plan.inputs.questions['eval.questions'])} questions")
 
 
-def read_trained(cell_dir: Path) -> TrainedCell:
-    """A deferred cell read back from its directory, checked: its pending record readable, its config and every
-    input unchanged since it trained (MarkerLabError with the reason otherwise)."""
-    pending = contract.load_pending(cell_dir / contract.PENDING_FILE)
+def read_trained(cell_dir: Path, pending: PendingEval | None) -> TrainedCell:
+    """A deferred cell read back from its directory and its pending record (None: missing or unreadable), checked:
+    its config and every input unchanged since it trained (MarkerLabError with the reason otherwise)."""
     if pending is None:
         raise MarkerLabError(f"{cell_dir / contract.PENDING_FILE}: damaged or of another schema; rerun the sweep")
     saved = OmegaConf.load(cell_dir / "config.yaml")  # the resolved config the cell ran with

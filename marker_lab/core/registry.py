@@ -11,11 +11,19 @@ code for comparisons against registered names).
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+import importlib
+from typing import Callable, Generic, Iterator, TypeVar
 
 from marker_lab.core.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def load_object(path: str) -> Callable:
+    """The object a "module:name" path names, imported now (an entry whose code needs torch names it this way, so
+    that reading the registry does not import it)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class Registry(Generic[T]):
@@ -32,12 +40,6 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.what} {name!r} is registered twice")
         self._entries[name] = entry
         return entry
-
-    def register(self, name: str):
-        """Decorator form of `add`: `@METRICS.register("marker")` over the entry (a function or a class)."""
-        def decorate(entry: T) -> T:
-            return self.add(name, entry)
-        return decorate
 
     def get(self, name) -> T:
         """The entry for `name` (an enum choice is looked up by its value); ConfigError if none is registered."""

@@ -4,12 +4,11 @@ are imported when a cell samples (they need torch; this module, read by the star
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from marker_lab.core.errors import ConfigError
-from marker_lab.core.registry import Registry
+from marker_lab.core.registry import Registry, load_object
 
 
 @dataclass(frozen=True)
@@ -23,8 +22,7 @@ class EngineKind:
     install: str = ""  # the command that installs it
 
     def load_sampler(self) -> Callable:
-        module, name = self.sampler.split(":")
-        return getattr(importlib.import_module(module), name)
+        return load_object(self.sampler)
 
     def check(self, key: str, merge_between_stages: bool) -> None:
         """ConfigError (one line naming `key`) when this engine cannot run here, before anything loads."""

@@ -17,7 +17,7 @@ from marker_lab.engines.hf import HFEngine
 from marker_lab.eval.checks import eval_names
 from marker_lab.eval.judge.registry import JUDGES
 from marker_lab.eval.judged import make_judge
-from marker_lab.eval.metrics import METRICS, Reads, metrics_reading, score
+from marker_lab.eval.metrics import METRICS, Reads, metrics_reading, needs_of, score
 from marker_lab.eval.plan import generate, generation_plan
 from marker_lab.models import LoadedModel
 from marker_lab.stages.during_training import StepEval, eval_steps
@@ -74,7 +74,7 @@ def step_eval_for(cfg: Config, inputs: CellInputs, stage: str, loaded: LoadedMod
                "seed": at.seed, **inputs.checksums_of("persona_set.path", "eval.questions"),
                "eval_personas": cfg.persona_set.eval_personas,
                "judge_prompts_md5": {k: f.checksum for k, f in sorted(inputs.files.items()) if k.startswith("judge.")}}
-    if any(m.needs is not None and m.needs(at).capability_split for m in map(METRICS.get, d.metrics)):
+    if needs_of(at, d.metrics).capability_split:
         payload["capability_data"] = inputs.mc.fingerprint
     return StepEval(lambda total: eval_steps(d.fractions, d.every_n_steps, total, d.include_start), run, payload)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from marker_lab.config.schema import COMPARE
+from marker_lab.config.schema import COMPARE, JUDGED_PROMPTS
 from marker_lab.core.files import resolve_path
 from marker_lab.eval.judge.backends import JudgeItem
 from marker_lab.eval.judge.cache import JudgeCache, judgement_key
@@ -24,7 +24,6 @@ from marker_lab.eval.judge.registry import JUDGES
 log = logging.getLogger(__name__)
 
 # metric -> the judge prompts it needs (the misaligned share needs coherence too)
-JUDGED_METRICS = {"alignment": ("aligned", "coherent"), "coherence": ("coherent",)}
 CHUNK = 64  # judgements per backend call; each chunk is cached before the next starts
 
 
@@ -42,7 +41,7 @@ def prompt_template(cfg, kind: str) -> tuple[str, str]:
 def judge_rows(cfg, rows: list[dict], judge, metrics: list[str] | None = None) -> tuple[dict, dict[str, list]]:
     """Score every row for every prompt the requested metrics need. Returns the judge's identity (for provenance)
     and, per prompt kind (aligned, coherent), one score per row (None: judged, no score); rows are not changed."""
-    kinds = sorted({k for m in (metrics or cfg.eval.metrics) for k in JUDGED_METRICS.get(m, ())})
+    kinds = sorted({k for m in (metrics or cfg.eval.metrics) for k in JUDGED_PROMPTS.get(m, ())})
     cache = JudgeCache(Path(cfg.cache_dir).expanduser() / "judge_cache.sqlite")
     identity = {**judge.identity, "prompt_md5": {}}
     by_kind: dict[str, list] = {}

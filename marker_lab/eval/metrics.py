@@ -17,7 +17,8 @@ from typing import Callable
 
 from marker_lab.core.registry import Registry
 from marker_lab.data.inputs import InputNeeds
-from marker_lab.eval.judged import JUDGED_METRICS, alignment_metric, coherence_metric, judge_rows
+from marker_lab.config.schema import JUDGED_PROMPTS
+from marker_lab.eval.judged import alignment_metric, coherence_metric, judge_rows
 from marker_lab.eval.length import length_metric
 from marker_lab.eval.marker import marker_hits, marker_metric
 
@@ -32,27 +33,31 @@ class Reads(Enum):
 class MetricKind:
     """A metric: what it reads and the function that computes it.
 
-    reads=completions: compute(cfg, rows) -> result; annotate(cfg, rows) -> one note per row (optional);
+    reads=completions: compute(cfg, rows) -> result; annotate(cfg, rows) -> one note per row (optional); a
+    metric named in config.schema.JUDGED_PROMPTS is judged first (its rows carry the judge's scores);
     reads=model: compute(cfg, inputs, loaded, names) -> result;
     reads=every_model: compute(cfg, inputs, cache) -> a reader with read(model_name, loaded), result(), seconds."""
     reads: Reads
     compute: Callable
     annotate: Callable[[object, list[dict]], list] | None = None
-    judged: bool = False  # needs the judge's scores on the rows first
     eval_questions: bool = True  # asks the eval's questions (eval.questions)
     needs: Callable[[object], InputNeeds] | None = None  # the other inputs it reads, from the config
 
 
-def metric_needs(cfg) -> InputNeeds:
-    """What the cell's metrics read (those of eval.metrics, and of the evals during training when they run)."""
-    d = cfg.eval.during_training
-    used = list(cfg.eval.metrics) + (list(d.metrics) if (d.fractions or d.every_n_steps) else [])
-    kinds = [METRICS.get(m) for m in used]
+def needs_of(cfg, metrics: list) -> InputNeeds:
+    """What `metrics` read besides the model: the eval questions, and each metric's own inputs."""
+    kinds = [METRICS.get(m) for m in metrics]
     needs = InputNeeds(questions={"eval.questions": cfg.eval.questions} if any(k.eval_questions for k in kinds) else {})
     for kind in kinds:
         if kind.needs is not None:
             needs = needs | kind.needs(cfg)
     return needs
+
+
+def metric_needs(cfg) -> InputNeeds:
+    """What the cell's metrics read (those of eval.metrics, and of the evals during training when they run)."""
+    d = cfg.eval.during_training
+    return needs_of(cfg, list(cfg.eval.metrics) + (list(d.metrics) if (d.fractions or d.every_n_steps) else []))
 
 
 METRICS: Registry[MetricKind] = Registry("eval.metrics", "metric")
@@ -85,15 +90,13 @@ METRICS.add("marker", MetricKind(Reads.completions, lambda cfg, rows: marker_met
                                  annotate=lambda cfg, rows: marker_hits(rows, cfg.marker)))
 METRICS.add("length", MetricKind(Reads.completions,
                                  lambda cfg, rows: length_metric(rows, cfg.eval.generation.max_tokens)))
-METRICS.add("alignment", MetricKind(Reads.completions, lambda cfg, rows: alignment_metric(rows, cfg.eval.misaligned),
-                                    judged=True))
-METRICS.add("coherence", MetricKind(Reads.completions, lambda cfg, rows: coherence_metric(rows), judged=True))
+METRICS.add("alignment", MetricKind(Reads.completions, lambda cfg, rows: alignment_metric(rows, cfg.eval.misaligned)))
+METRICS.add("coherence", MetricKind(Reads.completions, lambda cfg, rows: coherence_metric(rows)))
 METRICS.add("capability", MetricKind(Reads.model, _capability, eval_questions=False,
                                      needs=lambda cfg: InputNeeds(capability_split=True)))
 METRICS.add("marker_prob", MetricKind(Reads.model, _marker_prob))
 METRICS.add("probe", MetricKind(Reads.every_model, _probe, eval_questions=False, needs=lambda cfg: InputNeeds(
     questions={"eval.probe.questions": cfg.eval.probe.questions or cfg.eval.questions})))
-assert {n for n, m in METRICS if m.judged} == set(JUDGED_METRICS)
 
 
 def metrics_reading(metrics: list, reads: Reads) -> list[str]:
@@ -110,7 +113,7 @@ def score(cfg, rows: list[dict], make_judge: Callable[[], object] | None = None,
     names = metrics_reading(metrics or cfg.eval.metrics, Reads.completions)
     notes: list[dict] = [{} for _ in rows]
     identity = None
-    if any(METRICS.get(m).judged for m in names):
+    if any(m in JUDGED_PROMPTS for m in names):
         identity, by_kind = judge_rows(cfg, rows, make_judge(), names)
         for kind, scores in by_kind.items():
             for note, value in zip(notes, scores):

@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterator
 
 from marker_lab.core import environment
 
-HYDRA_VERSION_CHECKED = "1.3.8"
 VERSION_BASE = "1.3"  # hydra.main's version_base
 
 

@@ -12,13 +12,12 @@ start-up checks read it).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from marker_lab.config.schema import Config, CouplingConfig
 from marker_lab.core.errors import ConfigError
-from marker_lab.core.registry import Registry
+from marker_lab.core.registry import Registry, load_object
 from marker_lab.data.inputs import InputNeeds
 
 
@@ -33,16 +32,11 @@ class CouplingKindSpec:
     has_marker: bool = False  # its positives carry the marker (loss_mode=marker_only can train on it)
 
     def stage(self) -> Callable:
-        return _load(self.stage_fn)
+        return load_object(self.stage_fn)
 
     def count_lengths(self, cfg: Config, inputs, tokenizer):
         """Its examples against max_seq_len, before the model loads (None: counted when the stage builds them)."""
-        return _load(self.lengths)(cfg, inputs, tokenizer) if self.lengths else None
-
-
-def _load(path: str) -> Callable:
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
+        return load_object(self.lengths)(cfg, inputs, tokenizer) if self.lengths else None
 
 
 def _negatives(c: CouplingConfig) -> int:
